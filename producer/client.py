@@ -1,0 +1,317 @@
+"""The producer: submit jobs to Redis and read their results in bulk."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import numpy as np
+import redis
+
+from producer import contract
+from producer.contract import TensorSpec
+from producer.errors import (
+    InferqError,
+    InvalidInput,
+    JobFailed,
+    JobTimeout,
+    ModelNotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from producer.jobs import JobHandle, JobResult, JobStatus, parse_result
+
+__all__ = ["DEFAULT_URL", "InferenceClient", "ModelInfo"]
+
+DEFAULT_URL = "redis://localhost:6379/0"
+#: Jobs per bulk message in submit_many: enough to amortise a message, small enough to batch.
+DEFAULT_JOBS_PER_MESSAGE = 32
+#: How often a waiting caller re-reads every pending key, in case a notification was missed.
+_FULL_RECHECK_S = 0.1
+_MGET_CHUNK = 1000
+_SIGNATURE_REFRESH_S = 1.0
+
+
+class ModelInfo:
+    """A served model's signature as its workers advertise it in Redis."""
+
+    def __init__(self, name: str, doc: Mapping[str, Any]) -> None:
+        self.name = name
+        self.versions: list[int] = sorted(int(v) for v in doc.get("versions", []))
+        self.inputs = [TensorSpec.from_json(s) for s in doc.get("inputs", [])]
+        self.outputs = [TensorSpec.from_json(s) for s in doc.get("outputs", [])]
+        self.max_batch_rows = int(doc.get("max_batch_rows", 0))
+        self.description = str(doc.get("description", ""))
+
+
+def _redis(url: str, timeout: float) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+def _as_array(value: Any) -> np.ndarray[Any, Any]:
+    arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+    if arr.dtype.name not in contract.DTYPES:
+        raise InvalidInput(f"dtype {arr.dtype} is not supported")
+    return arr
+
+
+class InferenceClient:
+    """Submit inference jobs and collect their results.
+
+    ``broker_url`` and ``result_url`` default to ``$INFERQ_BROKER_URL`` and
+    ``$INFERQ_RESULT_URL``, else ``redis://localhost:6379/0``. Every Redis call is bounded
+    by ``socket_timeout`` seconds and fails with :class:`Unavailable` past it.
+    """
+
+    def __init__(
+        self,
+        broker_url: str | None = None,
+        result_url: str | None = None,
+        *,
+        serializer: str = "msgpack",
+        socket_timeout: float = 5.0,
+        validate: bool = True,
+    ) -> None:
+        if serializer not in contract.CONTENT_TYPES:
+            raise ValueError(f"serializer must be one of {sorted(contract.CONTENT_TYPES)}")
+        self.broker_url = broker_url or os.environ.get("INFERQ_BROKER_URL") or DEFAULT_URL
+        self.result_url = result_url or os.environ.get("INFERQ_RESULT_URL") or self.broker_url
+        self.serializer = serializer
+        self.validate = validate
+        self.client_id = uuid.uuid4().hex
+        self._notify_key = contract.NOTIFY_KEY_PREFIX + self.client_id
+        self._broker = _redis(self.broker_url, socket_timeout)
+        self._results = (
+            self._broker
+            if self.result_url == self.broker_url
+            else _redis(self.result_url, socket_timeout)
+        )
+        self._models: dict[str, ModelInfo] = {}
+        self._models_read_at = -1e9
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Close the Redis connections."""
+        self._broker.close()
+        if self._results is not self._broker:
+            self._results.close()
+
+    def __enter__(self) -> InferenceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- models --------------------------------------------------------------------
+
+    def models(self, refresh: bool = True) -> dict[str, ModelInfo]:
+        """Models that running workers advertise, by name."""
+        if refresh or time.monotonic() - self._models_read_at > _SIGNATURE_REFRESH_S:
+            raw = self._call(self._broker.hgetall, contract.MODELS_KEY)
+            with self._lock:
+                self._models = {
+                    k.decode(): ModelInfo(k.decode(), json.loads(v)) for k, v in raw.items()
+                }
+                self._models_read_at = time.monotonic()
+        return self._models
+
+    def _model_info(self, model: str, version: int | None) -> ModelInfo | None:
+        info = self._models.get(model)
+        if info is None or (version is not None and version not in info.versions):
+            known = self.models(refresh=False)
+            info = known.get(model)
+            if not known:
+                return None  # no worker has advertised anything yet: nothing to check against
+            if info is None:
+                raise ModelNotFound(f"model {model!r} is not served; served: {sorted(known)}")
+        if version is not None and version not in info.versions:
+            raise ModelNotFound(
+                f"model {model!r} has no version {version}; versions: {info.versions}"
+            )
+        return info
+
+    # --- submitting ------------------------------------------------------------------
+
+    def _prepare(
+        self, model: str, inputs: Mapping[str, Any], version: int | None
+    ) -> dict[str, contract.Tensor]:
+        if not isinstance(inputs, Mapping) or not inputs:
+            raise InvalidInput("inputs must be a non-empty mapping of input name to array")
+        arrays = {name: _as_array(v) for name, v in inputs.items()}
+        info = self._model_info(model, version) if self.validate else None
+        if info is not None:
+            for spec in info.inputs:
+                arr = arrays.get(spec.name)
+                # A single example without the batch axis gets one.
+                if arr is not None and spec.shape[:1] == (-1,) and arr.ndim == len(spec.shape) - 1:
+                    arrays[spec.name] = arr[np.newaxis]
+            contract.check_inputs(info.inputs, arrays)
+        text = self.serializer == "json"
+        return {name: contract.encode_tensor(arr, text=text) for name, arr in arrays.items()}
+
+    def _headers(self) -> dict[str, Any]:
+        return {contract.HEADER_ENQUEUED_AT: contract.now(), contract.HEADER_NOTIFY: self.client_id}
+
+    def submit(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        *,
+        version: int | None = None,
+        deadline: float | None = None,
+    ) -> JobHandle:
+        """Enqueue one job and return its handle at once.
+
+        ``inputs`` maps input names to arrays (or nested lists). ``deadline`` is in seconds
+        from now; a job still queued past it fails with DEADLINE_EXCEEDED.
+        """
+        tensors = self._prepare(model, inputs, version)
+        job_id = str(uuid.uuid4())
+        message = contract.build_message(
+            task=contract.TASK_NAME,
+            task_id=job_id,
+            args=[model, tensors],
+            kwargs={"version": version},
+            queue=contract.queue_name(model),
+            serializer=self.serializer,
+            headers=self._headers(),
+            reply_to=self.client_id,
+            expires=self._expires(deadline),
+            argsrepr=f"({model!r}, <{len(tensors)} tensors>)",
+        )
+        self._call(self._broker.lpush, contract.queue_name(model), message)
+        return JobHandle(self, job_id, model)
+
+    def submit_many(
+        self,
+        model: str,
+        inputs: Iterable[Mapping[str, Any]],
+        *,
+        version: int | None = None,
+        deadline: float | None = None,
+        jobs_per_message: int = DEFAULT_JOBS_PER_MESSAGE,
+    ) -> list[JobHandle]:
+        """Enqueue many jobs in one pipelined round trip; each job keeps its own ID."""
+        prepared = [self._prepare(model, item, version) for item in inputs]
+        ids = [str(uuid.uuid4()) for _ in prepared]
+        queue = contract.queue_name(model)
+        expires = self._expires(deadline)
+        pipe = self._broker.pipeline(transaction=False)
+        for start in range(0, len(prepared), jobs_per_message):
+            chunk_ids = ids[start : start + jobs_per_message]
+            entries = [
+                {"id": i, "inputs": t, "version": version}
+                for i, t in zip(chunk_ids, prepared[start : start + jobs_per_message])
+            ]
+            headers = self._headers()
+            headers[contract.HEADER_JOB_IDS] = chunk_ids
+            pipe.lpush(
+                queue,
+                contract.build_message(
+                    task=contract.BULK_TASK_NAME,
+                    task_id=str(uuid.uuid4()),
+                    args=[model, entries],
+                    kwargs={},
+                    queue=queue,
+                    serializer=self.serializer,
+                    headers=headers,
+                    reply_to=self.client_id,
+                    expires=expires,
+                    argsrepr=f"({model!r}, <{len(entries)} jobs>)",
+                ),
+            )
+        self._call(pipe.execute)
+        return [JobHandle(self, i, model) for i in ids]
+
+    @staticmethod
+    def _expires(deadline: float | None) -> datetime | None:
+        if deadline is None:
+            return None
+        return datetime.now(timezone.utc) + timedelta(seconds=deadline)
+
+    # --- reading ---------------------------------------------------------------------
+
+    def status(self, job_id: str) -> JobStatus:
+        """PENDING until the job's result is stored, then SUCCESS or FAILURE."""
+        raw = self._call(self._results.get, contract.result_key(job_id))
+        if raw is None:
+            return JobStatus.PENDING
+        return JobStatus(json.loads(raw).get("status", "PENDING"))
+
+    def results(self, job_ids: Sequence[str], timeout: float = 60.0) -> list[JobResult]:
+        """Wait for every job; return results in order, raising the first JobFailed."""
+        out = self.outcomes(job_ids, timeout=timeout)
+        for item in out:
+            if isinstance(item, JobFailed):
+                raise item
+        return out  # type: ignore[return-value]
+
+    def outcomes(
+        self, job_ids: Sequence[str], timeout: float = 60.0
+    ) -> list[JobResult | JobFailed]:
+        """Wait for every job; return a JobResult or a JobFailed for each, in order.
+
+        Raises :class:`JobTimeout` if some job has no result after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        found: dict[str, JobResult | JobFailed] = {}
+        pending = set(job_ids)
+        check: Iterable[str] = list(pending)
+        last_full = time.monotonic()
+        while True:
+            self._read_into(found, pending, check)
+            if not pending:
+                return [found[i] for i in job_ids]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise JobTimeout(
+                    f"{len(pending)} of {len(set(job_ids))} jobs have no result after {timeout}s"
+                )
+            notified = self._wait_notified(min(remaining, _FULL_RECHECK_S))
+            if time.monotonic() - last_full >= _FULL_RECHECK_S:
+                check, last_full = list(pending), time.monotonic()
+            else:
+                check = [i for i in notified if i in pending]
+
+    def _read_into(
+        self,
+        found: dict[str, JobResult | JobFailed],
+        pending: set[str],
+        ids: Iterable[str],
+    ) -> None:
+        ids = list(ids)
+        for start in range(0, len(ids), _MGET_CHUNK):
+            chunk = ids[start : start + _MGET_CHUNK]
+            docs = self._call(self._results.mget, [contract.result_key(i) for i in chunk])
+            for job_id, raw in zip(chunk, docs):
+                if raw is not None:
+                    found[job_id] = parse_result(job_id, raw)
+                    pending.discard(job_id)
+
+    def _wait_notified(self, timeout: float) -> list[str]:
+        popped = self._call(self._results.blpop, [self._notify_key], timeout=max(timeout, 0.001))
+        if popped is None:
+            return []
+        rest = self._call(self._results.lpop, self._notify_key, 100_000) or []
+        return [popped[1].decode(), *(r.decode() for r in rest)]
+
+    # --- errors ----------------------------------------------------------------------
+
+    @staticmethod
+    def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except redis.exceptions.ResponseError as exc:
+            if str(exc).startswith("OOM"):
+                raise ResourceExhausted(f"Redis refused the write: {exc}") from exc
+            raise
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise Unavailable(f"Redis did not answer: {exc}") from exc
+        except InferqError:
+            raise

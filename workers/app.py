@@ -1,0 +1,163 @@
+"""The Celery app of an inferq worker process and the bootstep that serves models.
+
+Run one process per GPU: ``celery -A workers.app worker -P solo -n gpu0@%h`` (what
+``inferq worker`` does). Models are loaded, verified and warmed in this process before
+any queue is read; then one thread per model drains its queue in bulk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import redis
+import structlog
+from celery import Celery, bootsteps
+
+from producer import contract
+from workers import logs, repository, runtime
+from workers.consumer import QueueReader
+from workers.results import ResultStore, TaskEvents
+from workers.settings import Settings
+from workers.tasks import ModelServer
+
+log = structlog.get_logger(__name__)
+
+#: Queue the Celery consumer itself listens on; inferq jobs never go there.
+CONTROL_QUEUE = "inferq.control"
+_HEARTBEAT_S = 5.0
+
+
+def make_app(settings: Settings) -> Celery:
+    """A Celery app configured for inferq's delivery guarantees."""
+    app = Celery("inferq", broker=settings.broker_url, backend=settings.result_url)
+    vt = settings.visibility_timeout_s
+    app.conf.update(
+        task_serializer="msgpack",
+        result_serializer="json",
+        accept_content=["msgpack", "json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_send_task_events=settings.task_events,
+        task_default_queue=CONTROL_QUEUE,
+        result_expires=settings.result_ttl_s,
+        # kombu reads the visibility timeout in three places; set all of them.
+        visibility_timeout=vt,
+        broker_transport_options={
+            "visibility_timeout": vt,
+            "unacked_restore_interval": settings.restore_interval_s,
+            "unacked_restore_throttle": 1,
+            "socket_timeout": 10,
+            "socket_connect_timeout": 5,
+            "health_check_interval": 25,
+        },
+        result_backend_transport_options={"visibility_timeout": vt},
+        redis_socket_timeout=10,
+        redis_socket_connect_timeout=5,
+        broker_connection_retry_on_startup=True,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+    )
+    app.steps["worker"].add(ServeModels)
+    return app
+
+
+def _redis(url: str) -> redis.Redis:
+    # Longer than the 1 s blocking wait, short enough to notice a dead server.
+    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
+                                health_check_interval=25)
+
+
+class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Load every model, advertise it, and run one ModelServer thread per model."""
+
+    requires = {"celery.worker.components:Pool"}
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.stop_event = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.events: list[TaskEvents] = []
+
+    def start(self, worker: Any) -> None:
+        settings = SETTINGS
+        hostname = worker.hostname or settings.hostname
+        manifests = repository.scan(settings.model_dir, settings.models)
+        loaded: dict[str, dict[int, runtime.LoadedModel]] = {}
+        for name, manifest in manifests.items():
+            started = time.perf_counter()
+            loaded[name] = {
+                v: runtime.load(manifest, v, settings.device, settings.intra_op_threads)
+                for v in sorted(manifest.versions)
+            }
+            log.info("model_loaded", model=name, versions=sorted(loaded[name]),
+                     provider=loaded[name][manifest.latest].provider,
+                     load_ms=round((time.perf_counter() - started) * 1000, 1))
+        control = _redis(settings.broker_url)
+        control.hset(contract.MODELS_KEY, mapping={
+            name: json.dumps(m.signature()) for name, m in manifests.items()
+        })
+        for name, versions in loaded.items():
+            events = TaskEvents(worker.app, hostname, settings.task_events)
+            server = ModelServer(
+                name,
+                versions,
+                QueueReader(_redis(settings.broker_url), contract.queue_name(name)),
+                ResultStore(_redis(settings.result_url), settings.result_ttl_s),
+                events,
+                worker=hostname,
+                max_tensor_bytes=settings.max_tensor_bytes,
+            )
+            self.events.append(events)
+            self.threads.append(threading.Thread(
+                target=self._run, args=(server,), name=f"inferq-{name}", daemon=True))
+        self.threads.append(threading.Thread(
+            target=self._heartbeat, args=(control, hostname, sorted(loaded), settings),
+            name="inferq-heartbeat", daemon=True))
+        for thread in self.threads:
+            thread.start()
+        log.info("worker_ready", worker=hostname, models=sorted(loaded), device=settings.device)
+
+    def _run(self, server: ModelServer) -> None:
+        try:
+            server.serve(self.stop_event)
+        except Exception:
+            server.log.exception("model_server_crashed")
+            # A worker that stopped serving must not look healthy: stop the whole process.
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def _heartbeat(
+        self, client: redis.Redis, hostname: str, models: list[str], settings: Settings
+    ) -> None:
+        key = contract.WORKER_KEY_PREFIX + hostname
+        doc = json.dumps({"models": models, "pid": os.getpid(), "device": settings.device,
+                          "started": time.time()})
+        while not self.stop_event.is_set():
+            try:
+                client.set(key, doc, ex=int(_HEARTBEAT_S * 3))
+            except redis.exceptions.RedisError as exc:
+                log.warning("heartbeat_failed", error=str(exc))
+            self.stop_event.wait(_HEARTBEAT_S)
+        try:
+            client.delete(key)
+        except redis.exceptions.RedisError:
+            pass
+
+    def stop(self, worker: Any) -> None:
+        self.stop_event.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
+        for events in self.events:
+            events.close()
+
+
+SETTINGS = Settings.from_env()
+logs.configure(json_output=os.environ.get("INFERQ_LOG_FORMAT", "auto"))
+app = make_app(SETTINGS)

@@ -1,0 +1,188 @@
+"""The model repository: ``models/<name>/model.toml`` + ``models/<name>/<version>/model.onnx``."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from producer.contract import DTYPES, TensorSpec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+class ManifestError(ValueError):
+    """A model folder, manifest or ONNX file is malformed or disagrees with the manifest."""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One version of a model: its file and the checksum recorded for it."""
+
+    number: int
+    path: Path
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A model's ``model.toml``: signature, batching limits and versions."""
+
+    name: str
+    description: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_rows: int
+    max_wait_ms: float
+    versions: dict[int, ModelVersion]
+
+    @property
+    def batched(self) -> bool:
+        """True when every input and output has a free leading batch axis."""
+        return all(s.shape[:1] == (-1,) for s in (*self.inputs, *self.outputs))
+
+    @property
+    def latest(self) -> int:
+        return max(self.versions)
+
+    def signature(self) -> dict[str, Any]:
+        """The JSON document workers advertise under ``inferq:models``."""
+        return {
+            "description": self.description,
+            "versions": sorted(self.versions),
+            "inputs": [s.to_json() for s in self.inputs],
+            "outputs": [s.to_json() for s in self.outputs],
+            "max_batch_rows": self.max_batch_rows,
+        }
+
+
+def _specs(raw: Any, where: str) -> tuple[TensorSpec, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ManifestError(f"{where}: needs at least one entry")
+    specs = []
+    for item in raw:
+        try:
+            spec = TensorSpec.from_json(item)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(f"{where}: each entry needs name, dtype and shape ({exc})") from None
+        if spec.dtype not in DTYPES:
+            raise ManifestError(f"{where} '{spec.name}': dtype {spec.dtype!r} not supported")
+        if any(d < -1 or d == 0 for d in spec.shape):
+            raise ManifestError(f"{where} '{spec.name}': dims must be positive or -1")
+        specs.append(spec)
+    if len({s.name for s in specs}) != len(specs):
+        raise ManifestError(f"{where}: duplicate names")
+    return tuple(specs)
+
+
+def load_manifest(folder: Path) -> Manifest:
+    """Read and check ``folder/model.toml`` and the version folders beside it."""
+    name = folder.name
+    if not _NAME.match(name):
+        raise ManifestError(f"model name {name!r} must match {_NAME.pattern}")
+    path = folder / "model.toml"
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ManifestError(f"{path}: {exc}") from None
+    versions: dict[int, ModelVersion] = {}
+    for key, entry in (doc.get("versions") or {}).items():
+        if not str(key).isdigit() or not isinstance(entry, dict) or "sha256" not in entry:
+            raise ManifestError(f"{path}: [versions.{key}] needs an integer key and a sha256")
+        number = int(key)
+        onnx = folder / str(number) / "model.onnx"
+        if not onnx.is_file():
+            raise ManifestError(f"{path}: version {number} has no {onnx}")
+        versions[number] = ModelVersion(number, onnx, str(entry["sha256"]).lower())
+    if not versions:
+        raise ManifestError(f"{path}: no [versions.N] entries")
+    max_rows, max_wait = doc.get("max_batch_rows", 1), doc.get("max_wait_ms", 0.0)
+    if not isinstance(max_rows, int) or max_rows < 1:
+        raise ManifestError(f"{path}: max_batch_rows must be an integer >= 1")
+    if not isinstance(max_wait, (int, float)) or max_wait < 0:
+        raise ManifestError(f"{path}: max_wait_ms must be >= 0")
+    manifest = Manifest(
+        name=name,
+        description=str(doc.get("description", "")),
+        inputs=_specs(doc.get("inputs"), f"{path} inputs"),
+        outputs=_specs(doc.get("outputs"), f"{path} outputs"),
+        max_batch_rows=max_rows,
+        max_wait_ms=float(max_wait),
+        versions=versions,
+    )
+    if not manifest.batched and max_rows != 1:
+        raise ManifestError(f"{path}: max_batch_rows must be 1 without a -1 batch axis")
+    return manifest
+
+
+def scan(root: Path, only: Sequence[str] = ()) -> dict[str, Manifest]:
+    """Every model under ``root`` (or just those named in ``only``), by name."""
+    if not root.is_dir():
+        raise ManifestError(f"model repository {root} does not exist")
+    found = {
+        d.name: load_manifest(d)
+        for d in sorted(root.iterdir())
+        if (d / "model.toml").is_file() and (not only or d.name in only)
+    }
+    missing = sorted(set(only) - found.keys())
+    if missing:
+        raise ManifestError(f"models {missing} not found in {root}")
+    return found
+
+
+def verify_file(version: ModelVersion) -> bytes:
+    """Read a model file and check its sha256 against the manifest; return its bytes."""
+    data = version.path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != version.sha256:
+        raise ManifestError(
+            f"{version.path}: sha256 {digest} does not match the manifest's {version.sha256}"
+        )
+    return data
+
+
+_ORT_TYPES = {f"tensor({t})": t for t in DTYPES if t not in ("bool", "float32", "float64")}
+_ORT_TYPES.update({"tensor(bool)": "bool", "tensor(float)": "float32",
+                   "tensor(double)": "float64"})
+
+
+def check_graph(
+    manifest: Manifest,
+    version: int,
+    graph_inputs: Sequence[tuple[str, str, Sequence[Any]]],
+    graph_outputs: Sequence[tuple[str, str, Sequence[Any]]],
+) -> None:
+    """Check the manifest against the graph's (name, ORT type, shape) inputs and outputs."""
+    for kind, specs, graph in (
+        ("input", manifest.inputs, graph_inputs),
+        ("output", manifest.outputs, graph_outputs),
+    ):
+        by_name = {n: (_ORT_TYPES.get(t, t), s) for n, t, s in graph}
+        want = {s.name for s in specs}
+        if kind == "input" and want != set(by_name):
+            raise ManifestError(
+                f"{manifest.name} v{version}: manifest inputs {sorted(want)} but the graph has "
+                f"{sorted(by_name)}"
+            )
+        for spec in specs:
+            if spec.name not in by_name:
+                raise ManifestError(
+                    f"{manifest.name} v{version}: {kind} '{spec.name}' is not in the graph "
+                    f"(graph has {sorted(by_name)})"
+                )
+            dtype, shape = by_name[spec.name]
+            if dtype != spec.dtype or len(shape) != len(spec.shape):
+                raise ManifestError(
+                    f"{manifest.name} v{version}: {kind} '{spec.name}' is {dtype} rank "
+                    f"{len(shape)} in the graph, {spec.dtype} rank {len(spec.shape)} in the "
+                    "manifest"
+                )

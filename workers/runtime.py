@@ -1,0 +1,102 @@
+"""ONNX Runtime sessions: providers, the GPU check, warm-up.
+
+Sessions are created in the process that runs them: CUDA does not survive a fork.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from workers.repository import Manifest, check_graph, verify_file
+
+
+class DeviceUnavailable(RuntimeError):
+    """A GPU was asked for but ONNX Runtime cannot use one."""
+
+
+def _ort() -> Any:
+    import onnxruntime
+
+    return onnxruntime
+
+
+def providers_for(device: str) -> list[Any]:
+    """The provider list for ``device``; device 0 is the GPU ``CUDA_VISIBLE_DEVICES`` left."""
+    if device == "cuda":
+        cuda_options = {
+            "device_id": 0,
+            # Re-benchmarking conv algorithms on every new batch size costs more than it saves.
+            "cudnn_conv_algo_search": "HEURISTIC",
+            "arena_extend_strategy": "kSameAsRequested",
+        }
+        return [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def create_session(model: bytes, device: str, intra_op_threads: int) -> Any:
+    """Create a session for ``model`` on ``device``; refuse a silent CPU fallback."""
+    ort = _ort()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    # Spinning threads burn a core between batches and slow co-located producers and Redis.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise DeviceUnavailable(
+            "a GPU worker needs onnxruntime-gpu (pip install 'inferq[gpu]'); the installed "
+            f"onnxruntime offers only {ort.get_available_providers()}"
+        )
+    session = ort.InferenceSession(model, options, providers=providers_for(device))
+    active = session.get_providers()[0]
+    if device == "cuda" and active != "CUDAExecutionProvider":
+        # onnxruntime-gpu falls back to the CPU without raising when CUDA/cuDNN are missing.
+        raise DeviceUnavailable(
+            f"CUDA was requested but ONNX Runtime is running on {active}: check the NVIDIA "
+            "driver, CUDA 13 and cuDNN 9 libraries, and CUDA_VISIBLE_DEVICES"
+        )
+    return session
+
+
+@dataclass
+class LoadedModel:
+    """One verified, warmed model version ready to run batches."""
+
+    manifest: Manifest
+    version: int
+    session: Any
+    provider: str
+
+    @property
+    def output_names(self) -> list[str]:
+        return [s.name for s in self.manifest.outputs]
+
+    def run(self, feeds: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+        """Run one batch; outputs by name, in manifest order."""
+        names = self.output_names
+        return dict(zip(names, self.session.run(names, feeds)))
+
+    def warm_up(self) -> None:
+        """Run a batch of 1 and of the largest batch so allocations happen before traffic."""
+        for rows in sorted({1, self.manifest.max_batch_rows}):
+            feeds = {
+                s.name: np.zeros([rows if d == -1 else d for d in s.shape], dtype=s.dtype)
+                for s in self.manifest.inputs
+            }
+            self.run(feeds)
+
+
+def load(manifest: Manifest, version: int, device: str, intra_op_threads: int) -> LoadedModel:
+    """Verify, load, check against the manifest and warm up one model version."""
+    data = verify_file(manifest.versions[version])
+    session = create_session(data, device, intra_op_threads)
+
+    def describe(args: Any) -> list[tuple[str, str, list[Any]]]:
+        return [(a.name, a.type, list(a.shape)) for a in args]
+
+    check_graph(manifest, version, describe(session.get_inputs()), describe(session.get_outputs()))
+    model = LoadedModel(manifest, version, session, session.get_providers()[0])
+    model.warm_up()
+    return model

@@ -1,0 +1,90 @@
+"""One validated settings object per worker process, built from ``INFERQ_*`` variables."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_URL = "redis://localhost:6379/0"
+
+
+def default_model_dir() -> Path:
+    """``models/`` beside the source tree, else ``./models``."""
+    here = Path(__file__).resolve().parent.parent / "models"
+    return here if here.is_dir() else Path.cwd() / "models"
+
+
+class SettingsError(ValueError):
+    """A setting is missing, malformed or contradicts another one."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a worker process reads from its environment, checked once."""
+
+    broker_url: str = DEFAULT_URL
+    result_url: str = DEFAULT_URL
+    model_dir: Path = field(default_factory=default_model_dir)
+    #: Models this worker serves (``INFERQ_MODELS=a,b``); empty means every model found.
+    models: tuple[str, ...] = ()
+    #: "cpu" or "cuda"; a cuda worker refuses to start if CUDA is not really active.
+    device: str = "cpu"
+    #: ONNX Runtime intra-op threads; 0 lets ONNX Runtime pick (all physical cores).
+    intra_op_threads: int = 0
+    #: Seconds a result stays readable.
+    result_ttl_s: int = 3600
+    #: Seconds before a picked-up but unacknowledged message is delivered again.
+    visibility_timeout_s: int = 300
+    #: Seconds between sweeps that give expired unacknowledged messages back to their queue.
+    restore_interval_s: float = 5.0
+    #: Largest tensor (bytes) a job may carry.
+    max_tensor_bytes: int = 64 * 1024 * 1024
+    #: Send per-job task events so Flower shows every job.
+    task_events: bool = True
+    hostname: str = field(default_factory=lambda: f"cpu@{socket.gethostname()}")
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise SettingsError(f"INFERQ_DEVICE must be cpu or cuda, got {self.device!r}")
+        if self.result_ttl_s <= 0:
+            raise SettingsError("INFERQ_RESULT_TTL must be > 0 seconds")
+        if self.visibility_timeout_s <= 0 or self.restore_interval_s <= 0:
+            raise SettingsError("visibility timeout and restore interval must be > 0")
+        if self.max_tensor_bytes <= 0:
+            raise SettingsError("INFERQ_MAX_TENSOR_BYTES must be > 0")
+        for url in (self.broker_url, self.result_url):
+            if not url.startswith(("redis://", "rediss://", "unix://")):
+                raise SettingsError(f"only Redis URLs are supported, got {url!r}")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``env`` (default ``os.environ``)."""
+        env = os.environ if env is None else env
+
+        def num(name: str, default: float) -> float:
+            raw = env.get(name)
+            try:
+                return float(raw) if raw not in (None, "") else default
+            except ValueError:
+                raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+
+        base = cls()
+        broker = env.get("INFERQ_BROKER_URL") or DEFAULT_URL
+        return cls(
+            broker_url=broker,
+            result_url=env.get("INFERQ_RESULT_URL") or broker,
+            model_dir=Path(env["INFERQ_MODEL_DIR"]) if env.get("INFERQ_MODEL_DIR")
+            else base.model_dir,
+            models=tuple(m for m in env.get("INFERQ_MODELS", "").split(",") if m.strip()),
+            device=env.get("INFERQ_DEVICE", "cpu"),
+            intra_op_threads=int(num("INFERQ_INTRA_OP_THREADS", 0)),
+            result_ttl_s=int(num("INFERQ_RESULT_TTL", base.result_ttl_s)),
+            visibility_timeout_s=int(num("INFERQ_VISIBILITY_TIMEOUT", base.visibility_timeout_s)),
+            restore_interval_s=num("INFERQ_RESTORE_INTERVAL", base.restore_interval_s),
+            max_tensor_bytes=int(num("INFERQ_MAX_TENSOR_BYTES", base.max_tensor_bytes)),
+            task_events=env.get("INFERQ_TASK_EVENTS", "1") not in ("0", "false", "no"),
+            hostname=env.get("INFERQ_HOSTNAME") or base.hostname,
+        )

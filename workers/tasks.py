@@ -1,0 +1,276 @@
+"""The spine of a worker: decode -> batch -> run -> split -> store -> ack.
+
+One :class:`ModelServer` per model runs in its own thread of the worker process, reads its
+model's queue in bulk, forms batches across jobs and gives every job its own result.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+import numpy as np
+import redis
+import structlog
+
+from producer import contract
+from producer.contract import Delivery, JobRequest
+from producer.errors import (
+    DeadlineExceeded,
+    InferqError,
+    InternalError,
+    InvalidInput,
+    ModelNotFound,
+)
+from workers.batching import Arrays, BatchPolicy, collate, split, take
+from workers.consumer import QueueReader
+from workers.results import ResultStore, TaskEvents
+from workers.runtime import LoadedModel
+
+log = structlog.get_logger(__name__)
+
+#: Most messages taken in one round trip, whatever their size.
+_MAX_DRAIN = 256
+
+
+@dataclass
+class _Message:
+    """A drained message; acked once ``open_jobs`` reaches zero."""
+
+    tag: str
+    notify: str | None
+    open_jobs: int
+
+
+@dataclass
+class _Pending:
+    """A decoded, checked job waiting for its batch."""
+
+    job: JobRequest
+    inputs: Arrays
+    rows: int
+    message: _Message
+    picked_at: float
+
+
+class ModelServer:
+    """Serves every loaded version of one model from its queue."""
+
+    def __init__(
+        self,
+        name: str,
+        versions: Mapping[int, LoadedModel],
+        reader: QueueReader,
+        store: ResultStore,
+        events: TaskEvents,
+        *,
+        worker: str,
+        max_tensor_bytes: int,
+    ) -> None:
+        self.name = name
+        self.versions = dict(versions)
+        self.latest = max(self.versions)
+        manifest = self.versions[self.latest].manifest
+        self.inputs = manifest.inputs
+        self.input_names = [s.name for s in manifest.inputs]
+        self.policy = BatchPolicy(manifest.max_batch_rows, manifest.max_wait_ms / 1000.0)
+        self.reader = reader
+        self.store = store
+        self.events = events
+        self.worker = worker
+        self.max_tensor_bytes = max_tensor_bytes
+        self._buffer: list[_Pending] = []
+        self._docs: list[tuple[str, bytes, str | None]] = []
+        self._outcomes: dict[str, tuple[bool, str, float]] = {}
+        self._touched: list[_Message] = []
+        self._rows_per_message = 1.0
+        self.log = log.bind(model=name, worker=worker)
+
+    # --- the loop ----------------------------------------------------------------------
+
+    def serve(self, stop: threading.Event, block_s: float = 1.0) -> None:
+        """Run batches until ``stop`` is set, then finish the jobs already taken."""
+        while not stop.is_set():
+            try:
+                self.cycle(block_s)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                # Taken jobs stay in memory and in kombu's unacked set; retry until Redis is back.
+                self.log.warning("redis_unavailable", error=str(exc))
+                stop.wait(0.5)
+        while self._buffer:
+            self._run_batch()
+        self._complete()
+
+    def cycle(self, block_s: float) -> int:
+        """Wait for work (up to ``block_s``), form one batch and run it; return its jobs."""
+        if not self._buffer and not self.reader.wait(block_s):
+            return 0
+        empty = self._fill()
+        while self._buffer and not self.policy.should_flush(
+            sum(p.rows for p in self._buffer), time.time() - self._buffer[0].picked_at, empty
+        ):
+            empty = self._fill()
+        done = self._run_batch() if self._buffer else 0
+        self._complete()
+        return done
+
+    # --- decode and check --------------------------------------------------------------
+
+    def _fill(self) -> bool:
+        """Drain messages into the buffer; True when the queue had nothing more."""
+        room = self.policy.max_rows - sum(p.rows for p in self._buffer)
+        want = min(_MAX_DRAIN, max(1, int(room / self._rows_per_message)))
+        drained = self.reader.drain(want)
+        picked_at = time.time()
+        for tag, raw in drained:
+            self._accept(tag, raw, picked_at)
+        return len(drained) < want
+
+    def _accept(self, tag: str, raw: bytes, picked_at: float) -> None:
+        try:
+            delivery = contract.parse_message(raw, self.reader.queue)
+        except (InvalidInput, ValueError) as exc:
+            # Without a job ID there is nobody to report to: drop it loudly.
+            self.log.error("message_dropped", reason=str(exc), head=raw[:200].decode("latin-1"))
+            self.reader.ack([tag])
+            return
+        message = _Message(tag, delivery.notify, len(delivery.jobs) + len(delivery.failed))
+        self._touched.append(message)
+        rows = 0
+        for job_id, error in delivery.failed:
+            self._fail(job_id, error, message)
+        for job in delivery.jobs:
+            self.events.received(job.id, self.name, retries=int(delivery.redelivered))
+            try:
+                pending = self._check(job, message, picked_at, delivery)
+            except InferqError as exc:
+                self._fail(job.id, exc, message)
+                continue
+            self._buffer.append(pending)
+            rows += pending.rows
+        if delivery.jobs:
+            self._rows_per_message = 0.8 * self._rows_per_message + 0.2 * max(1, rows)
+
+    def _check(
+        self, job: JobRequest, message: _Message, picked_at: float, delivery: Delivery
+    ) -> _Pending:
+        if job.model != self.name:
+            raise ModelNotFound(f"job for model {job.model!r} arrived on {delivery.queue!r}")
+        version = self.latest if job.version is None else job.version
+        if version not in self.versions:
+            raise ModelNotFound(
+                f"model {self.name!r} has no version {version}; served: {sorted(self.versions)}"
+            )
+        job.version = version
+        if job.deadline is not None and picked_at > job.deadline:
+            raise DeadlineExceeded(
+                f"deadline passed {picked_at - job.deadline:.3f}s before the job was picked up"
+            )
+        if not isinstance(job.inputs, Mapping):
+            raise InvalidInput("inputs must map input names to tensors")
+        arrays: Arrays = {}
+        for name, tensor in job.inputs.items():
+            arr = contract.decode_tensor(tensor, f"input {name!r}")
+            if arr.nbytes > self.max_tensor_bytes:
+                raise InvalidInput(
+                    f"input {name!r} is {arr.nbytes} bytes; the limit is {self.max_tensor_bytes}"
+                )
+            arrays[str(name)] = arr
+        rows = contract.check_inputs(self.inputs, arrays)
+        return _Pending(job, arrays, rows, message, picked_at)
+
+    # --- run -------------------------------------------------------------------------
+
+    def _run_batch(self) -> int:
+        version = self._buffer[0].job.version
+        group = [p for p in self._buffer if p.job.version == version]
+        batch = group[: take([p.rows for p in group], self.policy.max_rows)]
+        chosen = {id(p) for p in batch}
+        self._buffer = [p for p in self._buffer if id(p) not in chosen]
+        assert version is not None
+        model = self.versions[version]
+        self.events.started([p.job.id for p in batch])
+        started = time.time()
+        parts = self._infer(model, batch)
+        finished = time.time()
+        rows = sum(p.rows for p in batch)
+        for pending, outputs in zip(batch, parts):
+            if isinstance(outputs, InferqError):
+                self._fail(pending.job.id, outputs, pending.message)
+            else:
+                self._succeed(pending, outputs, model, rows, started, finished)
+        self.log.info(
+            "batch", version=version, device=model.provider, jobs=len(batch), rows=rows,
+            oldest_wait_ms=round((started - min(p.picked_at for p in batch)) * 1000, 3),
+            compute_ms=round((finished - started) * 1000, 3),
+        )
+        return len(batch)
+
+    def _infer(self, model: LoadedModel, batch: list[_Pending]) -> list[Arrays | InferqError]:
+        try:
+            outputs = model.run(collate([p.inputs for p in batch], self.input_names))
+            return list(split(outputs, [p.rows for p in batch]))
+        except Exception as exc:
+            if len(batch) > 1:
+                # Run each job alone so one job the model rejects fails by itself.
+                return [r for p in batch for r in self._infer(model, [p])]
+            self.log.warning("job_run_failed", job_id=batch[0].job.id, error=str(exc))
+            return [InternalError(f"the model failed on this job: {exc}")]
+
+    # --- results ---------------------------------------------------------------------
+
+    def _succeed(
+        self,
+        pending: _Pending,
+        outputs: Arrays,
+        model: LoadedModel,
+        rows: int,
+        started: float,
+        finished: float,
+    ) -> None:
+        job = pending.job
+        origin = job.enqueued_at if job.enqueued_at is not None else pending.picked_at
+        timings = {
+            "queued": _ms(pending.picked_at - job.enqueued_at)
+            if job.enqueued_at is not None else None,
+            "batch_wait": _ms(started - pending.picked_at),
+            "inference": _ms(finished - started),
+            "total": _ms(time.time() - origin),
+        }
+        result = {
+            "outputs": {k: contract.encode_tensor(np.asarray(v), text=True)
+                        for k, v in outputs.items()},
+            "model": self.name,
+            "version": model.version,
+            "worker": self.worker,
+            "batch_size": rows,
+            "timings_ms": timings,
+        }
+        self._docs.append((job.id, contract.success_document(job.id, result), pending.message.notify))
+        self._outcomes[job.id] = (True, f"v{model.version} batch {rows}", finished - started)
+        pending.message.open_jobs -= 1
+
+    def _fail(self, job_id: str, error: InferqError, message: _Message) -> None:
+        self.log.info("job_failed", job_id=job_id, code=error.code, message=error.message)
+        self._docs.append((job_id, contract.failure_document(job_id, error), message.notify))
+        self._outcomes[job_id] = (False, str(error), 0.0)
+        message.open_jobs -= 1
+
+    def _complete(self) -> None:
+        """Store every finished job's document, then ack messages with nothing left open."""
+        if self._docs:
+            self.store.store(self._docs)
+            self.events.finished(self._outcomes)
+            self._docs, self._outcomes = [], {}
+        done = [m for m in self._touched if m.open_jobs <= 0]
+        if done:
+            self.reader.ack([m.tag for m in done])
+            self._touched = [m for m in self._touched if m.open_jobs > 0]
+
+
+def _ms(seconds: float) -> float:
+    return round(max(seconds, 0.0) * 1000.0, 3)
+
+
+
