@@ -22,13 +22,11 @@ from producer import contract
 from workers import logs, repository, runtime
 from workers.consumer import QueueReader
 from workers.results import ResultStore, TaskEvents
-from workers.settings import Settings
+from workers.settings import CONTROL_QUEUE, Settings
 from workers.tasks import ModelServer
 
 log = structlog.get_logger(__name__)
 
-#: Queue the Celery consumer itself listens on; inferq jobs never go there.
-CONTROL_QUEUE = "inferq.control"
 _HEARTBEAT_S = 5.0
 
 
@@ -37,7 +35,8 @@ def make_app(settings: Settings) -> Celery:
     app = Celery("inferq", broker=settings.broker_url, backend=settings.result_url)
     vt = settings.visibility_timeout_s
     app.conf.update(
-        task_serializer="msgpack",
+        # Control replies (Flower, inspect) use the task serializer: keep it json.
+        task_serializer="json",
         result_serializer="json",
         accept_content=["msgpack", "json"],
         result_accept_content=["json"],

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_URL = "redis://localhost:6379/0"
+#: Queue the Celery consumer itself listens on; inferq jobs never go there.
+CONTROL_QUEUE = "inferq.control"
 
 
 def default_model_dir() -> Path:

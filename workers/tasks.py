@@ -84,7 +84,7 @@ class ModelServer:
         self._docs: list[tuple[str, bytes, str | None]] = []
         self._outcomes: dict[str, tuple[bool, str, float]] = {}
         self._touched: list[_Message] = []
-        self._rows_per_message = 1.0
+        self._rows_per_message = 8.0
         self.log = log.bind(model=name, worker=worker)
 
     # --- the loop ----------------------------------------------------------------------

@@ -1,0 +1,269 @@
+"""End to end against a real redis-server and real worker processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import textwrap
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from sklearn.datasets import load_digits
+
+from producer import InferenceClient, JobFailed, JobStatus, ModelNotFound, contract
+from tests.conftest import PY, ROOT, WorkerProcess, python_env
+from workers.redisproc import RedisServer, free_port
+
+pytestmark = pytest.mark.integration
+
+DIGITS = load_digits()
+X = DIGITS.data.astype(np.float32)
+Y = DIGITS.target
+
+
+def _tensor(arr: np.ndarray) -> dict[str, object]:
+    return contract.encode_tensor(arr)
+
+
+def test_round_trip(redis_server: RedisServer, shared_worker: WorkerProcess) -> None:
+    with InferenceClient(redis_server.url) as client:
+        handle = client.submit("digits", {"pixels": X[0]})  # no batch axis: the client adds it
+        result = handle.result(timeout=30)
+        assert handle.status() is JobStatus.SUCCESS
+    assert result.id == handle.id
+    assert result.model == "digits" and result.version == 2
+    assert result.worker == shared_worker.hostname
+    assert result["label"].shape == (1,) and int(result["label"][0]) == Y[0]
+    assert result["probabilities"].shape == (1, 10)
+    assert abs(float(result["probabilities"].sum()) - 1.0) < 1e-4
+    assert set(result.timings_ms) == {"queued", "batch_wait", "inference", "total"}
+    assert all(v is not None and v >= 0 for v in result.timings_ms.values())
+    assert result.batch_size >= 1
+
+
+def test_many_jobs_batch_together_and_match_labels(
+    redis_server: RedisServer, shared_worker: WorkerProcess
+) -> None:
+    with InferenceClient(redis_server.url) as client:
+        handles = client.submit_many("digits", [{"pixels": x} for x in X[:300]])
+        results = client.results([h.id for h in handles], timeout=60)
+    assert [r.id for r in results] == [h.id for h in handles]
+    labels = np.array([int(r["label"][0]) for r in results])
+    assert np.mean(labels == Y[:300]) > 0.95
+    assert max(r.batch_size for r in results) > 1
+    assert max(r.batch_size for r in results) <= 64  # the manifest's max_batch_rows
+
+
+def test_plain_celery_client_without_inferq(
+    redis_server: RedisServer, shared_worker: WorkerProcess
+) -> None:
+    script = textwrap.dedent(f"""
+        import base64, json, sys
+        import numpy as np
+        from celery import Celery
+        from sklearn.datasets import load_digits
+        x = load_digits().data[:1].astype("<f4")
+        app = Celery(broker="{redis_server.url}", backend="{redis_server.url}")
+        out = {{}}
+        for serializer in ("msgpack", "json"):
+            r = app.send_task(
+                "inferq.infer",
+                args=["digits", {{"pixels": {{"dtype": "float32", "shape": [1, 64],
+                                             "data": x.tobytes()}}}}],
+                kwargs={{"version": None}}, queue="inferq.digits", serializer=serializer)
+            res = app.AsyncResult(r.id).get(timeout=30)
+            label = np.frombuffer(base64.b64decode(res["outputs"]["label"]["data"]), "<i8")
+            out[serializer] = [r.id, res["model"], res["version"], int(label[0])]
+        bad = app.send_task("inferq.infer", args=["digits", {{"pixels": {{"dtype": "int64",
+              "shape": [1, 64], "data": x.astype("<i8").tobytes()}}}}],
+              kwargs={{"version": None}}, queue="inferq.digits", serializer="msgpack")
+        try:
+            bad.get(timeout=30)
+        except Exception as exc:
+            out["error"] = [type(exc).__name__, str(exc)]
+        out["modules"] = sorted(m for m in sys.modules if m.split(".")[0] in
+                                ("producer", "workers", "onnxruntime"))
+        print(json.dumps(out))
+    """)
+    proc = subprocess.run([PY, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd="/", env=python_env(PYTHONPATH=""))
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["modules"] == []
+    for serializer in ("msgpack", "json"):
+        _, model, version, label = out[serializer]
+        assert (model, version, label) == ("digits", 2, int(Y[0]))
+    assert out["error"][0] == "InvalidInput"
+    assert "expected float32, got int64" in out["error"][1]
+
+
+def test_bad_jobs_fail_alone_inside_a_batch(
+    redis_server: RedisServer, shared_worker: WorkerProcess
+) -> None:
+    queue = contract.queue_name("digits")
+    bad = {
+        3: {"pixels": _tensor(X[3:4].astype(np.float64))},  # wrong dtype
+        11: {"pixels": _tensor(X[11:12].reshape(1, 8, 8))},  # wrong shape
+        20: {"image": _tensor(X[20:21])},  # unknown input name
+    }
+    ids = [str(uuid.uuid4()) for _ in range(32)]
+    client = redis_server.client()
+    pipe = client.pipeline(transaction=True)  # all 32 land at once, so they share batches
+    for i, job_id in enumerate(ids):
+        inputs = bad.get(i, {"pixels": _tensor(X[i : i + 1])})
+        pipe.lpush(queue, contract.build_message(
+            task=contract.TASK_NAME, task_id=job_id, args=["digits", inputs],
+            kwargs={"version": None}, queue=queue))
+    pipe.execute()
+    with InferenceClient(redis_server.url) as inferq:
+        outcomes = inferq.outcomes(ids, timeout=30)
+    failed = {i: o for i, o in enumerate(outcomes) if isinstance(o, JobFailed)}
+    assert sorted(failed) == sorted(bad)
+    assert {o.code for o in failed.values()} == {"INVALID_ARGUMENT"}
+    assert "float32" in failed[3].message and "float64" in failed[3].message
+    assert "rank" in failed[11].message
+    assert "image" in failed[20].message and "pixels" in failed[20].message
+    good = [o for i, o in enumerate(outcomes) if i not in bad]
+    assert len(good) == 29
+    assert [int(o["label"][0]) for o in good] == [int(Y[i]) for i in range(32) if i not in bad]
+    assert max(o.batch_size for o in good) > 1  # the good jobs really were batched
+    # The worker process keeps serving.
+    pid = shared_worker.advertised_pid()
+    with InferenceClient(redis_server.url) as inferq:
+        assert int(inferq.submit("digits", {"pixels": X[5]}).result(30)["label"][0]) == Y[5]
+    assert shared_worker.advertised_pid() == pid == shared_worker.pid
+    assert shared_worker.proc is not None and shared_worker.proc.poll() is None
+
+
+def test_unknown_model_and_version(
+    redis_server: RedisServer, shared_worker: WorkerProcess
+) -> None:
+    with InferenceClient(redis_server.url) as client:
+        with pytest.raises(ModelNotFound, match="nope"):
+            client.submit("nope", {"pixels": X[0]})
+        with pytest.raises(ModelNotFound, match="version 9"):
+            client.submit("digits", {"pixels": X[0]}, version=9)
+        # A client that does not check first gets the typed failure from the worker.
+        unchecked = InferenceClient(redis_server.url, validate=False)
+        handle = unchecked.submit("digits", {"pixels": X[0]}, version=9)
+        with pytest.raises(JobFailed) as info:
+            handle.result(timeout=30)
+        assert info.value.code == "NOT_FOUND"
+    queue = contract.queue_name("digits")
+    job_id = str(uuid.uuid4())
+    redis_server.client().lpush(queue, contract.build_message(
+        task=contract.TASK_NAME, task_id=job_id, args=["nope", {"pixels": _tensor(X[:1])}],
+        kwargs={"version": None}, queue=queue))
+    with InferenceClient(redis_server.url) as client, pytest.raises(JobFailed) as info:
+        client.results([job_id], timeout=30)
+    assert info.value.code == "NOT_FOUND"
+
+
+def test_pinned_version_is_served_by_that_version(
+    redis_server: RedisServer, shared_worker: WorkerProcess
+) -> None:
+    with InferenceClient(redis_server.url) as client:
+        v1 = client.submit("digits", {"pixels": X[:4]}, version=1).result(30)
+        v2 = client.submit("digits", {"pixels": X[:4]}, version=2).result(30)
+        latest = client.submit("digits", {"pixels": X[:4]}).result(30)
+    assert (v1.version, v2.version, latest.version) == (1, 2, 2)
+    # The two versions are different models: their probabilities differ.
+    assert not np.allclose(v1["probabilities"], v2["probabilities"])
+    assert np.array_equal(v2["probabilities"], latest["probabilities"])
+
+
+def _get_json(url: str) -> object:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def test_flower_sees_finished_job(
+    redis_server: RedisServer, shared_worker: WorkerProcess, tmp_path: Path
+) -> None:
+    port = free_port()
+    log = open(tmp_path / "flower.log", "wb")  # noqa: SIM115
+    flower = subprocess.Popen(
+        [PY, "-m", "celery", f"--broker={redis_server.url}", "flower", "--address=127.0.0.1",
+         f"--port={port}"],
+        env=python_env(FLOWER_UNAUTHENTICATED_API="true"), stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:  # Flower must be listening for events before the job runs
+            try:
+                workers = _get_json(f"{base}/api/workers?refresh=1")
+                if isinstance(workers, dict) and shared_worker.hostname in workers:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "flower.log").read_text()
+            time.sleep(0.3)
+        with InferenceClient(redis_server.url) as client:
+            job = client.submit("digits", {"pixels": X[7]})
+            job.result(timeout=30)
+        info: object = None
+        while time.monotonic() < deadline:
+            try:
+                info = _get_json(f"{base}/api/task/info/{job.id}")
+            except OSError:
+                info = None
+            if isinstance(info, dict) and info.get("state") == "SUCCESS":
+                break
+            time.sleep(0.2)
+        assert isinstance(info, dict), info
+        assert info["state"] == "SUCCESS"
+        assert info["name"] == contract.TASK_NAME
+        assert info["worker"] == shared_worker.hostname
+    finally:
+        flower.terminate()
+        flower.wait(timeout=10)
+        log.close()
+
+
+def test_cli_submit_and_result(
+    redis_server: RedisServer, shared_worker: WorkerProcess, tmp_path: Path
+) -> None:
+    env = python_env(INFERQ_BROKER_URL=redis_server.url)
+    np.save(tmp_path / "x.npy", X[9:11])
+    inferq = [PY, "-m", "workers.cli"]
+    waited = subprocess.run([*inferq, "submit", "digits", "--input", str(tmp_path / "x.npy"),
+                             "--wait"], capture_output=True, text=True, env=env, timeout=60,
+                            cwd=ROOT)
+    assert waited.returncode == 0, waited.stderr
+    doc = json.loads(waited.stdout)
+    assert doc["status"] == "SUCCESS" and doc["outputs"]["label"] == [int(Y[9]), int(Y[10])]
+    (tmp_path / "x.json").write_text(json.dumps({"pixels": X[12].tolist()}))
+    job_id = subprocess.run([*inferq, "submit", "digits", "--input", str(tmp_path / "x.json")],
+                            capture_output=True, text=True, env=env, timeout=60, cwd=ROOT
+                            ).stdout.strip()
+    got = subprocess.run([*inferq, "result", job_id, "--timeout", "30"], capture_output=True,
+                         text=True, env=env, timeout=60, cwd=ROOT)
+    assert got.returncode == 0, got.stderr
+    assert json.loads(got.stdout)["outputs"]["label"] == [int(Y[12])]
+    missing = subprocess.run([*inferq, "result", str(uuid.uuid4())], capture_output=True,
+                             text=True, env=env, timeout=60, cwd=ROOT)
+    assert missing.returncode == 2 and json.loads(missing.stdout)["status"] == "PENDING"
+
+
+def test_models_command_lists_signatures() -> None:
+    out = subprocess.run([PY, "-m", "workers.cli", "models"], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT, env=python_env())
+    assert out.returncode == 0, out.stderr
+    assert "digits  versions [1, 2]" in out.stdout
+    assert "in  pixels: float32[-1, 64]" in out.stdout
+    assert "out probabilities: float32[-1, 10]" in out.stdout
+
+
+def test_worker_refuses_missing_gpu(redis_server: RedisServer, start_worker: type) -> None:
+    worker = start_worker(redis_server.url, INFERQ_DEVICE="cuda")
+    with pytest.raises(RuntimeError, match="exited") as info:
+        worker.start(timeout=60)
+    assert "CUDA" in str(info.value) or "GPU" in str(info.value)
+    assert not redis.Redis.from_url(redis_server.url).exists(
+        contract.WORKER_KEY_PREFIX + worker.hostname)

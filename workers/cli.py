@@ -1,0 +1,179 @@
+"""The ``inferq`` command: parse, build settings, make one library call."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from producer import InferenceClient, JobFailed, JobResult, JobTimeout
+from producer.errors import InferqError
+
+
+@click.group()
+def main() -> None:
+    """inferq: batching ONNX inference workers on a Celery + Redis queue."""
+
+
+# --- services ------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--gpus", default=None, help="'all' or indices like 0,1: one worker per GPU.")
+@click.option("--cpu", "cpu", is_flag=True, help="Run on the CPU (the default without GPUs).")
+@click.option("--workers", "cpu_workers", default=1, show_default=True,
+              help="CPU worker processes (with --cpu).")
+def worker(gpus: str | None, cpu: bool, cpu_workers: int) -> None:
+    """Start and supervise worker processes until Ctrl-C."""
+    from workers.launcher import LaunchError, Supervisor, detect_gpus, parse_gpus, plan
+
+    try:
+        if cpu and gpus:
+            raise LaunchError("--cpu and --gpus exclude each other")
+        available = detect_gpus()
+        indices = parse_gpus(gpus, available) if gpus else ([] if cpu else available)
+    except LaunchError as exc:
+        raise click.ClickException(str(exc)) from None
+    supervisor = Supervisor(plan(indices or None, cpu_workers))
+    supervisor.start()
+    sys.exit(supervisor.run())
+
+
+@main.command()
+@click.option("--workers", "cpu_workers", default=1, show_default=True,
+              help="CPU worker processes when there is no GPU.")
+def up(cpu_workers: int) -> None:
+    """Run Redis (if none is configured), the workers and Flower until Ctrl-C."""
+    import signal
+    import threading
+
+    from workers.stack import LocalStack
+
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    with LocalStack(cpu_workers=cpu_workers) as stack:
+        click.echo(f"broker  {stack.broker_url}\nflower  {stack.flower_url}\nready; Ctrl-C stops")
+        while not stopped.wait(0.5):
+            assert stack.supervisor is not None
+            stack.supervisor.poll()
+    click.echo("stopped")
+
+
+@main.command()
+def demo() -> None:
+    """Classify the digits test set through the whole stack and print a summary."""
+    from workers import demo as demo_module
+
+    sys.exit(demo_module.run(click.echo))
+
+
+@main.command()
+@click.option("--model-dir", type=click.Path(path_type=Path), default=None)
+def models(model_dir: Path | None) -> None:
+    """List the models in the repository with their versions and signatures."""
+    from workers.repository import ManifestError, scan
+    from workers.settings import default_model_dir
+
+    try:
+        found = scan(model_dir or default_model_dir())
+    except ManifestError as exc:
+        raise click.ClickException(str(exc)) from None
+    for name, m in found.items():
+        click.echo(f"{name}  versions {sorted(m.versions)}  max_batch_rows {m.max_batch_rows}  "
+                   f"max_wait_ms {m.max_wait_ms}")
+        click.echo(f"  {m.description}")
+        for kind, specs in (("in ", m.inputs), ("out", m.outputs)):
+            for s in specs:
+                click.echo(f"  {kind} {s.name}: {s.dtype}{list(s.shape)}")
+
+
+# --- jobs ------------------------------------------------------------------------------
+
+
+def _result_json(result: JobResult) -> dict[str, Any]:
+    return {
+        "id": result.id, "status": "SUCCESS", "model": result.model, "version": result.version,
+        "worker": result.worker, "batch_size": result.batch_size,
+        "timings_ms": result.timings_ms,
+        "outputs": {k: v.tolist() for k, v in result.outputs.items()},
+    }
+
+
+def _load_inputs(client: InferenceClient, model: str, paths: tuple[str, ...]) -> dict[str, Any]:
+    named: dict[str, str] = {}
+    for item in paths:
+        name, sep, path = item.partition("=")
+        named[name if sep else ""] = path if sep else item
+    info = client.models().get(model)
+    inputs: dict[str, Any] = {}
+    for name, path in named.items():
+        if path.endswith(".json"):
+            doc = json.loads(Path(path).read_text())
+            if not isinstance(doc, dict):
+                raise click.ClickException(f"{path}: expected an object of input name -> array")
+            inputs.update(doc)
+        else:
+            if not name:
+                if info is None or len(info.inputs) != 1:
+                    raise click.ClickException("name the input: --input NAME=file.npy")
+                name = info.inputs[0].name
+            inputs[name] = np.load(path, allow_pickle=False)
+    if info is not None:  # JSON numbers carry no dtype: take the model's.
+        for spec in info.inputs:
+            if spec.name in inputs and not isinstance(inputs[spec.name], np.ndarray):
+                inputs[spec.name] = np.asarray(inputs[spec.name], dtype=spec.dtype)
+    return inputs
+
+
+@main.command()
+@click.argument("model")
+@click.option("--input", "inputs", multiple=True, required=True,
+              help="x.npy, NAME=x.npy, or x.json mapping input names to arrays.")
+@click.option("--version", type=int, default=None, help="Pin a model version.")
+@click.option("--wait/--no-wait", default=False, help="Wait for and print the result.")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait.")
+def submit(model: str, inputs: tuple[str, ...], version: int | None, wait: bool,
+           timeout: float) -> None:
+    """Submit one job; print its ID (or, with --wait, its result as JSON)."""
+    try:
+        with InferenceClient() as client:
+            handle = client.submit(model, _load_inputs(client, model, inputs), version=version)
+            if not wait:
+                click.echo(handle.id)
+                return
+            click.echo(json.dumps(_result_json(handle.result(timeout=timeout))))
+    except JobFailed as exc:
+        click.echo(json.dumps({"id": exc.job_id, "status": "FAILURE", "code": exc.code,
+                               "message": exc.message}))
+        sys.exit(1)
+    except InferqError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--timeout", default=0.0, show_default=True,
+              help="Seconds to wait for a pending job (0: answer at once).")
+def result(job_id: str, timeout: float) -> None:
+    """Print a job's result as JSON; exit 1 on FAILURE, 2 while PENDING."""
+    with InferenceClient() as client:
+        try:
+            click.echo(json.dumps(_result_json(client.results([job_id], timeout=timeout)[0])))
+        except JobFailed as exc:
+            click.echo(json.dumps({"id": job_id, "status": "FAILURE", "code": exc.code,
+                                   "message": exc.message}))
+            sys.exit(1)
+        except JobTimeout:
+            click.echo(json.dumps({"id": job_id, "status": "PENDING"}))
+            sys.exit(2)
+        except InferqError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""One worker process per GPU (or N CPU workers), supervised.
+
+Each process gets ``CUDA_VISIBLE_DEVICES`` set before it starts, so CUDA is initialised
+only inside the process that uses it, and a stable Celery hostname ``gpu<i>@<host>``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from workers.settings import CONTROL_QUEUE
+
+log = structlog.get_logger(__name__)
+
+
+class LaunchError(RuntimeError):
+    """The requested devices cannot be used."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """How to start one worker process."""
+
+    hostname: str
+    argv: list[str]
+    env: dict[str, str]
+
+
+def detect_gpus() -> list[int]:
+    """Indices of the NVIDIA GPUs on this host (``nvidia-smi -L``); empty when none."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10, check=True)
+    except (subprocess.SubprocessError, OSError):
+        return []
+    return [i for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
+
+
+def parse_gpus(arg: str, available: Sequence[int]) -> list[int]:
+    """``all`` or a comma list like ``0,1`` -> GPU indices, checked against ``available``."""
+    if arg == "all":
+        if not available:
+            raise LaunchError("--gpus all: no NVIDIA GPU found (nvidia-smi -L lists none)")
+        return list(available)
+    try:
+        wanted = [int(x) for x in arg.split(",") if x.strip()]
+    except ValueError:
+        raise LaunchError(f"--gpus takes 'all' or indices like 0,1; got {arg!r}") from None
+    if not wanted or len(set(wanted)) != len(wanted):
+        raise LaunchError(f"--gpus {arg!r}: give each GPU index once")
+    missing = sorted(set(wanted) - set(available))
+    if missing:
+        raise LaunchError(f"GPUs {missing} not found; this host has {list(available)}")
+    return wanted
+
+
+def celery_argv(hostname: str, loglevel: str = "INFO") -> list[str]:
+    """The command line of one worker process (solo pool: the model runs in this process)."""
+    return [
+        sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+        "-P", "solo", "-n", hostname, "-Q", CONTROL_QUEUE, "-E",
+        "--without-mingle", "--without-gossip", "-l", loglevel,
+    ]
+
+
+def plan(
+    gpus: Sequence[int] | None,
+    cpu_workers: int = 1,
+    *,
+    host: str | None = None,
+    base_env: Mapping[str, str] | None = None,
+    cores: int | None = None,
+) -> list[WorkerSpec]:
+    """The worker processes to start: one per GPU, else ``cpu_workers`` on the CPU."""
+    host = host or socket.gethostname()
+    env = dict(os.environ if base_env is None else base_env)
+    specs = []
+    if gpus:
+        for index in gpus:
+            name = f"gpu{index}@{host}"
+            specs.append(WorkerSpec(name, celery_argv(name), {
+                **env,
+                "CUDA_VISIBLE_DEVICES": str(index),
+                "INFERQ_DEVICE": "cuda",
+                "INFERQ_HOSTNAME": name,
+                # The GPU does the work; more CPU threads only contend.
+                "INFERQ_INTRA_OP_THREADS": env.get("INFERQ_INTRA_OP_THREADS", "1"),
+            }))
+        return specs
+    threads = max(1, (cores or os.cpu_count() or 1) // max(1, cpu_workers))
+    for index in range(cpu_workers):
+        name = f"cpu{index}@{host}"
+        specs.append(WorkerSpec(name, celery_argv(name), {
+            **env,
+            # An empty mask hides every GPU, so nothing CUDA-related initialises by accident.
+            "CUDA_VISIBLE_DEVICES": "",
+            "INFERQ_DEVICE": "cpu",
+            "INFERQ_HOSTNAME": name,
+            "INFERQ_INTRA_OP_THREADS": env.get("INFERQ_INTRA_OP_THREADS", str(threads)),
+        }))
+    return specs
+
+
+class Supervisor:
+    """Starts worker processes, restarts one that dies, stops all on request."""
+
+    def __init__(self, specs: Sequence[WorkerSpec], *, max_restarts: int = 5) -> None:
+        self.specs = list(specs)
+        self.max_restarts = max_restarts
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._restarts: dict[str, list[float]] = {}
+
+    def start(self) -> None:
+        for spec in self.specs:
+            self._spawn(spec)
+
+    def _spawn(self, spec: WorkerSpec) -> None:
+        # Own process group: a terminal's Ctrl-C reaches only the supervisor, which then
+        # sends each worker a single SIGTERM (warm shutdown).
+        self.procs[spec.hostname] = subprocess.Popen(
+            spec.argv, env=spec.env, start_new_session=True)
+        log.info("worker_started", worker=spec.hostname, pid=self.procs[spec.hostname].pid)
+
+    def poll(self) -> None:
+        """Restart workers that exited; raise LaunchError when one keeps dying."""
+        for spec in self.specs:
+            proc = self.procs[spec.hostname]
+            code = proc.poll()
+            if code is None:
+                continue
+            now = time.monotonic()
+            recent = [t for t in self._restarts.get(spec.hostname, []) if now - t < 60]
+            if len(recent) >= self.max_restarts:
+                raise LaunchError(f"worker {spec.hostname} exited {len(recent)} times in 60 s "
+                                  f"(last exit code {code})")
+            log.warning("worker_exited", worker=spec.hostname, code=code)
+            self._restarts[spec.hostname] = [*recent, now]
+            self._spawn(spec)
+
+    def run(self) -> int:
+        """Supervise until SIGINT/SIGTERM; return the exit code."""
+        stopping = False
+
+        def on_signal(signum: int, frame: object) -> None:
+            nonlocal stopping
+            stopping = True
+
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while not stopping:
+                self.poll()
+                time.sleep(0.2)
+            return 0
+        except LaunchError as exc:
+            log.error("supervisor_giving_up", error=str(exc))
+            return 1
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+            self.stop()
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Warm-stop every worker (SIGTERM), then SIGKILL what is left after ``grace_s``."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
