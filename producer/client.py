@@ -207,7 +207,7 @@ class InferenceClient:
             chunk_ids = ids[start : start + jobs_per_message]
             entries = [
                 {"id": i, "inputs": t, "version": version}
-                for i, t in zip(chunk_ids, prepared[start : start + jobs_per_message])
+                for i, t in zip(chunk_ids, prepared[start : start + jobs_per_message], strict=True)
             ]
             headers = self._headers()
             headers[contract.HEADER_JOB_IDS] = chunk_ids
@@ -289,7 +289,7 @@ class InferenceClient:
         for start in range(0, len(ids), _MGET_CHUNK):
             chunk = ids[start : start + _MGET_CHUNK]
             docs = self._call(self._results.mget, [contract.result_key(i) for i in chunk])
-            for job_id, raw in zip(chunk, docs):
+            for job_id, raw in zip(chunk, docs, strict=True):
                 if raw is not None:
                     found[job_id] = parse_result(job_id, raw)
                     pending.discard(job_id)

@@ -160,7 +160,7 @@ def check_inputs(
                 f"input '{spec.name}': expected rank {len(spec.shape)} {list(spec.shape)}, "
                 f"got shape {list(arr.shape)}"
             )
-        for axis, (want, got) in enumerate(zip(spec.shape, arr.shape)):
+        for axis, (want, got) in enumerate(zip(spec.shape, arr.shape, strict=True)):
             if want != -1 and want != got:
                 raise InvalidInput(
                     f"input '{spec.name}': dimension {axis} must be {want}, got {got} "
@@ -334,7 +334,7 @@ def parse_message(raw: bytes | str, queue: str) -> Delivery:
         delivery.failed = [(i, InvalidInput("bulk message body does not match its job ids"))
                            for i in ids]
         return delivery
-    for job_id, entry in zip(ids, entries):
+    for job_id, entry in zip(ids, entries, strict=True):
         try:
             if not isinstance(entry, dict) or entry.get("id") != job_id:
                 raise InvalidInput("bulk entry does not match its job id")

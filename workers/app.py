@@ -7,12 +7,13 @@ any queue is read; then one thread per model drains its queue in bulk.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import redis
 import structlog
@@ -77,7 +78,7 @@ def _redis(url: str) -> redis.Redis:
 class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
     """Load every model, advertise it, and run one ModelServer thread per model."""
 
-    requires = {"celery.worker.components:Pool"}
+    requires: ClassVar[set[str]] = {"celery.worker.components:Pool"}
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
@@ -144,10 +145,8 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
             except redis.exceptions.RedisError as exc:
                 log.warning("heartbeat_failed", error=str(exc))
             self.stop_event.wait(_HEARTBEAT_S)
-        try:
+        with contextlib.suppress(redis.exceptions.RedisError):
             client.delete(key)
-        except redis.exceptions.RedisError:
-            pass
 
     def stop(self, worker: Any) -> None:
         self.stop_event.set()

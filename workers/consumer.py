@@ -64,7 +64,9 @@ class QueueReader:
         Moving the tail to the head of the same list blocks like BRPOP but leaves the
         message in Redis; the queue was empty a moment ago, so order barely changes.
         """
-        return self.client.blmove(self.queue, self.queue, timeout, "RIGHT", "LEFT") is not None
+        # redis-py types the timeout as int; Redis >= 6 takes fractional seconds.
+        moved = self.client.blmove(self.queue, self.queue, timeout, "RIGHT", "LEFT")  # type: ignore[arg-type]
+        return moved is not None
 
     def drain(self, max_messages: int) -> list[tuple[str, bytes]]:
         """Pop up to ``max_messages`` (oldest first) and record them as unacknowledged."""

@@ -23,7 +23,9 @@ def digits_test_split() -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError:
-        raise SystemExit("the demo reads scikit-learn's digits data: pip install scikit-learn")
+        raise SystemExit(
+            "the demo reads scikit-learn's digits data: pip install scikit-learn"
+        ) from None
     x, y = load_digits(return_X_y=True)
     _, x_test, _, y_test = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
     return x_test.astype(np.float32), y_test

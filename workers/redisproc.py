@@ -137,7 +137,7 @@ class RedisServer:
         self._terminate(signal.SIGTERM)
         self.start(timeout)
 
-    def client(self) -> redis.Redis[bytes]:
+    def client(self) -> redis.Redis:
         """A redis-py client for this server."""
         return redis.Redis.from_url(self.url)
 

@@ -73,7 +73,9 @@ def _specs(raw: Any, where: str) -> tuple[TensorSpec, ...]:
         try:
             spec = TensorSpec.from_json(item)
         except (KeyError, TypeError, ValueError) as exc:
-            raise ManifestError(f"{where}: each entry needs name, dtype and shape ({exc})") from None
+            raise ManifestError(
+                f"{where}: each entry needs name, dtype and shape ({exc})"
+            ) from None
         if spec.dtype not in DTYPES:
             raise ManifestError(f"{where} '{spec.name}': dtype {spec.dtype!r} not supported")
         if any(d < -1 or d == 0 for d in spec.shape):

@@ -76,7 +76,7 @@ class LoadedModel:
     def run(self, feeds: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
         """Run one batch; outputs by name, in manifest order."""
         names = self.output_names
-        return dict(zip(names, self.session.run(names, feeds)))
+        return dict(zip(names, self.session.run(names, feeds), strict=True))
 
     def warm_up(self) -> None:
         """Run a batch of 1 and of the largest batch so allocations happen before traffic."""

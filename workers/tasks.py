@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+
 import numpy as np
 import redis
 import structlog
@@ -195,7 +196,7 @@ class ModelServer:
         parts = self._infer(model, batch)
         finished = time.time()
         rows = sum(p.rows for p in batch)
-        for pending, outputs in zip(batch, parts):
+        for pending, outputs in zip(batch, parts, strict=True):
             if isinstance(outputs, InferqError):
                 self._fail(pending.job.id, outputs, pending.message)
             else:
@@ -247,7 +248,8 @@ class ModelServer:
             "batch_size": rows,
             "timings_ms": timings,
         }
-        self._docs.append((job.id, contract.success_document(job.id, result), pending.message.notify))
+        doc = contract.success_document(job.id, result)
+        self._docs.append((job.id, doc, pending.message.notify))
         self._outcomes[job.id] = (True, f"v{model.version} batch {rows}", finished - started)
         pending.message.open_jobs -= 1
 
