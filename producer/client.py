@@ -7,7 +7,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -259,40 +259,44 @@ class InferenceClient:
 
         Raises :class:`JobTimeout` if some job has no result after ``timeout`` seconds.
         """
+        found = dict(self.as_completed(job_ids, timeout=timeout))
+        return [found[i] for i in job_ids]
+
+    def as_completed(
+        self, job_ids: Iterable[str], timeout: float = 60.0
+    ) -> Iterator[tuple[str, JobResult | JobFailed]]:
+        """Yield ``(job_id, JobResult or JobFailed)`` as results arrive.
+
+        Raises :class:`JobTimeout` if some job has no result after ``timeout`` seconds.
+        """
         deadline = time.monotonic() + timeout
-        found: dict[str, JobResult | JobFailed] = {}
         pending = set(job_ids)
-        check: Iterable[str] = list(pending)
+        total = len(pending)
+        check: list[str] = list(pending)
         last_full = time.monotonic()
         while True:
-            self._read_into(found, pending, check)
+            yield from self._read(pending, check)
             if not pending:
-                return [found[i] for i in job_ids]
+                return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise JobTimeout(
-                    f"{len(pending)} of {len(set(job_ids))} jobs have no result after {timeout}s"
-                )
+                raise JobTimeout(f"{len(pending)} of {total} jobs have no result after {timeout}s")
             notified = self._wait_notified(min(remaining, _FULL_RECHECK_S))
             if time.monotonic() - last_full >= _FULL_RECHECK_S:
                 check, last_full = list(pending), time.monotonic()
             else:
                 check = [i for i in notified if i in pending]
 
-    def _read_into(
-        self,
-        found: dict[str, JobResult | JobFailed],
-        pending: set[str],
-        ids: Iterable[str],
-    ) -> None:
-        ids = list(ids)
+    def _read(
+        self, pending: set[str], ids: list[str]
+    ) -> Iterator[tuple[str, JobResult | JobFailed]]:
         for start in range(0, len(ids), _MGET_CHUNK):
             chunk = ids[start : start + _MGET_CHUNK]
             docs = self._call(self._results.mget, [contract.result_key(i) for i in chunk])
             for job_id, raw in zip(chunk, docs, strict=True):
-                if raw is not None:
-                    found[job_id] = parse_result(job_id, raw)
+                if raw is not None and job_id in pending:
                     pending.discard(job_id)
+                    yield job_id, parse_result(job_id, raw)
 
     def _wait_notified(self, timeout: float) -> list[str]:
         popped = self._call(self._results.blpop, [self._notify_key], timeout=max(timeout, 0.001))
