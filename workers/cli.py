@@ -73,6 +73,33 @@ def demo() -> None:
 
 
 @main.command()
+@click.option("--models", "names", default="mlp,cnn,digits", show_default=True,
+              help="Comma list of models to measure.")
+@click.option("--workers", "cpu_workers", default=1, show_default=True,
+              help="inferq worker processes (CPU).")
+@click.option("--gpus", default=None, help="Run the inferq workers on these GPUs.")
+@click.option("--quick", is_flag=True, help="A tenth of the load: a smoke test, not figures.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+              help="Write every figure to this JSON file.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+              help="Write a PNG of throughput and latency against offered load.")
+@click.option("--sweep", is_flag=True, help="Also drive an open-loop arrival-rate sweep.")
+def bench(names: str, cpu_workers: int, gpus: str | None, quick: bool, json_path: Path | None,
+          plot_path: Path | None, sweep: bool) -> None:
+    """Measure direct ONNX Runtime, naive Celery and inferq in one run."""
+    from workers.bench.run import run as run_bench
+    from workers.launcher import LaunchError, detect_gpus, parse_gpus
+
+    try:
+        indices = parse_gpus(gpus, detect_gpus()) if gpus else None
+    except LaunchError as exc:
+        raise click.ClickException(str(exc)) from None
+    run_bench([n for n in names.split(",") if n], workers=cpu_workers, gpus=indices,
+              quick=quick, json_path=json_path, plot_path=plot_path, sweep=sweep,
+              say=click.echo)
+
+
+@main.command()
 @click.option("--model-dir", type=click.Path(path_type=Path), default=None)
 def models(model_dir: Path | None) -> None:
     """List the models in the repository with their versions and signatures."""

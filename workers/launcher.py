@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import IO
 
 import structlog
 
@@ -116,8 +117,10 @@ def plan(
 class Supervisor:
     """Starts worker processes, restarts one that dies, stops all on request."""
 
-    def __init__(self, specs: Sequence[WorkerSpec], *, max_restarts: int = 5) -> None:
+    def __init__(self, specs: Sequence[WorkerSpec], *, max_restarts: int = 5,
+                 output: IO[bytes] | None = None) -> None:
         self.specs = list(specs)
+        self.output = output
         self.max_restarts = max_restarts
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._restarts: dict[str, list[float]] = {}
@@ -130,7 +133,8 @@ class Supervisor:
         # Own process group: a terminal's Ctrl-C reaches only the supervisor, which then
         # sends each worker a single SIGTERM (warm shutdown).
         self.procs[spec.hostname] = subprocess.Popen(
-            spec.argv, env=spec.env, start_new_session=True)
+            spec.argv, env=spec.env, start_new_session=True, stdout=self.output,
+            stderr=self.output)
         log.info("worker_started", worker=spec.hostname, pid=self.procs[spec.hostname].pid)
 
     def poll(self) -> None:

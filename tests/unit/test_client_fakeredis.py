@@ -1,0 +1,460 @@
+"""The producer client and the workers' result store against fakeredis (no real Redis)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import numpy as np
+import pytest
+import redis
+
+import producer.client
+from producer import contract
+from producer.client import InferenceClient, ModelInfo
+from producer.errors import (
+    InternalError,
+    InvalidInput,
+    JobFailed,
+    JobTimeout,
+    ModelNotFound,
+    Unavailable,
+)
+from producer.jobs import JobHandle, JobResult, JobStatus
+
+QUEUE = contract.queue_name("digits")
+SIGNATURE = {
+    "description": "digits",
+    "versions": [1, 2],
+    "inputs": [{"name": "pixels", "dtype": "float32", "shape": [-1, 64]}],
+    "outputs": [
+        {"name": "label", "dtype": "int64", "shape": [-1]},
+        {"name": "probabilities", "dtype": "float32", "shape": [-1, 10]},
+    ],
+    "max_batch_rows": 64,
+}
+HAS_LUPA = importlib.util.find_spec("lupa") is not None
+needs_lua = pytest.mark.skipif(
+    not HAS_LUPA,
+    reason="fakeredis runs Lua scripts only with the optional 'lupa' package, which is not "
+    "installed; ResultStore.store is one Lua script",
+)
+
+
+@pytest.fixture
+def server() -> fakeredis.FakeServer:
+    return fakeredis.FakeServer()
+
+
+@pytest.fixture
+def r(server: fakeredis.FakeServer) -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis(server=server)
+
+
+@pytest.fixture
+def make_client(
+    server: fakeredis.FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Any]:
+    urls: list[str] = []
+
+    def fake_redis(url: str, timeout: float) -> fakeredis.FakeRedis:
+        urls.append(url)
+        return fakeredis.FakeRedis(server=server)
+
+    monkeypatch.setattr(producer.client, "_redis", fake_redis)
+    clients: list[InferenceClient] = []
+
+    def make(**kwargs: Any) -> InferenceClient:
+        client = InferenceClient(**kwargs)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture
+def client(make_client: Any) -> InferenceClient:
+    return make_client()  # type: ignore[no-any-return]
+
+
+def advertise(r: fakeredis.FakeRedis, model: str = "digits", **changes: Any) -> None:
+    r.hset(contract.MODELS_KEY, model, json.dumps({**SIGNATURE, **changes}))
+
+
+def queued(r: fakeredis.FakeRedis, queue: str = QUEUE) -> list[contract.Delivery]:
+    """Messages on ``queue``, oldest first (the order a worker pops them in), parsed."""
+    return [contract.parse_message(raw, queue) for raw in reversed(r.lrange(queue, 0, -1))]
+
+
+def success(job_id: str, label: list[int]) -> bytes:
+    probs = np.zeros((len(label), 10), np.float32)
+    probs[np.arange(len(label)), label] = 1.0
+    return contract.success_document(job_id, {
+        "outputs": {
+            "label": contract.encode_tensor(np.array(label, np.int64), text=True),
+            "probabilities": contract.encode_tensor(probs, text=True),
+        },
+        "model": "digits",
+        "version": 2,
+        "worker": "cpu0@test",
+        "batch_size": 7,
+        "timings_ms": {"queued": 1.0, "batch_wait": None, "inference": 2.0, "total": 3.0},
+    })
+
+
+# --- submitting ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("serializer", ["msgpack", "json"])
+def test_submit_one_job(
+    make_client: Any, r: fakeredis.FakeRedis, serializer: str
+) -> None:
+    advertise(r)
+    client = make_client(serializer=serializer)
+    x = np.arange(64, dtype=np.float32)
+    before = contract.now()
+    handle = client.submit("digits", {"pixels": x}, version=2, deadline=30)
+
+    assert r.llen(QUEUE) == 1
+    [delivery] = queued(r)
+    assert delivery.failed == []
+    assert delivery.notify == client.client_id
+    [job] = delivery.jobs
+    assert (job.id, job.model, job.version) == (handle.id, "digits", 2)
+    assert job.enqueued_at is not None and before <= job.enqueued_at <= contract.now()
+    assert job.deadline is not None and 29 < job.deadline - before < 31
+    arr = contract.decode_tensor(job.inputs["pixels"])
+    assert arr.shape == (1, 64), "a single example gains the batch axis"
+    np.testing.assert_array_equal(arr[0], x)
+    envelope = json.loads(r.lindex(QUEUE, 0))
+    assert envelope["content-type"] == contract.CONTENT_TYPES[serializer]
+    assert envelope["properties"]["reply_to"] == client.client_id
+    assert isinstance(handle, JobHandle) and handle.model == "digits"
+
+
+def test_submit_keeps_an_existing_batch_axis(client: InferenceClient, r: Any) -> None:
+    advertise(r)
+    client.submit("digits", {"pixels": np.ones((5, 64), np.float32)})
+    [delivery] = queued(r)
+    assert contract.decode_tensor(delivery.jobs[0].inputs["pixels"]).shape == (5, 64)
+    assert delivery.jobs[0].version is None
+    assert delivery.jobs[0].deadline is None
+
+
+def test_submit_many_chunks_messages_and_keeps_order(client: InferenceClient, r: Any) -> None:
+    advertise(r)
+    items = [{"pixels": np.full(64, i, np.float32)} for i in range(70)]
+    handles = client.submit_many("digits", items, jobs_per_message=32, version=1)
+
+    assert r.llen(QUEUE) == 3
+    ids = [h.id for h in handles]
+    assert len(ids) == 70 and len(set(ids)) == 70
+    deliveries = queued(r)
+    assert [len(d.jobs) for d in deliveries] == [32, 32, 6]
+    jobs = [job for d in deliveries for job in d.jobs]
+    assert [j.id for j in jobs] == ids
+    assert all(d.failed == [] and d.notify == client.client_id for d in deliveries)
+    for i, job in enumerate(jobs):
+        assert job.version == 1
+        arr = contract.decode_tensor(job.inputs["pixels"])
+        assert arr.shape == (1, 64) and float(arr[0, 0]) == i
+
+
+def test_submit_many_with_nothing(client: InferenceClient, r: Any) -> None:
+    assert client.submit_many("digits", []) == []
+    assert r.llen(QUEUE) == 0
+
+
+def test_unknown_model_is_refused_at_submit(client: InferenceClient, r: Any) -> None:
+    advertise(r, "other")
+    with pytest.raises(ModelNotFound, match=r"'digits' is not served; served: \['other'\]"):
+        client.submit("digits", {"pixels": np.zeros(64, np.float32)})
+    with pytest.raises(ModelNotFound):
+        client.submit_many("digits", [{"pixels": np.zeros(64, np.float32)}])
+    assert r.llen(QUEUE) == 0
+
+
+def test_unknown_version_is_refused_at_submit(client: InferenceClient, r: Any) -> None:
+    advertise(r)
+    with pytest.raises(ModelNotFound, match=r"no version 9; versions: \[1, 2\]"):
+        client.submit("digits", {"pixels": np.zeros(64, np.float32)}, version=9)
+    assert r.llen(QUEUE) == 0
+    client.submit("digits", {"pixels": np.zeros(64, np.float32)}, version=2)
+    assert r.llen(QUEUE) == 1
+
+
+def test_new_version_is_seen_after_a_refresh(client: InferenceClient, r: Any) -> None:
+    advertise(r)
+    client.submit("digits", {"pixels": np.zeros(64, np.float32)})  # caches versions [1, 2]
+    advertise(r, versions=[1, 2, 3])
+    client.models()  # an explicit refresh
+    client.submit("digits", {"pixels": np.zeros(64, np.float32)}, version=3)
+    assert r.llen(QUEUE) == 2
+
+
+@pytest.mark.parametrize(
+    ("inputs", "match"),
+    [
+        ({"pixels": np.zeros(64, np.float64)}, "expected float32, got float64"),
+        ({"pixels": [[0.0] * 64]}, "expected float32, got float64"),
+        ({"pixels": np.zeros((2, 63), np.float32)}, "dimension 1 must be 64, got 63"),
+        ({"pixels": np.zeros((0, 64), np.float32)}, "empty batch"),
+        ({"image": np.zeros(64, np.float32)}, r"missing \['pixels'\]"),
+        ({}, "non-empty mapping"),
+    ],
+)
+def test_invalid_input_is_refused_at_submit(
+    client: InferenceClient, r: Any, inputs: dict[str, Any], match: str
+) -> None:
+    advertise(r)
+    with pytest.raises(InvalidInput, match=match):
+        client.submit("digits", inputs)
+    assert r.llen(QUEUE) == 0
+
+
+def test_unsupported_dtype_is_refused_even_without_signatures(client: InferenceClient) -> None:
+    with pytest.raises(InvalidInput, match="not supported"):
+        client.submit("digits", {"pixels": np.zeros(4, np.complex64)})
+    with pytest.raises(InvalidInput, match="not supported"):
+        client.submit("digits", {"pixels": ["a", "b"]})
+
+
+def test_no_validation_without_signatures(client: InferenceClient, r: Any) -> None:
+    handle = client.submit("digits", {"anything": np.zeros(3, np.float64)}, version=7)
+    [delivery] = queued(r)
+    [job] = delivery.jobs
+    assert (job.id, job.version) == (handle.id, 7)
+    arr = contract.decode_tensor(job.inputs["anything"])
+    assert arr.shape == (3,) and arr.dtype == np.float64  # passed on exactly as given
+
+
+def test_validate_false_skips_signatures(make_client: Any, r: Any) -> None:
+    advertise(r, "other")
+    client = make_client(validate=False)
+    client.submit("digits", {"pixels": np.zeros(64, np.float64)})
+    assert r.llen(QUEUE) == 1
+
+
+def test_bad_serializer() -> None:
+    with pytest.raises(ValueError, match="serializer"):
+        InferenceClient(serializer="pickle")
+
+
+def test_urls_from_environment(make_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INFERQ_BROKER_URL", "redis://broker:1/0")
+    monkeypatch.delenv("INFERQ_RESULT_URL", raising=False)
+    client = make_client()
+    assert (client.broker_url, client.result_url) == ("redis://broker:1/0", "redis://broker:1/0")
+    monkeypatch.setenv("INFERQ_RESULT_URL", "redis://results:2/0")
+    client = make_client()
+    assert client.result_url == "redis://results:2/0"
+
+
+# --- models --------------------------------------------------------------------------------------
+
+
+def test_models(client: InferenceClient, r: Any) -> None:
+    advertise(r)
+    advertise(r, "other", versions=[5], max_batch_rows=1)
+    models = client.models()
+    assert sorted(models) == ["digits", "other"]
+    digits = models["digits"]
+    assert digits.versions == [1, 2]
+    assert [s.name for s in digits.inputs] == ["pixels"]
+    assert digits.inputs[0].shape == (-1, 64)
+    assert [s.name for s in digits.outputs] == ["label", "probabilities"]
+    assert digits.max_batch_rows == 64
+    assert models["other"].versions == [5]
+
+
+def test_model_info_reads_what_workers_advertise() -> None:
+    from workers.repository import load_manifest
+
+    manifest = load_manifest(Path(__file__).resolve().parents[2] / "models" / "digits")
+    info = ModelInfo("digits", json.loads(json.dumps(manifest.signature())))
+    assert info.versions == sorted(manifest.versions)
+    assert tuple(info.inputs) == manifest.inputs
+    assert tuple(info.outputs) == manifest.outputs
+    assert info.max_batch_rows == manifest.max_batch_rows
+
+
+# --- reading results ------------------------------------------------------------------------------
+
+
+def test_outcomes_and_results(client: InferenceClient, r: Any) -> None:
+    r.set(contract.result_key("ok"), success("ok", [3, 1]))
+    r.set(contract.result_key("bad"), contract.failure_document(
+        "bad", InvalidInput("input 'pixels': expected float32, got float64")))
+
+    ok, bad = client.outcomes(["ok", "bad"], timeout=1)
+    assert isinstance(ok, JobResult)
+    assert ok.id == "ok"
+    assert isinstance(ok["label"], np.ndarray)
+    assert ok["label"].tolist() == [3, 1]
+    assert ok.outputs["probabilities"].shape == (2, 10)
+    assert (ok.model, ok.version, ok.worker, ok.batch_size) == ("digits", 2, "cpu0@test", 7)
+    assert ok.timings_ms == {"queued": 1.0, "batch_wait": None, "inference": 2.0, "total": 3.0}
+    assert isinstance(bad, JobFailed)
+    assert (bad.job_id, bad.code) == ("bad", "INVALID_ARGUMENT")
+    assert bad.message == "input 'pixels': expected float32, got float64"
+
+    [only] = client.results(["ok"], timeout=1)
+    assert only.outputs["label"].tolist() == [3, 1]
+    with pytest.raises(JobFailed, match="job bad failed: INVALID_ARGUMENT") as info:
+        client.results(["ok", "bad"], timeout=1)
+    assert info.value.code == "INVALID_ARGUMENT"
+    assert JobHandle(client, "ok", "digits").result(timeout=1).id == "ok"
+
+
+def test_outcomes_keep_the_callers_order_and_duplicates(client: InferenceClient, r: Any) -> None:
+    for i in range(5):
+        r.set(contract.result_key(f"j{i}"), success(f"j{i}", [i]))
+    ids = ["j3", "j0", "j4", "j3", "j1", "j2"]
+    got = client.results(ids, timeout=1)
+    assert [res.id for res in got] == ids
+    assert [int(res["label"][0]) for res in got] == [3, 0, 4, 3, 1, 2]
+
+
+def test_plain_celery_failure_is_internal(client: InferenceClient, r: Any) -> None:
+    doc = {"status": "FAILURE", "task_id": "x",
+           "result": {"exc_type": "ZeroDivisionError", "exc_message": ["division by zero"]}}
+    r.set(contract.result_key("x"), json.dumps(doc))
+    [failed] = client.outcomes(["x"], timeout=1)
+    assert isinstance(failed, JobFailed) and failed.code == InternalError.code
+    assert "ZeroDivisionError" in failed.message
+
+
+def test_timeout_when_nothing_arrives(client: InferenceClient, r: Any) -> None:
+    r.set(contract.result_key("done"), success("done", [1]))
+    started = time.monotonic()
+    with pytest.raises(JobTimeout, match=r"1 of 2 jobs have no result after 0.2s"):
+        client.outcomes(["done", "never"], timeout=0.2)
+    assert 0.15 <= time.monotonic() - started < 2.0
+
+
+def test_as_completed_yields_each_job_once(client: InferenceClient, r: Any) -> None:
+    r.set(contract.result_key("a"), success("a", [1]))
+    got: list[str] = []
+    with pytest.raises(JobTimeout, match="1 of 2 jobs"):
+        for job_id, outcome in client.as_completed(["a", "b", "a"], timeout=0.2):
+            assert isinstance(outcome, JobResult) and outcome.id == job_id
+            got.append(job_id)
+    assert got == ["a"]
+
+
+def test_result_written_while_waiting_is_picked_up(client: InferenceClient, r: Any) -> None:
+    def worker() -> None:
+        r.set(contract.result_key("late"), success("late", [9]))
+        r.rpush(contract.NOTIFY_KEY_PREFIX + client.client_id, "late")
+
+    timer = threading.Timer(0.05, worker)
+    timer.start()
+    try:
+        started = time.monotonic()
+        [result] = client.results(["late"], timeout=5)
+        assert time.monotonic() - started < 2.0
+        assert result["label"].tolist() == [9]
+    finally:
+        timer.cancel()
+        timer.join(timeout=5)
+
+
+def test_status(client: InferenceClient, r: Any) -> None:
+    assert client.status("j") is JobStatus.PENDING
+    assert JobHandle(client, "j", "digits").status() is JobStatus.PENDING
+    r.set(contract.result_key("j"), success("j", [1]))
+    assert client.status("j") is JobStatus.SUCCESS
+    r.set(contract.result_key("f"), contract.failure_document("f", InvalidInput("no")))
+    assert client.status("f") is JobStatus.FAILURE
+
+
+def test_separate_result_redis(make_client: Any, r: Any) -> None:
+    client = make_client(broker_url="redis://a:1/0", result_url="redis://b:2/0")
+    assert client._results is not client._broker
+    r.set(contract.result_key("j"), success("j", [1]))
+    assert client.status("j") is JobStatus.SUCCESS
+
+
+# --- Redis down ----------------------------------------------------------------------------------
+
+
+def test_connection_errors_become_unavailable(
+    client: InferenceClient, server: fakeredis.FakeServer
+) -> None:
+    server.connected = False
+    x = {"pixels": np.zeros(64, np.float32)}
+    calls: list[Any] = [
+        lambda: client.submit("digits", x),
+        lambda: client.submit_many("digits", [x, x]),
+        lambda: client.status("j"),
+        lambda: client.outcomes(["j"], timeout=0.1),
+        client.models,
+    ]
+    for call in calls:
+        with pytest.raises(Unavailable, match="Redis did not answer") as info:
+            call()
+        assert info.value.code == "UNAVAILABLE"
+        assert isinstance(info.value.__cause__, redis.exceptions.ConnectionError)
+
+
+def test_timeouts_become_unavailable(client: InferenceClient, monkeypatch: Any) -> None:
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        raise redis.exceptions.TimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(client._results, "get", slow)
+    with pytest.raises(Unavailable):
+        client.status("j")
+
+
+# --- the workers' result store -------------------------------------------------------------
+
+
+def test_result_store_with_nothing_to_store(r: fakeredis.FakeRedis) -> None:
+    from workers.results import ResultStore
+
+    assert ResultStore(r, 60).store([]) == 0
+
+
+@needs_lua
+def test_result_store_first_write_wins(r: fakeredis.FakeRedis) -> None:
+    from workers.results import ResultStore
+
+    store = ResultStore(r, 60)
+    first = success("a", [1])
+    assert store.store([("a", first, None), ("b", success("b", [2]), None)]) == 2
+    assert store.store([("a", success("a", [7]), None)]) == 0
+    assert r.get(contract.result_key("a")) == first
+    assert 0 < r.ttl(contract.result_key("a")) <= 60
+    assert 0 < r.ttl(contract.result_key("b")) <= 60
+
+
+@needs_lua
+def test_result_store_notifies_each_client(r: fakeredis.FakeRedis) -> None:
+    from workers.results import ResultStore
+
+    store = ResultStore(r, 30)
+    docs = [("a", success("a", [1]), "c1"), ("b", success("b", [2]), "c2"),
+            ("c", success("c", [3]), "c1"), ("d", success("d", [4]), None)]
+    assert store.store(docs) == 4
+    assert r.lrange(contract.NOTIFY_KEY_PREFIX + "c1", 0, -1) == [b"a", b"c"]
+    assert r.lrange(contract.NOTIFY_KEY_PREFIX + "c2", 0, -1) == [b"b"]
+    assert 0 < r.ttl(contract.NOTIFY_KEY_PREFIX + "c1") <= 30
+
+
+@needs_lua
+def test_client_reads_what_the_result_store_wrote(
+    client: InferenceClient, r: fakeredis.FakeRedis
+) -> None:
+    from workers.results import ResultStore
+
+    ResultStore(r, 60).store([("j", success("j", [5]), client.client_id)])
+    [result] = client.results(["j"], timeout=1)
+    assert result["label"].tolist() == [5]

@@ -1,0 +1,251 @@
+"""``inferq bench``: direct ONNX Runtime vs naive Celery vs inferq, in one run."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from producer import InferenceClient, contract
+from workers.bench import measure
+from workers.bench.refmodels import write_repository
+from workers.launcher import Supervisor, plan
+from workers.redisproc import RedisServer
+from workers.repository import load_manifest
+from workers.settings import default_model_dir
+
+
+@dataclass(frozen=True)
+class Load:
+    """How many jobs each phase sends for one model."""
+
+    inferq: int
+    naive: int
+    one_at_a_time: int = 200
+
+
+DEFAULT_LOADS = {
+    "mlp": Load(inferq=30_000, naive=3_000),
+    "cnn": Load(inferq=1_500, naive=600),
+    "digits": Load(inferq=30_000, naive=3_000),
+}
+QUICK_LOADS = {
+    "mlp": Load(inferq=3_000, naive=300, one_at_a_time=50),
+    "cnn": Load(inferq=150, naive=60, one_at_a_time=20),
+    "digits": Load(inferq=3_000, naive=300, one_at_a_time=50),
+}
+
+
+class Bar:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label, self.total, self.done, self._last = label, total, 0, 0.0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self._last > 0.2 or self.done >= self.total:
+            self._last = now
+            filled = int(30 * self.done / max(1, self.total))
+            sys.stderr.write(f"\r  {self.label:<28} [{'#' * filled}{'.' * (30 - filled)}] "
+                             f"{self.done}/{self.total}")
+            if self.done >= self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _wait_key(url: str, key: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + timeout
+    while not client.exists(key):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"benchmark worker did not start (exit {proc.poll()})")
+        time.sleep(0.05)
+
+
+@contextmanager
+def inferq_workers(url: str, model_dir: Path, model: str, workers: int,
+                   gpus: Sequence[int] | None, log: Path) -> Iterator[list[int]]:
+    """inferq worker processes serving ``model``; yields their pids."""
+    env = {**os.environ, "INFERQ_BROKER_URL": url, "INFERQ_RESULT_URL": url,
+           "INFERQ_MODEL_DIR": str(model_dir), "INFERQ_MODELS": model,
+           "INFERQ_LOG_FORMAT": "json"}
+    specs = plan(list(gpus) if gpus else None, workers, base_env=env)
+    with open(log, "ab") as out:
+        sup = Supervisor(specs, output=out)
+        sup.start()
+    try:
+        for s in specs:
+            _wait_key(url, contract.WORKER_KEY_PREFIX + s.hostname, sup.procs[s.hostname])
+        yield [p.pid for p in sup.procs.values()]
+    finally:
+        sup.stop()
+
+
+@contextmanager
+def naive_worker(url: str, model_dir: Path, threads: int, log: Path) -> Iterator[int]:
+    """One plain Celery worker (solo pool) for the baseline; yields its pid."""
+    env = {**os.environ, "INFERQ_BROKER_URL": url, "INFERQ_MODEL_DIR": str(model_dir),
+           "INFERQ_INTRA_OP_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""}
+    argv = [sys.executable, "-m", "celery", "-A", "workers.bench.naive", "worker", "-P", "solo",
+            "-Q", "bench.naive", "-n", "naive@bench", "--without-mingle", "--without-gossip",
+            "-l", "WARNING"]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=out, start_new_session=True)
+    try:
+        from celery import Celery
+
+        probe = Celery(broker=url, backend=url)
+        probe.conf.accept_content = ["msgpack", "json"]
+        deadline = time.monotonic() + 120
+        while not probe.control.ping(timeout=0.5):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("naive worker did not start")
+        yield proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    import celery
+    import onnxruntime
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__, "celery": celery.__version__,
+        "command": " ".join(["inferq", "bench", *sys.argv[2:]]),
+    }
+
+
+def bench_model(name: str, model_dir: Path, url: str, redis_pid: int, load: Load,
+                workers: int, gpus: Sequence[int] | None, logs: Path,
+                say: Callable[[str], None]) -> dict[str, Any]:
+    """Every figure for one model."""
+    manifest = load_manifest(model_dir / name)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    inputs = measure.make_inputs(manifest, 256)
+    say(f"{name}: direct ONNX Runtime ({threads} threads)")
+    direct = measure.direct(manifest, threads)
+    out: dict[str, Any] = {
+        "direct_jobs_per_s_by_batch": {str(k): round(v, 1) for k, v in direct.items()},
+        "direct_best_jobs_per_s": round(max(direct.values()), 1),
+    }
+    from celery import Celery
+
+    app = Celery(broker=url, backend=url)
+    app.conf.update(task_serializer="msgpack", result_serializer="json",
+                    accept_content=["msgpack", "json"])
+    with naive_worker(url, model_dir, threads, logs / "naive.log") as pid:
+        measure.naive_one_at_a_time(app, name, inputs, 20)  # warm
+        meter = measure.CpuMeter({"redis": redis_pid, "worker": pid})
+        naive = measure.naive_saturation(app, name, inputs, load.naive, meter,
+                                         Bar(f"{name} naive Celery", load.naive))
+        naive_low = measure.naive_one_at_a_time(app, name, inputs, load.one_at_a_time)
+    with inferq_workers(url, model_dir, name, workers, gpus, logs / "inferq.log") as pids, \
+            InferenceClient(url) as client:
+        client.results([h.id for h in client.submit_many(name, inputs)], timeout=120)  # warm
+        meter = measure.CpuMeter({"redis": redis_pid,
+                                  **{f"worker{i}": p for i, p in enumerate(pids)}})
+        fast = measure.inferq_saturation(client, name, inputs, load.inferq, meter,
+                                         Bar(f"{name} inferq", load.inferq))
+        fast_low = measure.inferq_one_at_a_time(client, name, inputs, load.one_at_a_time)
+    low, naive_low_p = measure.percentiles(fast_low), measure.percentiles(naive_low)
+    out.update({
+        "naive_jobs_per_s": round(naive.jobs_per_s, 1),
+        "inferq_jobs_per_s": round(fast.jobs_per_s, 1),
+        "inferq_low_load_p50_ms": low["p50"],
+        "inferq_low_load_p95_ms": low["p95"],
+        "inferq_low_load_p99_ms": low["p99"],
+        "naive_low_load_p50_ms": naive_low_p["p50"],
+        "naive_low_load_p99_ms": naive_low_p["p99"],
+        "inferq_sat_p50_ms": fast.summary()["latency_ms"]["p50"],
+        "inferq_sat_p95_ms": fast.summary()["latency_ms"]["p95"],
+        "inferq_sat_p99_ms": fast.summary()["latency_ms"]["p99"],
+        "mean_batch_rows": fast.summary()["mean_batch_rows"],
+        "ratio_inferq_naive": round(fast.jobs_per_s / naive.jobs_per_s, 2),
+        "ratio_inferq_direct_best": round(fast.jobs_per_s / max(direct.values()), 3),
+        "inferq": fast.summary(),
+        "naive": naive.summary(),
+    })
+    return out
+
+
+def run(models: Sequence[str], *, workers: int = 1, gpus: Sequence[int] | None = None,
+        quick: bool = False, json_path: Path | None = None, plot_path: Path | None = None,
+        sweep: bool = False, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the benchmark on a private Redis and return (and optionally write) the figures."""
+    loads = QUICK_LOADS if quick else DEFAULT_LOADS
+    with tempfile.TemporaryDirectory(prefix="inferq-bench-") as tmp:
+        root = write_repository(Path(tmp) / "models", default_model_dir() / "digits")
+        logs = Path(tmp)
+        report: dict[str, Any] = {"machine": machine()}
+        with RedisServer(appendonly=True) as server:
+            assert server.pid is not None
+            for name in models:
+                report[name] = bench_model(name, root, server.url, server.pid, loads[name],
+                                           workers, gpus, logs, say)
+                say(format_row(name, report[name]))
+            if sweep or plot_path:
+                from workers.bench.sweep import sweep as run_sweep
+
+                report["sweep"] = run_sweep(server.url, root, "mlp", workers, gpus, logs,
+                                            report.get("mlp", {}).get("inferq_jobs_per_s"), say)
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2))
+    if plot_path and "sweep" in report:
+        from workers.bench.sweep import plot
+
+        plot(report, plot_path)
+    say(format_table(report, models))
+    return report
+
+
+def format_row(name: str, r: dict[str, Any]) -> str:
+    return (f"  {name}: inferq {r['inferq_jobs_per_s']:,.0f} jobs/s, naive "
+            f"{r['naive_jobs_per_s']:,.0f}, direct best {r['direct_best_jobs_per_s']:,.0f}")
+
+
+def format_table(report: dict[str, Any], models: Sequence[str]) -> str:
+    """The Markdown table the README shows."""
+    head = ("| model | direct best jobs/s | naive Celery jobs/s | inferq jobs/s | "
+            "inferq / naive | inferq / direct | mean batch rows | inferq p50 / p99 one at a "
+            "time (ms) | naive p50 one at a time (ms) | inferq p99 saturated (ms) | "
+            "CPU ms/job inferq (producer / redis / worker) | CPU ms/job naive |")
+    lines = [head, "|" + "---|" * 12]
+    for name in models:
+        r = report[name]
+        fc, nc = r["inferq"]["cpu_ms_per_job"], r["naive"]["cpu_ms_per_job"]
+        wk = sum(v for k, v in fc.items() if k.startswith("worker"))
+        lines.append(
+            f"| {name} | {r['direct_best_jobs_per_s']:,.0f} | {r['naive_jobs_per_s']:,.0f} | "
+            f"{r['inferq_jobs_per_s']:,.0f} | {r['ratio_inferq_naive']:.1f}x | "
+            f"{r['ratio_inferq_direct_best']:.0%} | {r['mean_batch_rows']:.1f} | "
+            f"{r['inferq_low_load_p50_ms']:.2f} / {r['inferq_low_load_p99_ms']:.2f} | "
+            f"{r['naive_low_load_p50_ms']:.2f} | {r['inferq_sat_p99_ms']:,.0f} | "
+            f"{fc['producer']:.3f} / {fc['redis']:.3f} / {wk:.3f} | "
+            f"{nc['producer']:.3f} / {nc['redis']:.3f} / {nc['worker']:.3f} |")
+    return "\n".join(lines)
