@@ -32,6 +32,9 @@ __all__ = ["DEFAULT_URL", "InferenceClient", "ModelInfo"]
 DEFAULT_URL = "redis://localhost:6379/0"
 #: Jobs per bulk message in submit_many: enough to amortise a message, small enough to batch.
 DEFAULT_JOBS_PER_MESSAGE = 32
+#: Tensors at least this large travel by reference: raw bytes in their own key, not
+#: base64 inside the message (which kombu's transport would then copy into ``unacked``).
+DEFAULT_BLOB_THRESHOLD = 16 * 1024
 #: How often a waiting caller re-reads every pending key, in case a notification was missed.
 _FULL_RECHECK_S = 0.1
 _MGET_CHUNK = 1000
@@ -77,6 +80,8 @@ class InferenceClient:
         serializer: str = "msgpack",
         socket_timeout: float = 5.0,
         validate: bool = True,
+        blob_threshold: int = DEFAULT_BLOB_THRESHOLD,
+        blob_ttl: int = 86_400,
     ) -> None:
         if serializer not in contract.CONTENT_TYPES:
             raise ValueError(f"serializer must be one of {sorted(contract.CONTENT_TYPES)}")
@@ -84,6 +89,8 @@ class InferenceClient:
         self.result_url = result_url or os.environ.get("INFERQ_RESULT_URL") or self.broker_url
         self.serializer = serializer
         self.validate = validate
+        self.blob_threshold = blob_threshold
+        self.blob_ttl = blob_ttl
         self.client_id = uuid.uuid4().hex
         self._notify_key = contract.NOTIFY_KEY_PREFIX + self.client_id
         self._broker = _redis(self.broker_url, socket_timeout)
@@ -139,7 +146,8 @@ class InferenceClient:
     # --- submitting ------------------------------------------------------------------
 
     def _prepare(
-        self, model: str, inputs: Mapping[str, Any], version: int | None
+        self, model: str, inputs: Mapping[str, Any], version: int | None, job_id: str,
+        blobs: dict[str, bytes],
     ) -> dict[str, contract.Tensor]:
         if not isinstance(inputs, Mapping) or not inputs:
             raise InvalidInput("inputs must be a non-empty mapping of input name to array")
@@ -153,7 +161,23 @@ class InferenceClient:
                     arrays[spec.name] = arr[np.newaxis]
             contract.check_inputs(info.inputs, arrays)
         text = self.serializer == "json"
-        return {name: contract.encode_tensor(arr, text=text) for name, arr in arrays.items()}
+        tensors = {}
+        for name, arr in arrays.items():
+            if arr.nbytes >= self.blob_threshold:
+                key = contract.blob_key(job_id, name)
+                blobs[key] = contract.tensor_bytes(arr)
+                tensors[name] = contract.tensor_ref(arr, key)
+            else:
+                tensors[name] = contract.encode_tensor(arr, text=text)
+        return tensors
+
+    def _push(self, queue: str, messages: list[bytes], blobs: dict[str, bytes]) -> None:
+        """Blobs first, then the messages that name them, in one round trip."""
+        pipe = self._broker.pipeline(transaction=False)
+        for key, data in blobs.items():
+            pipe.set(key, data, ex=self.blob_ttl)
+        pipe.lpush(queue, *messages)
+        self._call(pipe.execute)
 
     def _headers(self) -> dict[str, Any]:
         return {contract.HEADER_ENQUEUED_AT: contract.now(), contract.HEADER_NOTIFY: self.client_id}
@@ -171,8 +195,9 @@ class InferenceClient:
         ``inputs`` maps input names to arrays (or nested lists). ``deadline`` is in seconds
         from now; a job still queued past it fails with DEADLINE_EXCEEDED.
         """
-        tensors = self._prepare(model, inputs, version)
         job_id = str(uuid.uuid4())
+        blobs: dict[str, bytes] = {}
+        tensors = self._prepare(model, inputs, version, job_id, blobs)
         message = contract.build_message(
             task=contract.TASK_NAME,
             task_id=job_id,
@@ -185,7 +210,10 @@ class InferenceClient:
             expires=self._expires(deadline),
             argsrepr=f"({model!r}, <{len(tensors)} tensors>)",
         )
-        self._call(self._broker.lpush, contract.queue_name(model), message)
+        if blobs:
+            self._push(contract.queue_name(model), [message], blobs)
+        else:
+            self._call(self._broker.lpush, contract.queue_name(model), message)
         return JobHandle(self, job_id, model)
 
     def submit_many(
@@ -198,11 +226,16 @@ class InferenceClient:
         jobs_per_message: int = DEFAULT_JOBS_PER_MESSAGE,
     ) -> list[JobHandle]:
         """Enqueue many jobs in one pipelined round trip; each job keeps its own ID."""
-        prepared = [self._prepare(model, item, version) for item in inputs]
-        ids = [str(uuid.uuid4()) for _ in prepared]
+        items = list(inputs)
+        ids = [str(uuid.uuid4()) for _ in items]
+        blobs: dict[str, bytes] = {}
+        prepared = [
+            self._prepare(model, item, version, job_id, blobs)
+            for job_id, item in zip(ids, items, strict=True)
+        ]
         queue = contract.queue_name(model)
         expires = self._expires(deadline)
-        pipe = self._broker.pipeline(transaction=False)
+        messages = []
         for start in range(0, len(prepared), jobs_per_message):
             chunk_ids = ids[start : start + jobs_per_message]
             entries = [
@@ -211,8 +244,7 @@ class InferenceClient:
             ]
             headers = self._headers()
             headers[contract.HEADER_JOB_IDS] = chunk_ids
-            pipe.lpush(
-                queue,
+            messages.append(
                 contract.build_message(
                     task=contract.BULK_TASK_NAME,
                     task_id=str(uuid.uuid4()),
@@ -224,9 +256,10 @@ class InferenceClient:
                     reply_to=self.client_id,
                     expires=expires,
                     argsrepr=f"({model!r}, <{len(entries)} jobs>)",
-                ),
+                )
             )
-        self._call(pipe.execute)
+        if messages:
+            self._push(queue, messages, blobs)
         return [JobHandle(self, i, model) for i in ids]
 
     @staticmethod

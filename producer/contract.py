@@ -35,6 +35,8 @@ MODELS_KEY = "inferq:models"
 WORKER_KEY_PREFIX = "inferq:worker:"
 #: List a worker pushes finished job IDs to, so an inferq producer waits without polling.
 NOTIFY_KEY_PREFIX = "inferq:notify:"
+#: Prefix of the Redis keys holding large tensors sent by reference (``{"ref": key}``).
+BLOB_KEY_PREFIX = "inferq:blob:"
 #: Header stamps set by inferq producers (optional for other clients).
 HEADER_ENQUEUED_AT = "inferq_enqueued_at"
 HEADER_NOTIFY = "inferq_notify"
@@ -61,6 +63,22 @@ def result_key(job_id: str) -> str:
     return RESULT_KEY_PREFIX + job_id
 
 
+def blob_key(job_id: str, input_name: str) -> str:
+    """Redis key of a tensor's raw bytes when a job sends it by reference."""
+    return f"{BLOB_KEY_PREFIX}{job_id}:{input_name}"
+
+
+def tensor_ref(array: np.ndarray[Any, Any], key: str) -> Tensor:
+    """A tensor sent by reference: dtype and shape inline, the raw bytes under ``key``."""
+    return {"dtype": array.dtype.name, "shape": list(array.shape), "ref": key}
+
+
+def tensor_bytes(array: np.ndarray[Any, Any]) -> bytes:
+    """The raw little-endian bytes the contract carries for ``array``."""
+    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    return np.ascontiguousarray(little).tobytes()
+
+
 # --- tensors -------------------------------------------------------------------------
 
 
@@ -68,8 +86,7 @@ def encode_tensor(array: np.ndarray[Any, Any], *, text: bool = False) -> Tensor:
     """Encode an array as ``{"dtype", "shape", "data"}``; ``text`` base64-encodes ``data``."""
     if array.dtype.name not in DTYPES:
         raise InvalidInput(f"dtype {array.dtype} is not supported; use one of {sorted(DTYPES)}")
-    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
-    data = np.ascontiguousarray(little).tobytes()
+    data = tensor_bytes(array)
     return {
         "dtype": array.dtype.name,
         "shape": list(array.shape),

@@ -76,10 +76,12 @@ class QueueReader:
         )
         return [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
 
-    def ack(self, tags: list[str]) -> None:
-        """Forget delivered messages whose jobs all have results."""
+    def ack(self, tags: list[str], blobs: list[str] | None = None) -> None:
+        """Forget delivered messages whose jobs all have results, and their blobs."""
         if tags:
             pipe = self.client.pipeline(transaction=False)
             pipe.zrem(UNACKED_INDEX, *tags)
             pipe.hdel(UNACKED, *tags)
+            if blobs:
+                pipe.unlink(*blobs)
             pipe.execute()

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import redis
@@ -42,6 +43,7 @@ class _Message:
     tag: str
     notify: str | None
     open_jobs: int
+    blobs: list[str]
 
 
 @dataclass
@@ -124,19 +126,40 @@ class ModelServer:
         want = min(_MAX_DRAIN, max(1, int(room / self._rows_per_message)))
         drained = self.reader.drain(want)
         picked_at = time.time()
+        parsed = []
         for tag, raw in drained:
-            self._accept(tag, raw, picked_at)
+            try:
+                parsed.append((tag, contract.parse_message(raw, self.reader.queue)))
+            except (InvalidInput, ValueError) as exc:
+                # Without a job ID there is nobody to report to: drop it loudly.
+                self.log.error("message_dropped", reason=str(exc),
+                               head=raw[:200].decode("latin-1"))
+                self.reader.ack([tag])
+        blobs = self._fetch_blobs([d for _, d in parsed])
+        for tag, delivery in parsed:
+            self._accept(tag, delivery, picked_at, blobs)
         return len(drained) < want
 
-    def _accept(self, tag: str, raw: bytes, picked_at: float) -> None:
-        try:
-            delivery = contract.parse_message(raw, self.reader.queue)
-        except (InvalidInput, ValueError) as exc:
-            # Without a job ID there is nobody to report to: drop it loudly.
-            self.log.error("message_dropped", reason=str(exc), head=raw[:200].decode("latin-1"))
-            self.reader.ack([tag])
-            return
-        message = _Message(tag, delivery.notify, len(delivery.jobs) + len(delivery.failed))
+    def _fetch_blobs(self, deliveries: list[Delivery]) -> dict[str, bytes | None]:
+        """Every by-reference tensor of these messages, in one round trip."""
+        keys = [
+            t["ref"] for d in deliveries for job in d.jobs
+            if isinstance(job.inputs, Mapping)
+            for t in job.inputs.values()
+            if isinstance(t, Mapping) and isinstance(t.get("ref"), str)
+            and t["ref"].startswith(contract.BLOB_KEY_PREFIX)
+        ]
+        if not keys:
+            return {}
+        values: list[Any] = self.reader.client.mget(keys)
+        return dict(zip(keys, values, strict=True))
+
+    def _accept(
+        self, tag: str, delivery: Delivery, picked_at: float, blobs: dict[str, bytes | None]
+    ) -> None:
+        message = _Message(tag, delivery.notify, len(delivery.jobs) + len(delivery.failed),
+                           [k for k in blobs if any(k.startswith(contract.blob_key(j.id, ""))
+                                                    for j in delivery.jobs)])
         self._touched.append(message)
         rows = 0
         for job_id, error in delivery.failed:
@@ -144,7 +167,7 @@ class ModelServer:
         for job in delivery.jobs:
             self.events.received(job.id, self.name, retries=int(delivery.redelivered))
             try:
-                pending = self._check(job, message, picked_at, delivery)
+                pending = self._check(job, message, picked_at, delivery, blobs)
             except InferqError as exc:
                 self._fail(job.id, exc, message)
                 continue
@@ -154,7 +177,8 @@ class ModelServer:
             self._rows_per_message = 0.8 * self._rows_per_message + 0.2 * max(1, rows)
 
     def _check(
-        self, job: JobRequest, message: _Message, picked_at: float, delivery: Delivery
+        self, job: JobRequest, message: _Message, picked_at: float, delivery: Delivery,
+        blobs: dict[str, bytes | None],
     ) -> _Pending:
         if job.model != self.name:
             raise ModelNotFound(f"job for model {job.model!r} arrived on {delivery.queue!r}")
@@ -172,6 +196,8 @@ class ModelServer:
             raise InvalidInput("inputs must map input names to tensors")
         arrays: Arrays = {}
         for name, tensor in job.inputs.items():
+            if isinstance(tensor, Mapping) and "ref" in tensor:
+                tensor = self._resolve(tensor, str(name), blobs)
             arr = contract.decode_tensor(tensor, f"input {name!r}")
             if arr.nbytes > self.max_tensor_bytes:
                 raise InvalidInput(
@@ -180,6 +206,20 @@ class ModelServer:
             arrays[str(name)] = arr
         rows = contract.check_inputs(self.inputs, arrays)
         return _Pending(job, arrays, rows, message, picked_at)
+
+    @staticmethod
+    def _resolve(
+        tensor: Mapping[str, Any], name: str, blobs: dict[str, bytes | None]
+    ) -> dict[str, Any]:
+        ref = tensor.get("ref")
+        if not isinstance(ref, str) or not ref.startswith(contract.BLOB_KEY_PREFIX):
+            # Only blob keys: a reference must never read (and later delete) another key.
+            raise InvalidInput(f"input {name!r}: ref must be a key under "
+                               f"{contract.BLOB_KEY_PREFIX!r}")
+        data = blobs.get(ref)
+        if data is None:
+            raise InvalidInput(f"input {name!r}: no data under {ref!r} (expired or never sent)")
+        return {"dtype": tensor.get("dtype"), "shape": tensor.get("shape"), "data": data}
 
     # --- run -------------------------------------------------------------------------
 
@@ -267,7 +307,7 @@ class ModelServer:
             self._docs, self._outcomes = [], {}
         done = [m for m in self._touched if m.open_jobs <= 0]
         if done:
-            self.reader.ack([m.tag for m in done])
+            self.reader.ack([m.tag for m in done], [b for m in done for b in m.blobs])
             self._touched = [m for m in self._touched if m.open_jobs > 0]
 
 

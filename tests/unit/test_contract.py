@@ -177,6 +177,7 @@ GOOD = {"dtype": "float32", "shape": [2, 2], "data": bytes(16)}
         ({"shape": [0, 2]}, r"needs 0 bytes, got 16"),
         ({"data": "not base64!!"}, "not valid base64"),
         ({"data": "AAA"}, "not valid base64"),
+        ({"data": "AAAAAAAA AAAAAAAA*AAAAAA=="}, "not valid base64"),  # no lenient decode
         ({"data": {"__type__": "base64", "__value__": "%%%%"}}, "not valid base64"),
         ({"data": 123}, "'data' must be bytes"),
         ({"data": None}, "'data' must be bytes"),

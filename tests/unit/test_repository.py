@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -332,3 +333,31 @@ def test_cuda_session_never_falls_back_to_cpu(digits: repository.Manifest) -> No
     data = repository.verify_file(digits.versions[digits.latest])
     with pytest.raises(runtime.DeviceUnavailable, match="onnxruntime-gpu"):
         runtime.create_session(data, "cuda", 1)
+
+
+def test_cuda_session_that_lands_on_the_cpu_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime-gpu without working CUDA/cuDNN falls back to the CPU silently: refuse it."""
+    made: list[Any] = []
+
+    class FakeSession:
+        def __init__(self, model: bytes, options: Any, providers: list[Any]) -> None:
+            made.append(providers)
+
+        def get_providers(self) -> list[str]:
+            return ["CPUExecutionProvider"]
+
+    class FakeOptions:
+        def add_session_config_entry(self, key: str, value: str) -> None:
+            pass
+
+    fake_ort = SimpleNamespace(
+        SessionOptions=FakeOptions,
+        InferenceSession=FakeSession,
+        get_available_providers=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
+    monkeypatch.setattr(runtime, "_ort", lambda: fake_ort)
+    with pytest.raises(runtime.DeviceUnavailable, match="running on CPUExecutionProvider"):
+        runtime.create_session(b"model", "cuda", 1)
+    assert made and made[0][0][0] == "CUDAExecutionProvider"
+    # The same fake on "cpu" is fine.
+    runtime.create_session(b"model", "cpu", 1)

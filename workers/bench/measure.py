@@ -41,7 +41,9 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
     return {f"p{q}": round(float(np.percentile(arr, q)), 3) for q in (50, 95, 99)}
 
 
-def make_inputs(manifest: Manifest, count: int, seed: int = 0) -> list[dict[str, np.ndarray[Any, Any]]]:
+def make_inputs(
+    manifest: Manifest, count: int, seed: int = 0
+) -> list[dict[str, np.ndarray[Any, Any]]]:
     """``count`` distinct one-row jobs for ``manifest`` (values 0-16, like raw pixels)."""
     rng = np.random.default_rng(seed)
     return [

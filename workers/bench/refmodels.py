@@ -9,6 +9,7 @@ Both use opset 17 and IR version 8, with a dynamic batch axis.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import shutil
 from pathlib import Path
 from typing import Any
@@ -44,10 +45,11 @@ def build_mlp(seed: int = 0) -> bytes:
     h, rng = onnx.helper, np.random.default_rng(seed)
     sizes = [256, 1024, 1024, 10]
     nodes, inits, prev = [], [], "x"
-    for i, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:], strict=False)):
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
         w = (rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
         b = np.zeros(fan_out, dtype=np.float32)
-        inits += [onnx.numpy_helper.from_array(w, f"w{i}"), onnx.numpy_helper.from_array(b, f"b{i}")]
+        inits += [onnx.numpy_helper.from_array(w, f"w{i}"),
+                  onnx.numpy_helper.from_array(b, f"b{i}")]
         out = "logits" if i == len(sizes) - 2 else f"g{i}"
         nodes.append(h.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [out]))
         if out != "logits":
@@ -68,7 +70,7 @@ def build_cnn(seed: int = 0) -> bytes:
     onnx = _onnx()
     h, rng = onnx.helper, np.random.default_rng(seed)
     nodes, inits, prev = [], [], "image"
-    for i, (cin, cout) in enumerate(zip(CNN_CHANNELS, CNN_CHANNELS[1:], strict=False)):
+    for i, (cin, cout) in enumerate(itertools.pairwise(CNN_CHANNELS)):
         w = (rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(cin * 9)).astype(np.float32)
         inits += [onnx.numpy_helper.from_array(w, f"cw{i}"),
                   onnx.numpy_helper.from_array(np.zeros(cout, np.float32), f"cb{i}")]
