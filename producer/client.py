@@ -151,8 +151,13 @@ class InferenceClient:
     ) -> dict[str, contract.Tensor]:
         if not isinstance(inputs, Mapping) or not inputs:
             raise InvalidInput("inputs must be a non-empty mapping of input name to array")
-        arrays = {name: _as_array(v) for name, v in inputs.items()}
         info = self._model_info(model, version) if self.validate else None
+        dtypes = {s.name: s.dtype for s in info.inputs} if info is not None else {}
+        # Plain lists carry no dtype: take the model's rather than numpy's float64 default.
+        arrays = {
+            name: _as_array(v if isinstance(v, np.ndarray) else np.asarray(v, dtypes.get(name)))
+            for name, v in inputs.items()
+        }
         if info is not None:
             for spec in info.inputs:
                 arr = arrays.get(spec.name)
@@ -275,7 +280,9 @@ class InferenceClient:
         raw = self._call(self._results.get, contract.result_key(job_id))
         if raw is None:
             return JobStatus.PENDING
-        return JobStatus(json.loads(raw).get("status", "PENDING"))
+        state = json.loads(raw).get("status")
+        # Other Celery states (STARTED, RETRY, ...) are not terminal: still pending.
+        return JobStatus(state) if state in ("SUCCESS", "FAILURE") else JobStatus.PENDING
 
     def results(self, job_ids: Sequence[str], timeout: float = 60.0) -> list[JobResult]:
         """Wait for every job; return results in order, raising the first JobFailed."""

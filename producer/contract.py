@@ -37,6 +37,8 @@ WORKER_KEY_PREFIX = "inferq:worker:"
 NOTIFY_KEY_PREFIX = "inferq:notify:"
 #: Prefix of the Redis keys holding large tensors sent by reference (``{"ref": key}``).
 BLOB_KEY_PREFIX = "inferq:blob:"
+#: List holding messages so malformed that no job ID could be read from them.
+DEAD_LETTER_KEY = "inferq:dead"
 #: Header stamps set by inferq producers (optional for other clients).
 HEADER_ENQUEUED_AT = "inferq_enqueued_at"
 HEADER_NOTIFY = "inferq_notify"
@@ -49,6 +51,8 @@ DTYPES = frozenset(
      "float16", "float32", "float64"]
 )
 MAX_RANK = 8
+#: Largest single dimension accepted; anything bigger cannot be a real tensor.
+MAX_DIM = 2**31
 
 Tensor = dict[str, Any]
 
@@ -106,7 +110,7 @@ def _tensor_bytes(data: Any) -> bytes:
             return str(data["__value__"]).encode("utf-8")
         if data.get("__type__") == "base64":
             return base64.b64decode(data["__value__"], validate=True)
-    raise InvalidInput("tensor 'data' must be bytes or a base64 string")
+    raise InvalidInput("data must be bytes or a base64 string")
 
 
 def decode_tensor(obj: Any, name: str = "tensor") -> np.ndarray[Any, Any]:
@@ -119,20 +123,29 @@ def decode_tensor(obj: Any, name: str = "tensor") -> np.ndarray[Any, Any]:
     if (
         not isinstance(shape, (list, tuple))
         or len(shape) > MAX_RANK
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape
+        )
     ):
-        raise InvalidInput(f"{name}: shape must be a list of at most {MAX_RANK} ints >= 0")
+        raise InvalidInput(
+            f"{name}: shape must be a list of at most {MAX_RANK} ints in [0, {MAX_DIM}]"
+        )
     try:
         data = _tensor_bytes(obj.get("data"))
     except ValueError as exc:
         raise InvalidInput(f"{name}: data is not valid base64") from exc
+    except InvalidInput as exc:
+        raise InvalidInput(f"{name}: {exc.message}") from None
     np_dtype = np.dtype(dtype).newbyteorder("<")
     expected = math.prod(shape) * np_dtype.itemsize
     if len(data) != expected:
         raise InvalidInput(
             f"{name}: shape {list(shape)} of {dtype} needs {expected} bytes, got {len(data)}"
         )
-    return np.frombuffer(data, dtype=np_dtype).reshape(shape)
+    try:
+        return np.frombuffer(data, dtype=np_dtype).reshape(shape)
+    except ValueError as exc:
+        raise InvalidInput(f"{name}: shape {list(shape)} is not usable: {exc}") from None
 
 
 # --- signatures ------------------------------------------------------------------------
@@ -151,7 +164,12 @@ class TensorSpec:
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> TensorSpec:
-        return cls(str(obj["name"]), str(obj["dtype"]), tuple(int(d) for d in obj["shape"]))
+        shape = obj["shape"]
+        if not isinstance(shape, (list, tuple)) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in shape
+        ):
+            raise ValueError(f"shape must be a list of integers, got {shape!r}")
+        return cls(str(obj["name"]), str(obj["dtype"]), tuple(shape))
 
 
 def check_inputs(
@@ -309,16 +327,24 @@ def parse_message(raw: bytes | str, queue: str) -> Delivery:
 
     Raises :class:`InvalidInput` only when not even a job ID can be recovered.
     """
-    envelope = json.loads(raw)
+    try:
+        envelope = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidInput(f"message is not a JSON envelope: {exc}") from None
+    if not isinstance(envelope, dict):
+        raise InvalidInput("message envelope must be a JSON object")
     headers = envelope.get("headers") or {}
     props = envelope.get("properties") or {}
+    if not isinstance(headers, dict) or not isinstance(props, dict):
+        raise InvalidInput("message headers and properties must be objects")
     task, msg_id = headers.get("task"), headers.get("id")
     ids = headers.get(HEADER_JOB_IDS) if task == BULK_TASK_NAME else [msg_id]
     if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids):
         raise InvalidInput("message carries no usable job id")
+    notify = headers.get(HEADER_NOTIFY)
     delivery = Delivery(
         queue=queue,
-        notify=headers.get(HEADER_NOTIFY),
+        notify=notify if isinstance(notify, str) and notify else None,
         redelivered=bool(headers.get("redelivered") or props.get("redelivered")),
     )
     enqueued = headers.get(HEADER_ENQUEUED_AT)
@@ -337,7 +363,7 @@ def parse_message(raw: bytes | str, queue: str) -> Delivery:
         args, kwargs = decoded[0], decoded[1] or {}
         if not isinstance(args, (list, tuple)) or len(args) != 2 or not isinstance(kwargs, dict):
             raise InvalidInput("args must be [model, inputs] and kwargs a mapping")
-    except (InvalidInput, ValueError, TypeError, msgpack.UnpackException) as exc:
+    except (InvalidInput, ValueError, TypeError, RecursionError, msgpack.UnpackException) as exc:
         err = exc if isinstance(exc, InvalidInput) else InvalidInput(f"undecodable message: {exc}")
         delivery.failed = [(i, err) for i in ids]
         return delivery

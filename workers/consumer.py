@@ -16,6 +16,8 @@ from typing import Any
 
 import redis
 
+from producer.contract import DEAD_LETTER_KEY
+
 UNACKED = "unacked"
 UNACKED_INDEX = "unacked_index"
 #: kombu's priority sub-queues (steps 3, 6, 9); priority 0 is the plain list.
@@ -75,6 +77,15 @@ class QueueReader:
             keys=self._keys, args=[max(1, max_messages), time.time(), prefix, self.queue]
         )
         return [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
+
+    def dead_letter(self, tag: str, raw: bytes, keep: int = 10_000) -> None:
+        """Move an unreadable message to the dead-letter list (newest ``keep`` kept)."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.lpush(DEAD_LETTER_KEY, raw)
+        pipe.ltrim(DEAD_LETTER_KEY, 0, keep - 1)
+        pipe.zrem(UNACKED_INDEX, tag)
+        pipe.hdel(UNACKED, tag)
+        pipe.execute()
 
     def ack(self, tags: list[str], blobs: list[str] | None = None) -> None:
         """Forget delivered messages whose jobs all have results, and their blobs."""

@@ -7,6 +7,7 @@ only inside the process that uses it, and a stable Celery hostname ``gpu<i>@<hos
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -46,7 +47,8 @@ def detect_gpus() -> list[int]:
         out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10, check=True)
     except (subprocess.SubprocessError, OSError):
         return []
-    return [i for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
+    # "GPU <n>: <name> (UUID: ...)"; MIG devices are indented lines under their GPU.
+    return [int(m.group(1)) for m in re.finditer(r"^GPU (\d+):", out.stdout, re.MULTILINE)]
 
 
 def parse_gpus(arg: str, available: Sequence[int]) -> list[int]:

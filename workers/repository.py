@@ -108,9 +108,9 @@ def load_manifest(folder: Path) -> Manifest:
     if not versions:
         raise ManifestError(f"{path}: no [versions.N] entries")
     max_rows, max_wait = doc.get("max_batch_rows", 1), doc.get("max_wait_ms", 0.0)
-    if not isinstance(max_rows, int) or max_rows < 1:
+    if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
         raise ManifestError(f"{path}: max_batch_rows must be an integer >= 1")
-    if not isinstance(max_wait, (int, float)) or max_wait < 0:
+    if not isinstance(max_wait, (int, float)) or isinstance(max_wait, bool) or max_wait < 0:
         raise ManifestError(f"{path}: max_wait_ms must be >= 0")
     manifest = Manifest(
         name=name,
@@ -188,3 +188,10 @@ def check_graph(
                     f"{len(shape)} in the graph, {spec.dtype} rank {len(spec.shape)} in the "
                     "manifest"
                 )
+            for axis, (fixed, got) in enumerate(zip(spec.shape, shape, strict=True)):
+                # The graph names free axes ("N") or leaves them None; fixed ones are ints.
+                if fixed != -1 and isinstance(got, int) and got != fixed:
+                    raise ManifestError(
+                        f"{manifest.name} v{version}: {kind} '{spec.name}' dimension {axis} is "
+                        f"{got} in the graph, {fixed} in the manifest"
+                    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import Mapping
@@ -51,6 +52,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
             raise SettingsError(f"INFERQ_DEVICE must be cpu or cuda, got {self.device!r}")
+        if self.intra_op_threads < 0:
+            raise SettingsError("INFERQ_INTRA_OP_THREADS must be >= 0 (0: ONNX Runtime decides)")
         if self.result_ttl_s <= 0:
             raise SettingsError("INFERQ_RESULT_TTL must be > 0 seconds")
         if self.visibility_timeout_s <= 0 or self.restore_interval_s <= 0:
@@ -69,9 +72,12 @@ class Settings:
         def num(name: str, default: float) -> float:
             raw = env.get(name)
             try:
-                return float(raw) if raw not in (None, "") else default
+                value = float(raw) if raw not in (None, "") else default
             except ValueError:
                 raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+            if not math.isfinite(value):
+                raise SettingsError(f"{name} must be a finite number, got {raw!r}")
+            return value
 
         base = cls()
         broker = env.get("INFERQ_BROKER_URL") or DEFAULT_URL
@@ -80,7 +86,7 @@ class Settings:
             result_url=env.get("INFERQ_RESULT_URL") or broker,
             model_dir=Path(env["INFERQ_MODEL_DIR"]) if env.get("INFERQ_MODEL_DIR")
             else base.model_dir,
-            models=tuple(m for m in env.get("INFERQ_MODELS", "").split(",") if m.strip()),
+            models=tuple(m.strip() for m in env.get("INFERQ_MODELS", "").split(",") if m.strip()),
             device=env.get("INFERQ_DEVICE", "cpu"),
             intra_op_threads=int(num("INFERQ_INTRA_OP_THREADS", 0)),
             result_ttl_s=int(num("INFERQ_RESULT_TTL", base.result_ttl_s)),

@@ -130,11 +130,11 @@ class ModelServer:
         for tag, raw in drained:
             try:
                 parsed.append((tag, contract.parse_message(raw, self.reader.queue)))
-            except (InvalidInput, ValueError) as exc:
-                # Without a job ID there is nobody to report to: drop it loudly.
-                self.log.error("message_dropped", reason=str(exc),
+            except Exception as exc:
+                # Without a job ID there is nobody to report to: keep it for people to read.
+                self.log.error("message_dead_lettered", reason=str(exc),
                                head=raw[:200].decode("latin-1"))
-                self.reader.ack([tag])
+                self.reader.dead_letter(tag, raw)
         blobs = self._fetch_blobs([d for _, d in parsed])
         for tag, delivery in parsed:
             self._accept(tag, delivery, picked_at, blobs)
@@ -170,6 +170,10 @@ class ModelServer:
                 pending = self._check(job, message, picked_at, delivery, blobs)
             except InferqError as exc:
                 self._fail(job.id, exc, message)
+                continue
+            except Exception as exc:
+                # Whatever a hostile payload triggers fails that job, never the worker.
+                self._fail(job.id, InvalidInput(f"malformed job: {exc!r}"), message)
                 continue
             self._buffer.append(pending)
             rows += pending.rows

@@ -267,3 +267,49 @@ def test_worker_refuses_missing_gpu(redis_server: RedisServer, start_worker: typ
     assert "CUDA" in str(info.value) or "GPU" in str(info.value)
     assert not redis.Redis.from_url(redis_server.url).exists(
         contract.WORKER_KEY_PREFIX + worker.hostname)
+
+
+def test_malformed_messages_never_stop_the_worker(
+    redis_server: RedisServer, shared_worker: WorkerProcess
+) -> None:
+    queue = contract.queue_name("digits")
+    client = redis_server.client()
+    before = client.llen(contract.DEAD_LETTER_KEY)
+    garbage = [b"[]", b"5", b'{"headers": "x"}', b"\xff\xfe not json"]
+    client.lpush(queue, *garbage)
+    hostile = {
+        "huge dims": {"pixels": {"dtype": "float32", "shape": [0, 2**40, 2**40], "data": b""}},
+        "object dtype": {"pixels": {"dtype": "object", "shape": [1], "data": b"x"}},
+        "ref outside blobs": {"pixels": {"dtype": "float32", "shape": [1, 64],
+                                         "ref": contract.result_key("x")}},
+    }
+    ids = {}
+    for name, inputs in hostile.items():
+        ids[name] = str(uuid.uuid4())
+        client.lpush(queue, contract.build_message(
+            task=contract.TASK_NAME, task_id=ids[name], args=["digits", inputs],
+            kwargs={"version": None}, queue=queue, headers={contract.HEADER_NOTIFY: 5}))
+    with InferenceClient(redis_server.url) as inferq:
+        outcomes = inferq.outcomes(list(ids.values()), timeout=30)
+        assert all(isinstance(o, JobFailed) and o.code == "INVALID_ARGUMENT" for o in outcomes)
+        assert int(inferq.submit("digits", {"pixels": X[1]}).result(30)["label"][0]) == Y[1]
+    assert client.llen(contract.DEAD_LETTER_KEY) == before + len(garbage)
+    assert shared_worker.proc is not None and shared_worker.proc.poll() is None
+    assert shared_worker.advertised_pid() == shared_worker.pid
+
+
+def test_large_tensors_travel_by_reference(
+    redis_server: RedisServer, shared_worker: WorkerProcess
+) -> None:
+    with InferenceClient(redis_server.url, blob_threshold=1024) as client:
+        rows = X[:8]  # 2 KiB: over the threshold, so the bytes go in their own key
+        handle = client.submit("digits", {"pixels": rows})
+        assert [int(v) for v in handle.result(30)["label"]] == [int(y) for y in Y[:8]]
+        many = client.submit_many("digits", [{"pixels": X[i : i + 8]} for i in range(0, 64, 8)])
+        results = client.results([h.id for h in many], timeout=30)
+    with InferenceClient(redis_server.url) as inline:
+        expected = inline.submit("digits", {"pixels": X[:64]}).result(30)
+    by_ref = np.concatenate([r["probabilities"] for r in results])
+    assert np.allclose(by_ref, expected["probabilities"], atol=1e-6)
+    # Blobs are deleted once their jobs are done.
+    assert not list(redis_server.client().scan_iter(contract.BLOB_KEY_PREFIX + "*"))

@@ -204,7 +204,7 @@ def test_new_version_is_seen_after_a_refresh(client: InferenceClient, r: Any) ->
     ("inputs", "match"),
     [
         ({"pixels": np.zeros(64, np.float64)}, "expected float32, got float64"),
-        ({"pixels": [[0.0] * 64]}, "expected float32, got float64"),
+        ({"pixels": [[0.0] * 63]}, "dimension 1 must be 64, got 63"),
         ({"pixels": np.zeros((2, 63), np.float32)}, "dimension 1 must be 64, got 63"),
         ({"pixels": np.zeros((0, 64), np.float32)}, "empty batch"),
         ({"image": np.zeros(64, np.float32)}, r"missing \['pixels'\]"),
@@ -458,3 +458,11 @@ def test_client_reads_what_the_result_store_wrote(
     ResultStore(r, 60).store([("j", success("j", [5]), client.client_id)])
     [result] = client.results(["j"], timeout=1)
     assert result["label"].tolist() == [5]
+
+
+def test_nested_lists_take_the_model_dtype(client: InferenceClient, r: Any) -> None:
+    advertise(r)
+    client.submit("digits", {"pixels": [[1.0] * 64]})
+    job = contract.parse_message(r.rpop(QUEUE), QUEUE).jobs[0]
+    arr = contract.decode_tensor(job.inputs["pixels"])
+    assert arr.dtype == np.float32 and arr.shape == (1, 64)

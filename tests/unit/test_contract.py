@@ -167,9 +167,9 @@ GOOD = {"dtype": "float32", "shape": [2, 2], "data": bytes(16)}
         ({"shape": "2,2"}, "shape must be a list"),
         ({"shape": 4}, "shape must be a list"),
         ({"shape": None}, "shape must be a list"),
-        ({"shape": [2, -2]}, "ints >= 0"),
-        ({"shape": [True, 4]}, "ints >= 0"),
-        ({"shape": [2.0, 2]}, "ints >= 0"),
+        ({"shape": [2, -2]}, "ints in \\[0, "),
+        ({"shape": [True, 4]}, "ints in \\[0, "),
+        ({"shape": [2.0, 2]}, "ints in \\[0, "),
         ({"shape": [1] * (contract.MAX_RANK + 1), "data": bytes(4)},
          f"at most {contract.MAX_RANK}"),
         ({"data": bytes(15)}, r"needs 16 bytes, got 15"),
@@ -179,12 +179,12 @@ GOOD = {"dtype": "float32", "shape": [2, 2], "data": bytes(16)}
         ({"data": "AAA"}, "not valid base64"),
         ({"data": "AAAAAAAA AAAAAAAA*AAAAAA=="}, "not valid base64"),  # no lenient decode
         ({"data": {"__type__": "base64", "__value__": "%%%%"}}, "not valid base64"),
-        ({"data": 123}, "'data' must be bytes"),
-        ({"data": None}, "'data' must be bytes"),
-        ({"data": [0] * 16}, "'data' must be bytes"),
-        ({"data": {"__type__": "bytes"}}, "'data' must be bytes"),
-        ({"data": {"__type__": "pickle", "__value__": "AAAA"}}, "'data' must be bytes"),
-        ({"data": {"__type__": "bytes", "__value__": 16}}, "'data' must be bytes"),
+        ({"data": 123}, "data must be bytes"),
+        ({"data": None}, "data must be bytes"),
+        ({"data": [0] * 16}, "data must be bytes"),
+        ({"data": {"__type__": "bytes"}}, "data must be bytes"),
+        ({"data": {"__type__": "pickle", "__value__": "AAAA"}}, "data must be bytes"),
+        ({"data": {"__type__": "bytes", "__value__": 16}}, "data must be bytes"),
     ],
 )
 def test_decode_rejects(changes: dict[str, Any], match: str) -> None:
@@ -674,35 +674,26 @@ def test_message_without_usable_job_id_raises(headers: dict[str, Any]) -> None:
         contract.parse_message(raw, QUEUE)
 
 
-# Known bugs (see the report that came with these tests): each xfail is strict, so a fix
-# makes it XPASS and fail; then drop the marker.
+# Hostile and malformed input: each fails as InvalidInput, never as a stray exception.
 
 
-@pytest.mark.xfail(raises=AttributeError, strict=True,
-                   reason="bug: a non-object envelope or headers escapes as AttributeError")
 @pytest.mark.parametrize("raw", [b"[]", b'"text"', b'{"headers": "x"}', b"5"])
 def test_non_object_envelope_raises_invalid_input(raw: bytes) -> None:
     with pytest.raises(InvalidInput):
         contract.parse_message(raw, QUEUE)
 
 
-@pytest.mark.xfail(raises=RecursionError, strict=True,
-                   reason="bug: a deeply nested JSON body escapes parse_message as RecursionError")
 def test_deeply_nested_json_body_fails_the_job() -> None:
     raw = envelope(b"[" * 100_000 + b"]" * 100_000)
     assert failed_codes(contract.parse_message(raw, QUEUE)) == {"job-1": "INVALID_ARGUMENT"}
 
 
-@pytest.mark.xfail(raises=AssertionError, strict=True,
-                   reason="bug: a non-string inferq_notify header is passed on as is")
 def test_non_string_notify_header_is_not_passed_on() -> None:
     raw = envelope(json_body(["digits", {}]), headers={contract.HEADER_NOTIFY: 5})
     delivery = contract.parse_message(raw, QUEUE)
     assert delivery.notify is None or isinstance(delivery.notify, str)
 
 
-@pytest.mark.xfail(raises=ValueError, strict=True,
-                   reason="bug: a 0-row tensor with huge dims escapes as a plain ValueError")
 @pytest.mark.parametrize("shape", [[0, 2**63], [0, 2**40, 2**40]])
 def test_zero_size_tensor_with_huge_dims_is_invalid_input(shape: list[int]) -> None:
     with pytest.raises(InvalidInput):

@@ -115,26 +115,20 @@ def test_settings_error_is_a_value_error() -> None:
     assert issubclass(SettingsError, ValueError)
 
 
-# Known bugs (see the report that came with these tests): strict xfails.
+# Malformed settings and device listings.
 
 
-@pytest.mark.xfail(raises=(ValueError, OverflowError), strict=True,
-                   reason="bug: nan/inf reach int() outside num() and escape as ValueError/"
-                          "OverflowError instead of SettingsError")
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_non_finite_ttl_is_a_settings_error(value: str) -> None:
     with pytest.raises(SettingsError):
         Settings.from_env({"INFERQ_RESULT_TTL": value})
 
 
-@pytest.mark.xfail(strict=True, reason="bug: INFERQ_RESTORE_INTERVAL=nan passes the > 0 check")
 def test_nan_restore_interval_is_a_settings_error() -> None:
     with pytest.raises(SettingsError):
         Settings.from_env({"INFERQ_RESTORE_INTERVAL": "nan"})
 
 
-@pytest.mark.xfail(raises=AssertionError, strict=True,
-                   reason="bug: INFERQ_MODELS entries are not stripped ('a, b' -> ' b')")
 def test_models_list_is_stripped() -> None:
     assert Settings.from_env({"INFERQ_MODELS": "digits, other"}).models == ("digits", "other")
 
@@ -252,9 +246,6 @@ def test_detect_gpus_reads_nvidia_smi(monkeypatch: pytest.MonkeyPatch) -> None:
     assert calls == [["/usr/bin/nvidia-smi", "-L"]]
 
 
-@pytest.mark.xfail(raises=AssertionError, strict=True,
-                   reason="bug: detect_gpus uses line numbers as GPU indices, so the MIG lines "
-                          "nvidia-smi -L prints under a GPU shift every later index")
 def test_detect_gpus_with_mig_lines(monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_smi(monkeypatch, (
         "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-aaaa)\n"
