@@ -22,7 +22,7 @@ from celery import Celery, bootsteps
 from producer import contract
 from workers import logs, repository, runtime
 from workers.consumer import QueueReader
-from workers.results import ResultStore, TaskEvents
+from workers.results import ResultStore, ResultWriter, TaskEvents
 from workers.settings import CONTROL_QUEUE, Settings
 from workers.tasks import ModelServer
 
@@ -84,7 +84,6 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
         super().__init__(worker, **kwargs)
         self.stop_event = threading.Event()
         self.threads: list[threading.Thread] = []
-        self.events: list[TaskEvents] = []
 
     def start(self, worker: Any) -> None:
         settings = SETTINGS
@@ -105,17 +104,17 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
             name: json.dumps(m.signature()) for name, m in manifests.items()
         })
         for name, versions in loaded.items():
-            events = TaskEvents(worker.app, hostname, settings.task_events)
-            server = ModelServer(
-                name,
-                versions,
-                QueueReader(_redis(settings.broker_url), contract.queue_name(name)),
+            reader = QueueReader(_redis(settings.broker_url), contract.queue_name(name))
+            writer = ResultWriter(
                 ResultStore(_redis(settings.result_url), settings.result_ttl_s),
-                events,
-                worker=hostname,
+                reader,
+                TaskEvents(worker.app, hostname, settings.task_events,
+                           settings.events_max_rate),
+            )
+            server = ModelServer(
+                name, versions, reader, writer, worker=hostname,
                 max_tensor_bytes=settings.max_tensor_bytes,
             )
-            self.events.append(events)
             self.threads.append(threading.Thread(
                 target=self._run, args=(server,), name=f"inferq-{name}", daemon=True))
         self.threads.append(threading.Thread(
@@ -152,8 +151,6 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
         self.stop_event.set()
         for thread in self.threads:
             thread.join(timeout=60)
-        for events in self.events:
-            events.close()
 
 
 SETTINGS = Settings.from_env()

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
+import structlog
 
 from producer import contract
+from workers.consumer import QueueReader
+
+log = structlog.get_logger(__name__)
 
 # KEYS: result keys. ARGV[1]: ttl, ARGV[2..n+1]: documents, then notify-list pairs
 # (list key, job id). A result that already exists is kept: the first result wins, so a
@@ -55,56 +63,136 @@ class ResultStore:
         return int(self._store(keys=keys, args=args))
 
 
-class TaskEvents:
-    """Celery task events for every job, buffered and sent once per batch.
+Event = tuple[str, dict[str, Any]]
 
-    Flower and other event consumers see each job as an ``inferq.infer`` task with its own
-    ID, even when several jobs travelled in one message.
+
+class TaskEvents:
+    """Celery task events per job, so Flower shows each job as an ``inferq.infer`` task.
+
+    Above ``max_rate`` jobs per second (0: no limit) only a sample of jobs gets events,
+    so monitoring never costs more than a fixed share of a busy worker. Events are
+    recorded by the model thread and sent, buffered, by the result writer.
     """
 
-    def __init__(self, app: Any, hostname: str, enabled: bool) -> None:
+    def __init__(self, app: Any, hostname: str, enabled: bool, max_rate: float = 0.0) -> None:
         self.enabled = enabled
+        self.max_rate = max_rate
+        self._tokens = max_rate
+        self._refilled = time.monotonic()
         self._dispatcher: Any = None
         if enabled:
             self._connection = app.connection_for_write()
             self._dispatcher = app.events.Dispatcher(
-                self._connection, hostname=hostname, buffer_group=["task"], buffer_limit=10_000
+                self._connection, hostname=hostname, buffer_group=["task"], buffer_limit=100_000
             )
 
-    def _send(self, kind: str, **fields: Any) -> None:
-        self._dispatcher.send(kind, **fields)
-
-    def received(self, job_id: str, model: str, retries: int = 0) -> None:
-        if self.enabled:
-            self._send(
-                "task-received", uuid=job_id, name=contract.TASK_NAME, args=f"({model!r}, ...)",
-                kwargs="{}", retries=retries, eta=None, expires=None, root_id=job_id,
-                parent_id=None,
-            )
-
-    def started(self, job_ids: Sequence[str]) -> None:
-        if self.enabled:
-            for job_id in job_ids:
-                self._send("task-started", uuid=job_id)
-
-    def finished(self, outcomes: Mapping[str, tuple[bool, str, float]]) -> None:
-        """``job_id -> (succeeded, summary or error, runtime seconds)``; then flush."""
+    def admit(self) -> bool:
+        """Whether the next job gets events (token bucket of ``max_rate`` per second)."""
         if not self.enabled:
-            return
-        for job_id, (ok, text, runtime) in outcomes.items():
-            if ok:
-                self._send("task-succeeded", uuid=job_id, result=text, runtime=runtime)
-            else:
-                self._send("task-failed", uuid=job_id, exception=text, traceback=None)
-        self.flush()
+            return False
+        if self.max_rate <= 0:
+            return True
+        now = time.monotonic()
+        self._tokens = min(self.max_rate, self._tokens + (now - self._refilled) * self.max_rate)
+        self._refilled = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
 
-    def flush(self) -> None:
-        if self.enabled:
+    @staticmethod
+    def received(job_id: str, model: str, retries: int) -> Event:
+        return ("task-received", {
+            "uuid": job_id, "name": contract.TASK_NAME, "args": f"({model!r}, ...)",
+            "kwargs": "{}", "retries": retries, "eta": None, "expires": None,
+            "root_id": job_id, "parent_id": None,
+        })
+
+    @staticmethod
+    def started(job_id: str) -> Event:
+        return ("task-started", {"uuid": job_id})
+
+    @staticmethod
+    def succeeded(job_id: str, summary: str, runtime: float) -> Event:
+        return ("task-succeeded", {"uuid": job_id, "result": summary, "runtime": runtime})
+
+    @staticmethod
+    def failed(job_id: str, error: str) -> Event:
+        return ("task-failed", {"uuid": job_id, "exception": error, "traceback": None})
+
+    def send(self, events: Sequence[Event]) -> None:
+        """Send recorded events as one buffered publish."""
+        if self.enabled and events:
+            for kind, fields in events:
+                self._dispatcher.send(kind, **fields)
             self._dispatcher.flush()
 
     def close(self) -> None:
         if self.enabled:
-            self.flush()
             self._dispatcher.close()
             self._connection.release()
 
+
+
+@dataclass
+class Completed:
+    """What one batch hands to the writer: documents, then acks, then events."""
+
+    docs: list[tuple[str, bytes, str | None]]
+    acks: list[str]
+    blobs: list[str]
+    events: list[Event]
+
+
+class ResultWriter:
+    """Stores results, acks messages and sends events in a thread of its own.
+
+    The model thread goes on with the next batch while Redis executes the writes. Order
+    per batch is kept: a message is acked only after every result it carries is stored.
+    A bounded queue turns a slow or absent Redis into backpressure on the model thread.
+    """
+
+    def __init__(self, store: ResultStore, reader: QueueReader, events: TaskEvents,
+                 depth: int = 4) -> None:
+        self.store, self.reader, self.events = store, reader, events
+        self._queue: queue.Queue[Completed | None] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="inferq-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, item: Completed) -> None:
+        if self.error is not None:
+            raise RuntimeError("the result writer failed") from self.error
+        self._queue.put(item)
+
+    def close(self) -> None:
+        """Write everything submitted so far, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join()
+        self.events.close()
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                self._write(item)
+            except BaseException as exc:
+                self.error = exc
+                log.exception("result_writer_failed")
+                return
+
+    def _write(self, item: Completed) -> None:
+        delay = 0.05
+        while True:
+            try:
+                self.store.store(item.docs)
+                self.reader.ack(item.acks, item.blobs)
+                break
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                # Nothing is acked yet, so nothing is lost: retry until Redis is back.
+                log.warning("result_write_retry", error=str(exc), jobs=len(item.docs))
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        try:
+            self.events.send(item.events)
+        except Exception as exc:  # events are for monitoring: never block results on them
+            log.warning("events_not_sent", error=str(exc))

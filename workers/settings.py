@@ -47,6 +47,8 @@ class Settings:
     max_tensor_bytes: int = 64 * 1024 * 1024
     #: Send per-job task events so Flower shows every job.
     task_events: bool = True
+    #: Jobs per second per model that get task events; above it a sample does (0: all).
+    events_max_rate: float = 1000.0
     hostname: str = field(default_factory=lambda: f"cpu@{socket.gethostname()}")
 
     def __post_init__(self) -> None:
@@ -94,5 +96,6 @@ class Settings:
             restore_interval_s=num("INFERQ_RESTORE_INTERVAL", base.restore_interval_s),
             max_tensor_bytes=int(num("INFERQ_MAX_TENSOR_BYTES", base.max_tensor_bytes)),
             task_events=env.get("INFERQ_TASK_EVENTS", "1") not in ("0", "false", "no"),
+            events_max_rate=num("INFERQ_EVENTS_MAX_RATE", base.events_max_rate),
             hostname=env.get("INFERQ_HOSTNAME") or base.hostname,
         )

@@ -27,7 +27,7 @@ from producer.errors import (
 )
 from workers.batching import Arrays, BatchPolicy, collate, split, take
 from workers.consumer import QueueReader
-from workers.results import ResultStore, TaskEvents
+from workers.results import Completed, Event, ResultWriter, TaskEvents
 from workers.runtime import LoadedModel
 
 log = structlog.get_logger(__name__)
@@ -65,8 +65,7 @@ class ModelServer:
         name: str,
         versions: Mapping[int, LoadedModel],
         reader: QueueReader,
-        store: ResultStore,
-        events: TaskEvents,
+        writer: ResultWriter,
         *,
         worker: str,
         max_tensor_bytes: int,
@@ -79,13 +78,15 @@ class ModelServer:
         self.input_names = [s.name for s in manifest.inputs]
         self.policy = BatchPolicy(manifest.max_batch_rows, manifest.max_wait_ms / 1000.0)
         self.reader = reader
-        self.store = store
-        self.events = events
+        self.writer = writer
+        self.events = writer.events
         self.worker = worker
         self.max_tensor_bytes = max_tensor_bytes
         self._buffer: list[_Pending] = []
         self._docs: list[tuple[str, bytes, str | None]] = []
-        self._outcomes: dict[str, tuple[bool, str, float]] = {}
+        self._events: list[Event] = []
+        #: Jobs picked for task events (all of them below the events rate limit).
+        self._sampled: set[str] = set()
         self._touched: list[_Message] = []
         self._rows_per_message = 8.0
         self.log = log.bind(model=name, worker=worker)
@@ -104,6 +105,7 @@ class ModelServer:
         while self._buffer:
             self._run_batch()
         self._complete()
+        self.writer.close()
 
     def cycle(self, block_s: float) -> int:
         """Wait for work (up to ``block_s``), form one batch and run it; return its jobs."""
@@ -165,7 +167,10 @@ class ModelServer:
         for job_id, error in delivery.failed:
             self._fail(job_id, error, message)
         for job in delivery.jobs:
-            self.events.received(job.id, self.name, retries=int(delivery.redelivered))
+            if self.events.admit():
+                self._sampled.add(job.id)
+                self._events.append(
+                    TaskEvents.received(job.id, self.name, int(delivery.redelivered)))
             try:
                 pending = self._check(job, message, picked_at, delivery, blobs)
             except InferqError as exc:
@@ -235,7 +240,7 @@ class ModelServer:
         self._buffer = [p for p in self._buffer if id(p) not in chosen]
         assert version is not None
         model = self.versions[version]
-        self.events.started([p.job.id for p in batch])
+        self._events += [TaskEvents.started(p.job.id) for p in batch if p.job.id in self._sampled]
         started = time.time()
         parts = self._infer(model, batch)
         finished = time.time()
@@ -294,24 +299,32 @@ class ModelServer:
         }
         doc = contract.success_document(job.id, result)
         self._docs.append((job.id, doc, pending.message.notify))
-        self._outcomes[job.id] = (True, f"v{model.version} batch {rows}", finished - started)
+        if job.id in self._sampled:
+            self._sampled.discard(job.id)
+            self._events.append(TaskEvents.succeeded(
+                job.id, f"v{model.version} batch {rows}", finished - started))
         pending.message.open_jobs -= 1
 
     def _fail(self, job_id: str, error: InferqError, message: _Message) -> None:
         self.log.info("job_failed", job_id=job_id, code=error.code, message=error.message)
         self._docs.append((job_id, contract.failure_document(job_id, error), message.notify))
-        self._outcomes[job_id] = (False, str(error), 0.0)
+        if job_id in self._sampled:
+            self._sampled.discard(job_id)
+            self._events.append(TaskEvents.failed(job_id, str(error)))
+        elif self.events.admit():
+            self._events += [TaskEvents.received(job_id, self.name, 0),
+                             TaskEvents.failed(job_id, str(error))]
         message.open_jobs -= 1
 
     def _complete(self) -> None:
-        """Store every finished job's document, then ack messages with nothing left open."""
-        if self._docs:
-            self.store.store(self._docs)
-            self.events.finished(self._outcomes)
-            self._docs, self._outcomes = [], {}
+        """Hand finished documents, then the acks of messages with nothing left open, to the
+        writer."""
         done = [m for m in self._touched if m.open_jobs <= 0]
-        if done:
-            self.reader.ack([m.tag for m in done], [b for m in done for b in m.blobs])
+        if self._docs or done or self._events:
+            self.writer.submit(Completed(
+                self._docs, [m.tag for m in done], [b for m in done for b in m.blobs],
+                self._events))
+            self._docs, self._events = [], []
             self._touched = [m for m in self._touched if m.open_jobs > 0]
 
 
