@@ -59,7 +59,7 @@ def _redis(url: str, timeout: float) -> redis.Redis:
 
 def _as_array(value: Any) -> np.ndarray[Any, Any]:
     arr = value if isinstance(value, np.ndarray) else np.asarray(value)
-    if arr.dtype.name not in contract.DTYPES:
+    if contract.dtype_name(arr.dtype) is None:
         raise InvalidInput(f"dtype {arr.dtype} is not supported")
     return arr
 
@@ -200,7 +200,7 @@ class InferenceClient:
         ``inputs`` maps input names to arrays (or nested lists). ``deadline`` is in seconds
         from now; a job still queued past it fails with DEADLINE_EXCEEDED.
         """
-        job_id = str(uuid.uuid4())
+        job_id = contract.new_id()
         blobs: dict[str, bytes] = {}
         tensors = self._prepare(model, inputs, version, job_id, blobs)
         message = contract.build_message(
@@ -232,7 +232,7 @@ class InferenceClient:
     ) -> list[JobHandle]:
         """Enqueue many jobs in one pipelined round trip; each job keeps its own ID."""
         items = list(inputs)
-        ids = [str(uuid.uuid4()) for _ in items]
+        ids = [contract.new_id() for _ in items]
         blobs: dict[str, bytes] = {}
         prepared = [
             self._prepare(model, item, version, job_id, blobs)
@@ -252,7 +252,7 @@ class InferenceClient:
             messages.append(
                 contract.build_message(
                     task=contract.BULK_TASK_NAME,
-                    task_id=str(uuid.uuid4()),
+                    task_id=contract.new_id(),
                     args=[model, entries],
                     kwargs={},
                     queue=queue,
@@ -313,7 +313,7 @@ class InferenceClient:
         pending = set(job_ids)
         total = len(pending)
         check: list[str] = list(pending)
-        last_full = time.monotonic()
+        quiet_since = time.monotonic()
         while True:
             yield from self._read(pending, check)
             if not pending:
@@ -322,10 +322,16 @@ class InferenceClient:
             if remaining <= 0:
                 raise JobTimeout(f"{len(pending)} of {total} jobs have no result after {timeout}s")
             notified = self._wait_notified(min(remaining, _FULL_RECHECK_S))
-            if time.monotonic() - last_full >= _FULL_RECHECK_S:
-                check, last_full = list(pending), time.monotonic()
-            else:
+            now = time.monotonic()
+            if notified:
+                quiet_since = now
                 check = [i for i in notified if i in pending]
+            elif now - quiet_since >= _FULL_RECHECK_S:
+                # No notification for a while (another thread took them, or a worker that
+                # does not notify wrote the result): read every pending key once.
+                check, quiet_since = list(pending), now
+            else:
+                check = []
 
     def _read(
         self, pending: set[str], ids: list[str]

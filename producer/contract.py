@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -51,6 +52,19 @@ DTYPES = frozenset(
      "float16", "float32", "float64"]
 )
 MAX_RANK = 8
+# numpy's dtype.name is computed in Python on every access; a dict lookup is not.
+_NAMES = {np.dtype(n): n for n in DTYPES} | {np.dtype(n).newbyteorder(">"): n for n in DTYPES}
+
+
+def dtype_name(dtype: np.dtype[Any]) -> str | None:
+    """The contract name of a numpy dtype, or None when the contract does not carry it."""
+    return _NAMES.get(dtype)
+
+
+def new_id() -> str:
+    """A random job ID in UUID text form (faster than uuid.uuid4 in bulk)."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{h[16:20]}-{h[20:]}"
 #: Largest single dimension accepted; anything bigger cannot be a real tensor.
 MAX_DIM = 2**31
 
@@ -74,13 +88,14 @@ def blob_key(job_id: str, input_name: str) -> str:
 
 def tensor_ref(array: np.ndarray[Any, Any], key: str) -> Tensor:
     """A tensor sent by reference: dtype and shape inline, the raw bytes under ``key``."""
-    return {"dtype": array.dtype.name, "shape": list(array.shape), "ref": key}
+    return {"dtype": dtype_name(array.dtype), "shape": list(array.shape), "ref": key}
 
 
 def tensor_bytes(array: np.ndarray[Any, Any]) -> bytes:
     """The raw little-endian bytes the contract carries for ``array``."""
-    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
-    return np.ascontiguousarray(little).tobytes()
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return array.tobytes()  # C order, whatever the array's layout
 
 
 # --- tensors -------------------------------------------------------------------------
@@ -88,11 +103,12 @@ def tensor_bytes(array: np.ndarray[Any, Any]) -> bytes:
 
 def encode_tensor(array: np.ndarray[Any, Any], *, text: bool = False) -> Tensor:
     """Encode an array as ``{"dtype", "shape", "data"}``; ``text`` base64-encodes ``data``."""
-    if array.dtype.name not in DTYPES:
+    name = dtype_name(array.dtype)
+    if name is None:
         raise InvalidInput(f"dtype {array.dtype} is not supported; use one of {sorted(DTYPES)}")
     data = tensor_bytes(array)
     return {
-        "dtype": array.dtype.name,
+        "dtype": name,
         "shape": list(array.shape),
         "data": base64.b64encode(data).decode("ascii") if text else data,
     }
@@ -188,8 +204,8 @@ def check_inputs(
     rows: int | None = None
     for spec in specs:
         arr = inputs[spec.name]
-        if arr.dtype.name != spec.dtype:
-            raise InvalidInput(f"input '{spec.name}': expected {spec.dtype}, got {arr.dtype.name}")
+        if dtype_name(arr.dtype) != spec.dtype:
+            raise InvalidInput(f"input '{spec.name}': expected {spec.dtype}, got {arr.dtype}")
         if arr.ndim != len(spec.shape):
             raise InvalidInput(
                 f"input '{spec.name}': expected rank {len(spec.shape)} {list(spec.shape)}, "
@@ -406,9 +422,13 @@ def _meta(job_id: str, status: str, result: Any, **extra: Any) -> dict[str, Any]
     }
 
 
-def success_document(job_id: str, result: Mapping[str, Any]) -> bytes:
+def success_document(job_id: str, result: Mapping[str, Any], date_done: str | None = None
+                     ) -> bytes:
     """The JSON result document of a successful job (Celery SUCCESS meta)."""
-    return json.dumps(_meta(job_id, "SUCCESS", result), separators=(",", ":")).encode()
+    meta = _meta(job_id, "SUCCESS", result)
+    if date_done is not None:
+        meta["date_done"] = date_done
+    return json.dumps(meta, separators=(",", ":")).encode()
 
 
 def failure_document(job_id: str, error: InferqError) -> bytes:
