@@ -147,7 +147,7 @@ class InferenceClient:
 
     def _prepare(
         self, model: str, inputs: Mapping[str, Any], version: int | None, job_id: str,
-        blobs: dict[str, bytes],
+        blobs: dict[str, bytes | memoryview],
     ) -> dict[str, contract.Tensor]:
         if not isinstance(inputs, Mapping) or not inputs:
             raise InvalidInput("inputs must be a non-empty mapping of input name to array")
@@ -170,13 +170,15 @@ class InferenceClient:
         for name, arr in arrays.items():
             if arr.nbytes >= self.blob_threshold:
                 key = contract.blob_key(job_id, name)
-                blobs[key] = contract.tensor_bytes(arr)
+                blobs[key] = contract.tensor_buffer(arr)
                 tensors[name] = contract.tensor_ref(arr, key)
             else:
                 tensors[name] = contract.encode_tensor(arr, text=text)
         return tensors
 
-    def _push(self, queue: str, messages: list[bytes], blobs: dict[str, bytes]) -> None:
+    def _push(
+        self, queue: str, messages: list[bytes], blobs: dict[str, bytes | memoryview]
+    ) -> None:
         """Blobs first, then the messages that name them, in one round trip."""
         pipe = self._broker.pipeline(transaction=False)
         for key, data in blobs.items():
@@ -201,7 +203,7 @@ class InferenceClient:
         from now; a job still queued past it fails with DEADLINE_EXCEEDED.
         """
         job_id = contract.new_id()
-        blobs: dict[str, bytes] = {}
+        blobs: dict[str, bytes | memoryview] = {}
         tensors = self._prepare(model, inputs, version, job_id, blobs)
         message = contract.build_message(
             task=contract.TASK_NAME,
@@ -233,7 +235,7 @@ class InferenceClient:
         """Enqueue many jobs in one pipelined round trip; each job keeps its own ID."""
         items = list(inputs)
         ids = [contract.new_id() for _ in items]
-        blobs: dict[str, bytes] = {}
+        blobs: dict[str, bytes | memoryview] = {}
         prepared = [
             self._prepare(model, item, version, job_id, blobs)
             for job_id, item in zip(ids, items, strict=True)

@@ -91,6 +91,13 @@ def tensor_ref(array: np.ndarray[Any, Any], key: str) -> Tensor:
     return {"dtype": dtype_name(array.dtype), "shape": list(array.shape), "ref": key}
 
 
+def tensor_buffer(array: np.ndarray[Any, Any]) -> bytes | memoryview:
+    """The contract's raw bytes of ``array``, without a copy when it is already laid out so."""
+    if array.dtype.byteorder != ">" and array.flags.c_contiguous:
+        return array.data.cast("B")
+    return tensor_bytes(array)
+
+
 def tensor_bytes(array: np.ndarray[Any, Any]) -> bytes:
     """The raw little-endian bytes the contract carries for ``array``."""
     if array.dtype.byteorder == ">":

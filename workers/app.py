@@ -104,19 +104,21 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
             name: json.dumps(m.signature()) for name, m in manifests.items()
         })
         for name, versions in loaded.items():
-            reader = QueueReader(_redis(settings.broker_url), contract.queue_name(name))
-            writer = ResultWriter(
-                ResultStore(_redis(settings.result_url), settings.result_ttl_s),
-                reader,
-                TaskEvents(worker.app, hostname, settings.task_events,
-                           settings.events_max_rate),
-            )
-            server = ModelServer(
-                name, versions, reader, writer, worker=hostname,
-                max_tensor_bytes=settings.max_tensor_bytes,
-            )
-            self.threads.append(threading.Thread(
-                target=self._run, args=(server,), name=f"inferq-{name}", daemon=True))
+            for instance in range(settings.instances):
+                reader = QueueReader(_redis(settings.broker_url), contract.queue_name(name))
+                writer = ResultWriter(
+                    ResultStore(_redis(settings.result_url), settings.result_ttl_s),
+                    reader,
+                    TaskEvents(worker.app, hostname, settings.task_events,
+                               settings.events_max_rate / settings.instances),
+                )
+                server = ModelServer(
+                    name, versions, reader, writer, worker=hostname,
+                    max_tensor_bytes=settings.max_tensor_bytes,
+                )
+                self.threads.append(threading.Thread(
+                    target=self._run, args=(server,), name=f"inferq-{name}-{instance}",
+                    daemon=True))
         self.threads.append(threading.Thread(
             target=self._heartbeat, args=(control, hostname, sorted(loaded), settings),
             name="inferq-heartbeat", daemon=True))

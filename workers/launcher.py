@@ -102,7 +102,8 @@ def plan(
                 "INFERQ_INTRA_OP_THREADS": env.get("INFERQ_INTRA_OP_THREADS", "1"),
             }))
         return specs
-    threads = max(1, (cores or os.cpu_count() or 1) // max(1, cpu_workers))
+    instances = int(env.get("INFERQ_INSTANCES", "1") or 1)
+    threads = max(1, (cores or os.cpu_count() or 1) // max(1, cpu_workers * instances))
     for index in range(cpu_workers):
         name = f"cpu{index}@{host}"
         specs.append(WorkerSpec(name, celery_argv(name), {

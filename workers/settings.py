@@ -37,6 +37,9 @@ class Settings:
     device: str = "cpu"
     #: ONNX Runtime intra-op threads; 0 lets ONNX Runtime pick (all physical cores).
     intra_op_threads: int = 0
+    #: Model instances per process: threads that each run whole batches on a shared session,
+    #: so one instance decodes and stores while another computes.
+    instances: int = 1
     #: Seconds a result stays readable.
     result_ttl_s: int = 3600
     #: Seconds before a picked-up but unacknowledged message is delivered again.
@@ -54,6 +57,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
             raise SettingsError(f"INFERQ_DEVICE must be cpu or cuda, got {self.device!r}")
+        if self.instances < 1:
+            raise SettingsError("INFERQ_INSTANCES must be >= 1")
         if self.intra_op_threads < 0:
             raise SettingsError("INFERQ_INTRA_OP_THREADS must be >= 0 (0: ONNX Runtime decides)")
         if self.result_ttl_s <= 0:
@@ -91,6 +96,7 @@ class Settings:
             models=tuple(m.strip() for m in env.get("INFERQ_MODELS", "").split(",") if m.strip()),
             device=env.get("INFERQ_DEVICE", "cpu"),
             intra_op_threads=int(num("INFERQ_INTRA_OP_THREADS", 0)),
+            instances=int(num("INFERQ_INSTANCES", 1)),
             result_ttl_s=int(num("INFERQ_RESULT_TTL", base.result_ttl_s)),
             visibility_timeout_s=int(num("INFERQ_VISIBILITY_TIMEOUT", base.visibility_timeout_s)),
             restore_interval_s=num("INFERQ_RESTORE_INTERVAL", base.restore_interval_s),

@@ -26,6 +26,9 @@ from workers.redisproc import RedisServer
 from workers.repository import load_manifest
 from workers.settings import default_model_dir
 
+#: Model instances per inferq worker: one decodes and stores while the other computes.
+INSTANCES = 2
+
 
 @dataclass(frozen=True)
 class Load:
@@ -82,7 +85,7 @@ def inferq_workers(url: str, model_dir: Path, model: str, workers: int,
     """inferq worker processes serving ``model``; yields their pids."""
     env = {**os.environ, "INFERQ_BROKER_URL": url, "INFERQ_RESULT_URL": url,
            "INFERQ_MODEL_DIR": str(model_dir), "INFERQ_MODELS": model,
-           "INFERQ_LOG_FORMAT": "json"}
+           "INFERQ_LOG_FORMAT": "json", "INFERQ_INSTANCES": str(INSTANCES)}
     specs = plan(list(gpus) if gpus else None, workers, base_env=env)
     with open(log, "ab") as out:
         sup = Supervisor(specs, output=out)
@@ -138,6 +141,7 @@ def machine() -> dict[str, Any]:
         "cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
         "onnxruntime": onnxruntime.__version__, "celery": celery.__version__,
         "command": " ".join(["inferq", "bench", *sys.argv[2:]]),
+        "inferq_instances_per_worker": INSTANCES,
     }
 
 
