@@ -221,7 +221,7 @@ class InferenceClient:
             self._push(contract.queue_name(model), [message], blobs)
         else:
             self._call(self._broker.lpush, contract.queue_name(model), message)
-        return JobHandle(self, job_id, model)
+        return JobHandle(self, job_id, model, fresh=True)
 
     def submit_many(
         self,
@@ -267,7 +267,7 @@ class InferenceClient:
             )
         if messages:
             self._push(queue, messages, blobs)
-        return [JobHandle(self, i, model) for i in ids]
+        return [JobHandle(self, i, model, fresh=True) for i in ids]
 
     @staticmethod
     def _expires(deadline: float | None) -> datetime | None:
@@ -305,16 +305,18 @@ class InferenceClient:
         return [found[i] for i in job_ids]
 
     def as_completed(
-        self, job_ids: Iterable[str], timeout: float = 60.0
+        self, job_ids: Iterable[str], timeout: float = 60.0, *, just_submitted: bool = False
     ) -> Iterator[tuple[str, JobResult | JobFailed]]:
         """Yield ``(job_id, JobResult or JobFailed)`` as results arrive.
 
+        ``just_submitted`` (jobs this client enqueued a moment ago) skips the first read,
+        which would find nothing: the worker's notification comes first.
         Raises :class:`JobTimeout` if some job has no result after ``timeout`` seconds.
         """
         deadline = time.monotonic() + timeout
         pending = set(job_ids)
         total = len(pending)
-        check: list[str] = list(pending)
+        check: list[str] = [] if just_submitted else list(pending)
         quiet_since = time.monotonic()
         while True:
             yield from self._read(pending, check)
@@ -323,7 +325,7 @@ class InferenceClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise JobTimeout(f"{len(pending)} of {total} jobs have no result after {timeout}s")
-            notified = self._wait_notified(min(remaining, _FULL_RECHECK_S))
+            notified = self._wait_notified(min(remaining, _FULL_RECHECK_S), len(pending) > 1)
             now = time.monotonic()
             if notified:
                 quiet_since = now
@@ -346,12 +348,13 @@ class InferenceClient:
                     pending.discard(job_id)
                     yield job_id, parse_result(job_id, raw)
 
-    def _wait_notified(self, timeout: float) -> list[str]:
+    def _wait_notified(self, timeout: float, drain: bool) -> list[str]:
         popped = self._call(self._results.blpop, [self._notify_key], timeout=max(timeout, 0.001))
         if popped is None:
             return []
-        rest = self._call(self._results.lpop, self._notify_key, 100_000) or []
-        return [popped[1].decode(), *(r.decode() for r in rest)]
+        # One job waited for: its own notification is enough, skip the extra round trip.
+        rest = self._call(self._results.lpop, self._notify_key, 100_000) if drain else None
+        return [popped[1].decode(), *(r.decode() for r in rest or ())]
 
     # --- errors ----------------------------------------------------------------------
 

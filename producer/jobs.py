@@ -67,10 +67,13 @@ def parse_result(job_id: str, raw: bytes | str) -> JobResult | JobFailed:
 class JobHandle:
     """A submitted job: its ID, and ways to read its status and result."""
 
-    def __init__(self, client: InferenceClient, job_id: str, model: str) -> None:
+    def __init__(
+        self, client: InferenceClient, job_id: str, model: str, *, fresh: bool = False
+    ) -> None:
         self._client = client
         self.id = job_id
         self.model = model
+        self._fresh = fresh  # submitted by this client a moment ago, not yet waited on
 
     def __repr__(self) -> str:
         return f"JobHandle(id={self.id!r}, model={self.model!r})"
@@ -81,4 +84,9 @@ class JobHandle:
 
     def result(self, timeout: float = 60.0) -> JobResult:
         """Wait up to ``timeout`` seconds; raise JobFailed or JobTimeout."""
-        return self._client.results([self.id], timeout=timeout)[0]
+        fresh, self._fresh = self._fresh, False
+        for _, outcome in self._client.as_completed([self.id], timeout, just_submitted=fresh):
+            if isinstance(outcome, JobFailed):
+                raise outcome
+            return outcome
+        raise AssertionError("as_completed ended without the job")  # pragma: no cover

@@ -43,6 +43,11 @@ for k = 3, #KEYS do
     want = want - #got
   end
 end
+local left = 0
+for k = 3, #KEYS do
+  left = left + redis.call('LLEN', KEYS[k])
+end
+out[#out + 1] = left
 return out
 """
 
@@ -70,13 +75,18 @@ class QueueReader:
         moved = self.client.blmove(self.queue, self.queue, timeout, "RIGHT", "LEFT")  # type: ignore[arg-type]
         return moved is not None
 
-    def drain(self, max_messages: int) -> list[tuple[str, bytes]]:
-        """Pop up to ``max_messages`` (oldest first) and record them as unacknowledged."""
+    def drain(self, max_messages: int) -> tuple[list[tuple[str, bytes]], int]:
+        """Pop up to ``max_messages`` (oldest first) and record them as unacknowledged.
+
+        Returns the messages and how many are still waiting, so the caller knows the queue
+        is empty without asking again.
+        """
         prefix = f"{self._prefix}{next(self._calls)}-"
         flat: list[Any] = self._drain(
             keys=self._keys, args=[max(1, max_messages), time.time(), prefix, self.queue]
         )
-        return [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
+        left = int(flat.pop())
+        return [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)], left
 
     def dead_letter(self, tag: str, raw: bytes, keep: int = 10_000) -> None:
         """Move an unreadable message to the dead-letter list (newest ``keep`` kept)."""

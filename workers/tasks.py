@@ -138,7 +138,7 @@ class ModelServer:
         """Drain messages into the buffer; True when the queue had nothing more."""
         room = self.policy.max_rows - sum(p.rows for p in self._buffer)
         want = min(_MAX_DRAIN, max(1, int(room / self._rows_per_message)))
-        drained = self.reader.drain(want)
+        drained, left = self.reader.drain(want)
         picked_at = time.time()
         parsed = []
         for tag, raw in drained:
@@ -152,7 +152,7 @@ class ModelServer:
         blobs = self._fetch_blobs([d for _, d in parsed])
         for tag, delivery in parsed:
             self._accept(tag, delivery, picked_at, blobs)
-        return len(drained) < want
+        return left == 0
 
     def _fetch_blobs(self, deliveries: list[Delivery]) -> dict[str, bytes | None]:
         """Every by-reference tensor of these messages, in one round trip."""

@@ -26,8 +26,8 @@ from workers.redisproc import RedisServer
 from workers.repository import load_manifest
 from workers.settings import default_model_dir
 
-#: Model instances per inferq worker: one decodes and stores while the other computes.
-INSTANCES = 2
+#: Model instances per inferq worker (two trade single-job latency for a little throughput).
+INSTANCES = 1
 
 
 @dataclass(frozen=True)
