@@ -147,7 +147,7 @@ class InferenceClient:
 
     def _prepare(
         self, model: str, inputs: Mapping[str, Any], version: int | None, job_id: str,
-        blobs: dict[str, bytes | memoryview],
+        blobs: dict[str, bytes | memoryview], text: bool,
     ) -> dict[str, contract.Tensor]:
         if not isinstance(inputs, Mapping) or not inputs:
             raise InvalidInput("inputs must be a non-empty mapping of input name to array")
@@ -165,7 +165,6 @@ class InferenceClient:
                 if arr is not None and spec.shape[:1] == (-1,) and arr.ndim == len(spec.shape) - 1:
                     arrays[spec.name] = arr[np.newaxis]
             contract.check_inputs(info.inputs, arrays)
-        text = self.serializer == "json"
         tensors = {}
         for name, arr in arrays.items():
             if arr.nbytes >= self.blob_threshold:
@@ -204,7 +203,8 @@ class InferenceClient:
         """
         job_id = contract.new_id()
         blobs: dict[str, bytes | memoryview] = {}
-        tensors = self._prepare(model, inputs, version, job_id, blobs)
+        tensors = self._prepare(model, inputs, version, job_id, blobs,
+                                text=self.serializer == "json")
         message = contract.build_message(
             task=contract.TASK_NAME,
             task_id=job_id,
@@ -232,12 +232,17 @@ class InferenceClient:
         deadline: float | None = None,
         jobs_per_message: int = DEFAULT_JOBS_PER_MESSAGE,
     ) -> list[JobHandle]:
-        """Enqueue many jobs in one pipelined round trip; each job keeps its own ID."""
+        """Enqueue many jobs in one pipelined round trip; each job keeps its own ID.
+
+        Jobs travel ``jobs_per_message`` to a message. The entries of a message are stored
+        raw (msgpack) under a blob key the message names, so Redis holds tensor bytes once
+        and without base64.
+        """
         items = list(inputs)
         ids = [contract.new_id() for _ in items]
         blobs: dict[str, bytes | memoryview] = {}
         prepared = [
-            self._prepare(model, item, version, job_id, blobs)
+            self._prepare(model, item, version, job_id, blobs, text=False)
             for job_id, item in zip(ids, items, strict=True)
         ]
         queue = contract.queue_name(model)
@@ -251,11 +256,14 @@ class InferenceClient:
             ]
             headers = self._headers()
             headers[contract.HEADER_JOB_IDS] = chunk_ids
+            message_id = contract.new_id()
+            entries_key = contract.blob_key(message_id, "entries")
+            blobs[entries_key] = contract.pack_body(entries, "msgpack")
             messages.append(
                 contract.build_message(
                     task=contract.BULK_TASK_NAME,
-                    task_id=contract.new_id(),
-                    args=[model, entries],
+                    task_id=message_id,
+                    args=[model, {"ref": entries_key}],
                     kwargs={},
                     queue=queue,
                     serializer=self.serializer,

@@ -313,6 +313,12 @@ class Delivery:
     failed: list[tuple[str, InferqError]] = field(default_factory=list)
     notify: str | None = None
     redelivered: bool = False
+    #: Blob key holding a bulk message's entries (msgpack); see :func:`attach_entries`.
+    entries_ref: str | None = None
+    ids: list[str] = field(default_factory=list)
+    model: Any = None
+    deadline: float | None = None
+    enqueued_at: Any = None
 
 
 def _loads_body(body: bytes, content_type: str) -> Any:
@@ -369,10 +375,11 @@ def parse_message(raw: bytes | str, queue: str) -> Delivery:
         queue=queue,
         notify=notify if isinstance(notify, str) and notify else None,
         redelivered=bool(headers.get("redelivered") or props.get("redelivered")),
+        ids=ids,
+        enqueued_at=headers.get(HEADER_ENQUEUED_AT),
     )
-    enqueued = headers.get(HEADER_ENQUEUED_AT)
     try:
-        deadline = _parse_time(headers.get("expires"))
+        delivery.deadline = _parse_time(headers.get("expires"))
         if task not in (TASK_NAME, BULK_TASK_NAME):
             raise InvalidInput(f"unknown task {task!r}; expected {TASK_NAME!r}")
         body: Any = envelope.get("body", b"")
@@ -390,28 +397,52 @@ def parse_message(raw: bytes | str, queue: str) -> Delivery:
         err = exc if isinstance(exc, InvalidInput) else InvalidInput(f"undecodable message: {exc}")
         delivery.failed = [(i, err) for i in ids]
         return delivery
-    model = args[0]
-    entries = (
-        [{"id": msg_id, "inputs": args[1], "version": kwargs.get("version")}]
-        if task == TASK_NAME
-        else args[1]
-    )
+    delivery.model = args[0]
+    if task == TASK_NAME:
+        _add_jobs(delivery, [{"id": msg_id, "inputs": args[1], "version": kwargs.get("version")}])
+    elif isinstance(args[1], dict) and "ref" in args[1]:
+        ref = args[1]["ref"]
+        if isinstance(ref, str) and ref.startswith(BLOB_KEY_PREFIX):
+            delivery.entries_ref = ref
+        else:
+            delivery.failed = [(i, InvalidInput(f"entries ref must be under {BLOB_KEY_PREFIX!r}"))
+                               for i in ids]
+    else:
+        _add_jobs(delivery, args[1])
+    return delivery
+
+
+def attach_entries(delivery: Delivery, blob: bytes | None) -> None:
+    """Decode the entries of a bulk message whose body travelled by reference."""
+    try:
+        if blob is None:
+            raise InvalidInput(f"bulk entries under {delivery.entries_ref!r} are gone "
+                               "(expired or never written)")
+        entries = msgpack.unpackb(blob, raw=False, strict_map_key=True)
+    except (InvalidInput, ValueError, TypeError, RecursionError, msgpack.UnpackException) as exc:
+        err = exc if isinstance(exc, InvalidInput) else InvalidInput(f"undecodable entries: {exc}")
+        delivery.failed = [(i, err) for i in delivery.ids]
+        return
+    _add_jobs(delivery, entries)
+
+
+def _add_jobs(delivery: Delivery, entries: Any) -> None:
+    ids = delivery.ids
     if not isinstance(entries, list) or len(entries) != len(ids):
         delivery.failed = [(i, InvalidInput("bulk message body does not match its job ids"))
                            for i in ids]
-        return delivery
+        return
     for job_id, entry in zip(ids, entries, strict=True):
         try:
             if not isinstance(entry, dict) or entry.get("id") != job_id:
                 raise InvalidInput("bulk entry does not match its job id")
-            job = _job(job_id, model, entry.get("inputs"), entry.get("version"))
-            job.enqueued_at = _parse_time(entry.get("enqueued_at", enqueued))
-            job.deadline = deadline
+            job = _job(job_id, delivery.model, entry.get("inputs"), entry.get("version"))
+            job.enqueued_at = _parse_time(entry.get("enqueued_at", delivery.enqueued_at))
+            job.deadline = delivery.deadline
             delivery.jobs.append(job)
         except (InvalidInput, ValueError, TypeError) as exc:
             err = exc if isinstance(exc, InvalidInput) else InvalidInput(str(exc))
             delivery.failed.append((job_id, err))
-    return delivery
 
 
 # --- results ---------------------------------------------------------------------------

@@ -84,8 +84,10 @@ def demo() -> None:
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
               help="Write a PNG of throughput and latency against offered load.")
 @click.option("--sweep", is_flag=True, help="Also drive an open-loop arrival-rate sweep.")
+@click.option("--payloads", is_flag=True, help="Also measure 4 KB, 48 KB and 1 MB rows.")
+@click.option("--soak", "soak_jobs", default=0, help="Also run this many MLP jobs, tracking RSS.")
 def bench(names: str, cpu_workers: int, gpus: str | None, quick: bool, json_path: Path | None,
-          plot_path: Path | None, sweep: bool) -> None:
+          plot_path: Path | None, sweep: bool, payloads: bool, soak_jobs: int) -> None:
     """Measure direct ONNX Runtime, naive Celery and inferq in one run."""
     from workers.bench.run import run as run_bench
     from workers.launcher import LaunchError, detect_gpus, parse_gpus
@@ -96,7 +98,7 @@ def bench(names: str, cpu_workers: int, gpus: str | None, quick: bool, json_path
         raise click.ClickException(str(exc)) from None
     run_bench([n for n in names.split(",") if n], workers=cpu_workers, gpus=indices,
               quick=quick, json_path=json_path, plot_path=plot_path, sweep=sweep,
-              say=click.echo)
+              payloads=payloads, soak_jobs=soak_jobs, say=click.echo)
 
 
 @main.command()

@@ -149,10 +149,20 @@ class ModelServer:
                 self.log.error("message_dead_lettered", reason=str(exc),
                                head=raw[:200].decode("latin-1"))
                 self.reader.dead_letter(tag, raw)
+        self._attach_entries([d for _, d in parsed])
         blobs = self._fetch_blobs([d for _, d in parsed])
         for tag, delivery in parsed:
             self._accept(tag, delivery, picked_at, blobs)
         return left == 0
+
+    def _attach_entries(self, deliveries: list[Delivery]) -> None:
+        """Read the entries of bulk messages that carry them by reference, in one round trip."""
+        pending = [d for d in deliveries if d.entries_ref is not None]
+        if pending:
+            keys = [str(d.entries_ref) for d in pending]
+            values: list[Any] = self.reader.client.mget(keys)
+            for delivery, blob in zip(pending, values, strict=True):
+                contract.attach_entries(delivery, blob)
 
     def _fetch_blobs(self, deliveries: list[Delivery]) -> dict[str, bytes | None]:
         """Every by-reference tensor of these messages, in one round trip."""
@@ -171,9 +181,13 @@ class ModelServer:
     def _accept(
         self, tag: str, delivery: Delivery, picked_at: float, blobs: dict[str, bytes | None]
     ) -> None:
+        ids = {j.id for j in delivery.jobs}
+        owned = [k for k in blobs
+                 if k[len(contract.BLOB_KEY_PREFIX):].split(":", 1)[0] in ids]
+        if delivery.entries_ref is not None:
+            owned.append(delivery.entries_ref)
         message = _Message(tag, delivery.notify, len(delivery.jobs) + len(delivery.failed),
-                           [k for k in blobs if any(k.startswith(contract.blob_key(j.id, ""))
-                                                    for j in delivery.jobs)])
+                           owned)
         self._touched.append(message)
         rows = 0
         for job_id, error in delivery.failed:

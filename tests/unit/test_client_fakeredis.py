@@ -90,8 +90,13 @@ def advertise(r: fakeredis.FakeRedis, model: str = "digits", **changes: Any) -> 
 
 
 def queued(r: fakeredis.FakeRedis, queue: str = QUEUE) -> list[contract.Delivery]:
-    """Messages on ``queue``, oldest first (the order a worker pops them in), parsed."""
-    return [contract.parse_message(raw, queue) for raw in reversed(r.lrange(queue, 0, -1))]
+    """Messages on ``queue``, oldest first (the order a worker pops them in), parsed, with
+    the entries of bulk messages read from their blob as a worker does."""
+    out = [contract.parse_message(raw, queue) for raw in reversed(r.lrange(queue, 0, -1))]
+    for delivery in out:
+        if delivery.entries_ref is not None:
+            contract.attach_entries(delivery, r.get(delivery.entries_ref))
+    return out
 
 
 def success(job_id: str, label: list[int]) -> bytes:

@@ -750,3 +750,24 @@ def test_tensor_spec_json_round_trip() -> None:
 def test_names_and_keys() -> None:
     assert contract.queue_name("digits") == "inferq.digits"
     assert contract.result_key("abc") == "celery-task-meta-abc"
+
+
+def test_bulk_entries_by_reference() -> None:
+    entries = [{"id": i, "inputs": {"x": contract.encode_tensor(np.ones((1, 2), np.float32))},
+                "version": None} for i in ("a", "b")]
+    raw = contract.build_message(
+        task=contract.BULK_TASK_NAME, task_id="m", args=["digits", {"ref": "inferq:blob:m:e"}],
+        kwargs={}, queue=QUEUE, headers={contract.HEADER_JOB_IDS: ["a", "b"]})
+    delivery = contract.parse_message(raw, QUEUE)
+    assert delivery.entries_ref == "inferq:blob:m:e" and delivery.jobs == []
+    contract.attach_entries(delivery, contract.pack_body(entries, "msgpack"))
+    assert [j.id for j in delivery.jobs] == ["a", "b"] and delivery.failed == []
+    gone = contract.parse_message(raw, QUEUE)
+    contract.attach_entries(gone, None)
+    assert [(i, e.code) for i, e in gone.failed] == [("a", "INVALID_ARGUMENT"),
+                                                     ("b", "INVALID_ARGUMENT")]
+    outside = contract.build_message(
+        task=contract.BULK_TASK_NAME, task_id="m", args=["digits", {"ref": "celery-task-meta-x"}],
+        kwargs={}, queue=QUEUE, headers={contract.HEADER_JOB_IDS: ["a"]})
+    refused = contract.parse_message(outside, QUEUE)
+    assert refused.entries_ref is None and [i for i, _ in refused.failed] == ["a"]

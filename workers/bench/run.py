@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from producer import InferenceClient, contract
-from workers.bench import measure
+from workers.bench import growth, measure
 from workers.bench.refmodels import write_repository
 from workers.launcher import Supervisor, plan
 from workers.redisproc import RedisServer
@@ -169,6 +169,7 @@ def bench_model(name: str, model_dir: Path, url: str, redis_pid: int, load: Load
         naive = measure.naive_saturation(app, name, inputs, load.naive, meter,
                                          Bar(f"{name} naive Celery", load.naive))
         naive_low = measure.naive_one_at_a_time(app, name, inputs, load.one_at_a_time)
+    memory = growth.redis_bytes_per_job(url, model_dir, name)
     with inferq_workers(url, model_dir, name, workers, gpus, logs / "inferq.log") as pids, \
             InferenceClient(url) as client:
         client.results([h.id for h in client.submit_many(name, inputs)], timeout=120)  # warm
@@ -192,6 +193,8 @@ def bench_model(name: str, model_dir: Path, url: str, redis_pid: int, load: Load
         "mean_batch_rows": fast.summary()["mean_batch_rows"],
         "ratio_inferq_naive": round(fast.jobs_per_s / naive.jobs_per_s, 2),
         "ratio_inferq_direct_best": round(fast.jobs_per_s / max(direct.values()), 3),
+        "redis_bytes_per_queued_job": memory["redis_bytes_per_job"],
+        "redis_bytes_per_tensor_byte": memory["ratio"],
         "inferq": fast.summary(),
         "naive": naive.summary(),
     })
@@ -200,7 +203,8 @@ def bench_model(name: str, model_dir: Path, url: str, redis_pid: int, load: Load
 
 def run(models: Sequence[str], *, workers: int = 1, gpus: Sequence[int] | None = None,
         quick: bool = False, json_path: Path | None = None, plot_path: Path | None = None,
-        sweep: bool = False, say: Callable[[str], None] = print) -> dict[str, Any]:
+        sweep: bool = False, payloads: bool = False, soak_jobs: int = 0,
+        say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the benchmark on a private Redis and return (and optionally write) the figures."""
     loads = QUICK_LOADS if quick else DEFAULT_LOADS
     with tempfile.TemporaryDirectory(prefix="inferq-bench-") as tmp:
@@ -213,6 +217,22 @@ def run(models: Sequence[str], *, workers: int = 1, gpus: Sequence[int] | None =
                 report[name] = bench_model(name, root, server.url, server.pid, loads[name],
                                            workers, gpus, logs, say)
                 say(format_row(name, report[name]))
+            if payloads:
+                names = growth.write_payload_models(root)
+                say("payload sizes: " + ", ".join(names))
+                with inferq_workers(server.url, root, ",".join(names), workers, gpus,
+                                    logs / "payloads.log"), InferenceClient(server.url) as c:
+                    report["payloads"] = growth.payload_sweep(c, names, root)
+                for name in names:
+                    report["payloads"][name].update(
+                        growth.redis_bytes_per_job(server.url, root, name, jobs=200))
+                    say(f"  {name}: {report['payloads'][name]}")
+            if soak_jobs:
+                manifest = load_manifest(root / "mlp")
+                with inferq_workers(server.url, root, "mlp", 1, gpus, logs / "soak.log") as pids, \
+                        InferenceClient(server.url) as c:
+                    report["soak"] = growth.soak(c, "mlp", measure.make_inputs(manifest, 256),
+                                                 soak_jobs, pids[0], server.url, say)
             if sweep or plot_path:
                 from workers.bench.sweep import sweep as run_sweep
 
