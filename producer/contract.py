@@ -38,8 +38,6 @@ WORKER_KEY_PREFIX = "inferq:worker:"
 NOTIFY_KEY_PREFIX = "inferq:notify:"
 #: Prefix of the Redis keys holding large tensors sent by reference (``{"ref": key}``).
 BLOB_KEY_PREFIX = "inferq:blob:"
-#: List holding messages so malformed that no job ID could be read from them.
-DEAD_LETTER_KEY = "inferq:dead"
 #: Header stamps set by inferq producers (optional for other clients).
 HEADER_ENQUEUED_AT = "inferq_enqueued_at"
 HEADER_NOTIFY = "inferq_notify"

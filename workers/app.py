@@ -7,7 +7,6 @@ any queue is read; then one thread per model drains its queue in bulk.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -22,13 +21,13 @@ from celery import Celery, bootsteps
 from producer import contract
 from workers import logs, repository, runtime
 from workers.consumer import QueueReader
+from workers.health import Monitor
 from workers.results import ResultStore, ResultWriter, TaskEvents
 from workers.settings import CONTROL_QUEUE, Settings
 from workers.tasks import ModelServer
 
 log = structlog.get_logger(__name__)
 
-_HEARTBEAT_S = 5.0
 
 
 def make_app(settings: Settings) -> Celery:
@@ -69,6 +68,19 @@ def make_app(settings: Settings) -> Celery:
     return app
 
 
+def check_redis_durability(client: redis.Redis) -> None:
+    """Refuse (production profile) a Redis that can lose or evict queued jobs."""
+    persistence, memory = client.info("persistence"), client.info("memory")
+    problems = []
+    if not int(persistence.get("aof_enabled", 0)):
+        problems.append("appendonly is off (a restart loses queued jobs)")
+    if memory.get("maxmemory_policy") != "noeviction":
+        problems.append(f"maxmemory-policy is {memory.get('maxmemory_policy')} "
+                        "(eviction silently drops queues); set noeviction")
+    if problems:
+        raise RuntimeError("INFERQ_PROFILE=production refuses this Redis: " + "; ".join(problems))
+
+
 def _redis(url: str) -> redis.Redis:
     # Longer than the 1 s blocking wait, short enough to notice a dead server.
     return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
@@ -100,9 +112,12 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
                      provider=loaded[name][manifest.latest].provider,
                      load_ms=round((time.perf_counter() - started) * 1000, 1))
         control = _redis(settings.broker_url)
+        if settings.profile == "production":
+            check_redis_durability(control)
         control.hset(contract.MODELS_KEY, mapping={
             name: json.dumps(m.signature()) for name, m in manifests.items()
         })
+        servers: list[ModelServer] = []
         for name, versions in loaded.items():
             for instance in range(settings.instances):
                 reader = QueueReader(_redis(settings.broker_url), contract.queue_name(name))
@@ -112,16 +127,15 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
                     TaskEvents(worker.app, hostname, settings.task_events,
                                settings.events_max_rate / settings.instances),
                 )
-                server = ModelServer(
-                    name, versions, reader, writer, worker=hostname,
-                    max_tensor_bytes=settings.max_tensor_bytes,
-                )
+                server = ModelServer(name, versions, reader, writer, worker=hostname,
+                                     settings=settings)
+                servers.append(server)
                 self.threads.append(threading.Thread(
                     target=self._run, args=(server,), name=f"inferq-{name}-{instance}",
                     daemon=True))
-        self.threads.append(threading.Thread(
-            target=self._heartbeat, args=(control, hostname, sorted(loaded), settings),
-            name="inferq-heartbeat", daemon=True))
+        monitor = Monitor(settings, hostname, servers, control, self.stop_event)
+        self.threads.append(threading.Thread(target=monitor.run, name="inferq-monitor",
+                                             daemon=True))
         for thread in self.threads:
             thread.start()
         log.info("worker_ready", worker=hostname, models=sorted(loaded), device=settings.device)
@@ -133,21 +147,6 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
             server.log.exception("model_server_crashed")
             # A worker that stopped serving must not look healthy: stop the whole process.
             os.kill(os.getpid(), signal.SIGTERM)
-
-    def _heartbeat(
-        self, client: redis.Redis, hostname: str, models: list[str], settings: Settings
-    ) -> None:
-        key = contract.WORKER_KEY_PREFIX + hostname
-        doc = json.dumps({"models": models, "pid": os.getpid(), "device": settings.device,
-                          "started": time.time()})
-        while not self.stop_event.is_set():
-            try:
-                client.set(key, doc, ex=int(_HEARTBEAT_S * 3))
-            except redis.exceptions.RedisError as exc:
-                log.warning("heartbeat_failed", error=str(exc))
-            self.stop_event.wait(_HEARTBEAT_S)
-        with contextlib.suppress(redis.exceptions.RedisError):
-            client.delete(key)
 
     def stop(self, worker: Any) -> None:
         self.stop_event.set()

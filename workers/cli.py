@@ -121,6 +121,95 @@ def models(model_dir: Path | None) -> None:
                 click.echo(f"  {kind} {s.name}: {s.dtype}{list(s.shape)}")
 
 
+@main.command()
+@click.option("--hostname", default=None,
+              help="Worker to check (default: $INFERQ_HOSTNAME, else cpu0@<host>).")
+@click.option("--file", "path", type=click.Path(path_type=Path), default=None,
+              help="Health file to read instead of the worker's default one.")
+def check(hostname: str | None, path: Path | None) -> None:
+    """Exit 0 only when this host's worker has its models loaded, warm and is consuming."""
+    import os
+    import socket
+
+    from workers.health import check as check_health
+    from workers.health import health_file
+
+    name = hostname or os.environ.get("INFERQ_HOSTNAME") or f"cpu0@{socket.gethostname()}"
+    ok, reason = check_health(path or health_file(name))
+    click.echo(reason)
+    sys.exit(0 if ok else 1)
+
+
+@main.group()
+def dlq() -> None:
+    """Read and work the dead-letter list (poisoned jobs, unreadable messages)."""
+
+
+def _dlq_client() -> Any:
+    import os
+
+    import redis
+
+    from producer.client import DEFAULT_URL
+
+    return redis.Redis.from_url(os.environ.get("INFERQ_BROKER_URL") or DEFAULT_URL,
+                                socket_timeout=5)
+
+
+@dlq.command("list")
+@click.option("--limit", default=100, show_default=True, help="Newest entries to show (0: all).")
+def dlq_list(limit: int) -> None:
+    """One line per entry: id, kind, model, code, age, reason."""
+    import time
+
+    from workers import deadletter
+
+    for e in deadletter.entries(_dlq_client(), limit):
+        age = time.time() - float(e.get("at", 0))
+        click.echo(f"{e['id']}  {e['kind']}  {e.get('model') or e.get('queue')}  {e['code']}  "
+                   f"{age:,.0f}s ago  {e['reason']}")
+
+
+@dlq.command("show")
+@click.argument("entry_id")
+def dlq_show(entry_id: str) -> None:
+    """Print one entry as JSON."""
+    from workers import deadletter
+
+    doc = deadletter.show(_dlq_client(), entry_id)
+    if doc is None:
+        raise click.ClickException(f"no dead-letter entry {entry_id}")
+    click.echo(json.dumps(doc, indent=2))
+
+
+@dlq.command("requeue")
+@click.argument("entry_ids", nargs=-1)
+@click.option("--all", "everything", is_flag=True, help="Requeue every entry.")
+def dlq_requeue(entry_ids: tuple[str, ...], everything: bool) -> None:
+    """Put entries back on their queues (a requeued job gets a fresh result)."""
+    from workers import deadletter
+
+    client = _dlq_client()
+    ids = [e["id"] for e in deadletter.entries(client, 0)] if everything else list(entry_ids)
+    if not ids:
+        raise click.ClickException("name entries to requeue, or pass --all")
+    missing = [i for i in ids if not deadletter.requeue(client, i)]
+    click.echo(f"requeued {len(ids) - len(missing)}")
+    if missing:
+        raise click.ClickException(f"not in the dead-letter list: {', '.join(missing)}")
+
+
+@dlq.command("purge")
+@click.option("--yes", is_flag=True, help="Do not ask.")
+def dlq_purge(yes: bool) -> None:
+    """Delete every entry."""
+    from workers import deadletter
+
+    if not yes:
+        click.confirm("Delete every dead-letter entry?", abort=True)
+    click.echo(f"purged {deadletter.purge(_dlq_client())}")
+
+
 # --- jobs ------------------------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from producer.contract import DEAD_LETTER_KEY
+from workers import deadletter
 
 UNACKED = "unacked"
 UNACKED_INDEX = "unacked_index"
@@ -88,14 +88,10 @@ class QueueReader:
         left = int(flat.pop())
         return [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)], left
 
-    def dead_letter(self, tag: str, raw: bytes, keep: int = 10_000) -> None:
-        """Move an unreadable message to the dead-letter list (newest ``keep`` kept)."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.lpush(DEAD_LETTER_KEY, raw)
-        pipe.ltrim(DEAD_LETTER_KEY, 0, keep - 1)
-        pipe.zrem(UNACKED_INDEX, tag)
-        pipe.hdel(UNACKED, tag)
-        pipe.execute()
+    def dead_letter(self, tag: str, raw: bytes, reason: str) -> None:
+        """Move an unreadable message from in-flight to the dead-letter list."""
+        deadletter.add(self.client, deadletter.message_entry(tag, self.queue, raw, reason),
+                       ("zrem", UNACKED_INDEX, tag), ("hdel", UNACKED, tag))
 
     def ack(self, tags: list[str], blobs: list[str] | None = None) -> None:
         """Forget delivered messages whose jobs all have results, and their blobs."""

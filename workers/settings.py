@@ -24,6 +24,13 @@ class SettingsError(ValueError):
     """A setting is missing, malformed or contradicts another one."""
 
 
+def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str:
+    value = env.get(name) or allowed[0]
+    if value not in allowed:
+        raise SettingsError(f"{name} must be one of {list(allowed)}, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a worker process reads from its environment, checked once."""
@@ -46,6 +53,17 @@ class Settings:
     visibility_timeout_s: int = 300
     #: Seconds between sweeps that give expired unacknowledged messages back to their queue.
     restore_interval_s: float = 5.0
+    #: Refuse float inputs holding NaN or Inf (INFERQ_NONFINITE=reject|allow).
+    reject_nonfinite: bool = True
+    #: Seconds a batch may run: past 80% a warning, past 100% the process exits so its jobs
+    #: are redelivered (and a job that always hangs ends up POISONED).
+    batch_time_limit_s: float = 60.0
+    #: Recycle the process (warm restart by its supervisor) after this many jobs; 0: never.
+    max_jobs_per_process: int = 0
+    #: "production" refuses a Redis that can lose or evict queued jobs.
+    profile: str = "development"
+    #: Times a job may be started before it is dead-lettered as POISONED.
+    max_executions: int = 3
     #: Largest tensor (bytes) a job may carry.
     max_tensor_bytes: int = 64 * 1024 * 1024
     #: Send per-job task events so Flower shows every job.
@@ -65,6 +83,23 @@ class Settings:
             raise SettingsError("INFERQ_RESULT_TTL must be > 0 seconds")
         if self.visibility_timeout_s <= 0 or self.restore_interval_s <= 0:
             raise SettingsError("visibility timeout and restore interval must be > 0")
+        if self.batch_time_limit_s <= 0:
+            raise SettingsError("INFERQ_BATCH_TIME_LIMIT must be > 0 seconds")
+        # A message is in flight for its batch wait plus its run; it must be acked well
+        # before the visibility timeout, or Redis hands it to a second worker meanwhile.
+        if self.visibility_timeout_s < 3 * self.batch_time_limit_s:
+            raise SettingsError(
+                f"INFERQ_VISIBILITY_TIMEOUT ({self.visibility_timeout_s}s) must be at least 3x "
+                f"INFERQ_BATCH_TIME_LIMIT ({self.batch_time_limit_s}s): a batch still running "
+                "would be delivered a second time")
+        if self.max_jobs_per_process < 0:
+            raise SettingsError("INFERQ_MAX_JOBS_PER_PROCESS must be >= 0")
+        for url in (self.broker_url, self.result_url):
+            if "ssl_cert_reqs=none" in url.lower() or "ssl_cert_reqs=optional" in url.lower():
+                raise SettingsError("rediss:// URLs must verify certificates: "
+                                    "ssl_cert_reqs=none/optional is refused")
+        if self.max_executions < 1:
+            raise SettingsError("INFERQ_MAX_EXECUTIONS must be >= 1")
         if self.max_tensor_bytes <= 0:
             raise SettingsError("INFERQ_MAX_TENSOR_BYTES must be > 0")
         for url in (self.broker_url, self.result_url):
@@ -101,6 +136,11 @@ class Settings:
             visibility_timeout_s=int(num("INFERQ_VISIBILITY_TIMEOUT", base.visibility_timeout_s)),
             restore_interval_s=num("INFERQ_RESTORE_INTERVAL", base.restore_interval_s),
             max_tensor_bytes=int(num("INFERQ_MAX_TENSOR_BYTES", base.max_tensor_bytes)),
+            max_executions=int(num("INFERQ_MAX_EXECUTIONS", base.max_executions)),
+            reject_nonfinite=_choice(env, "INFERQ_NONFINITE", ("reject", "allow")) == "reject",
+            batch_time_limit_s=num("INFERQ_BATCH_TIME_LIMIT", base.batch_time_limit_s),
+            max_jobs_per_process=int(num("INFERQ_MAX_JOBS_PER_PROCESS", 0)),
+            profile=_choice(env, "INFERQ_PROFILE", ("development", "production")),
             task_events=env.get("INFERQ_TASK_EVENTS", "1") not in ("0", "false", "no"),
             events_max_rate=num("INFERQ_EVENTS_MAX_RATE", base.events_max_rate),
             hostname=env.get("INFERQ_HOSTNAME") or base.hostname,

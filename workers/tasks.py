@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
 import redis
 import structlog
 
@@ -24,11 +25,14 @@ from producer.errors import (
     InternalError,
     InvalidInput,
     ModelNotFound,
+    Poisoned,
 )
+from workers import deadletter
 from workers.batching import Arrays, BatchPolicy, collate, split, take
 from workers.consumer import QueueReader
 from workers.results import Completed, Event, ResultWriter, TaskEvents
 from workers.runtime import LoadedModel
+from workers.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -67,6 +71,8 @@ class _Pending:
     rows: int
     message: _Message
     picked_at: float
+    #: Redelivered after a crash: run alone, and counted, so a poison job is isolated.
+    suspect: bool = False
 
 
 class ModelServer:
@@ -80,7 +86,7 @@ class ModelServer:
         writer: ResultWriter,
         *,
         worker: str,
-        max_tensor_bytes: int,
+        settings: Settings,
     ) -> None:
         self.name = name
         self.versions = dict(versions)
@@ -93,7 +99,10 @@ class ModelServer:
         self.writer = writer
         self.events = writer.events
         self.worker = worker
-        self.max_tensor_bytes = max_tensor_bytes
+        self.settings = settings
+        #: Set while a batch runs (time.monotonic()), for the time-limit watchdog.
+        self.batch_started: float | None = None
+        self.jobs_done = 0
         self._buffer: list[_Pending] = []
         self._docs: list[tuple[str, bytes, str | None]] = []
         self._events: list[Event] = []
@@ -148,7 +157,7 @@ class ModelServer:
                 # Without a job ID there is nobody to report to: keep it for people to read.
                 self.log.error("message_dead_lettered", reason=str(exc),
                                head=raw[:200].decode("latin-1"))
-                self.reader.dead_letter(tag, raw)
+                self.reader.dead_letter(tag, raw, str(exc))
         self._attach_entries([d for _, d in parsed])
         blobs = self._fetch_blobs([d for _, d in parsed])
         for tag, delivery in parsed:
@@ -192,7 +201,11 @@ class ModelServer:
         rows = 0
         for job_id, error in delivery.failed:
             self._fail(job_id, error, message)
+        done = self._already_done(delivery) if delivery.redelivered else set()
         for job in delivery.jobs:
+            if job.id in done:  # finished before the crash that redelivered its message
+                message.open_jobs -= 1
+                continue
             if self.events.admit():
                 self._sampled.add(job.id)
                 self._events.append(
@@ -206,10 +219,17 @@ class ModelServer:
                 # Whatever a hostile payload triggers fails that job, never the worker.
                 self._fail(job.id, InvalidInput(f"malformed job: {exc!r}"), message)
                 continue
+            pending.suspect = delivery.redelivered
             self._buffer.append(pending)
             rows += pending.rows
         if delivery.jobs:
             self._rows_per_message = 0.8 * self._rows_per_message + 0.2 * max(1, rows)
+
+    def _already_done(self, delivery: Delivery) -> set[str]:
+        pipe = self.writer.store.client.pipeline(transaction=False)
+        for job in delivery.jobs:
+            pipe.exists(contract.result_key(job.id))
+        return {j.id for j, found in zip(delivery.jobs, pipe.execute(), strict=True) if found}
 
     def _check(
         self, job: JobRequest, message: _Message, picked_at: float, delivery: Delivery,
@@ -234,10 +254,13 @@ class ModelServer:
             if isinstance(tensor, Mapping) and "ref" in tensor:
                 tensor = self._resolve(tensor, str(name), blobs)
             arr = contract.decode_tensor(tensor, f"input {name!r}")
-            if arr.nbytes > self.max_tensor_bytes:
-                raise InvalidInput(
-                    f"input {name!r} is {arr.nbytes} bytes; the limit is {self.max_tensor_bytes}"
-                )
+            limit = self.settings.max_tensor_bytes
+            if arr.nbytes > limit:
+                raise InvalidInput(f"input {name!r} is {arr.nbytes} bytes; the limit is {limit}")
+            if (self.settings.reject_nonfinite and arr.dtype.kind == "f"
+                    and not np.isfinite(arr).all()):
+                raise InvalidInput(f"input {name!r} contains NaN or Inf (refused: "
+                                   "INFERQ_NONFINITE=reject)")
             arrays[str(name)] = arr
         rows = contract.check_inputs(self.inputs, arrays)
         return _Pending(job, arrays, rows, message, picked_at)
@@ -259,17 +282,28 @@ class ModelServer:
     # --- run -------------------------------------------------------------------------
 
     def _run_batch(self) -> int:
-        version = self._buffer[0].job.version
-        group = [p for p in self._buffer if p.job.version == version]
-        batch = group[: take([p.rows for p in group], self.policy.max_rows)]
+        head = self._buffer[0]
+        version = head.job.version
+        if head.suspect:
+            batch = [head]
+        else:
+            group = [p for p in self._buffer if p.job.version == version and not p.suspect]
+            batch = group[: take([p.rows for p in group], self.policy.max_rows)]
         chosen = {id(p) for p in batch}
         self._buffer = [p for p in self._buffer if id(p) not in chosen]
+        if head.suspect and self._poisoned(head):
+            return 1
         assert version is not None
         model = self.versions[version]
         self._events += [TaskEvents.started(p.job.id) for p in batch if p.job.id in self._sampled]
         started = time.time()
-        parts = self._infer(model, batch)
+        self.batch_started = time.monotonic()
+        try:
+            parts = self._infer(model, batch)
+        finally:
+            self.batch_started = None
         finished = time.time()
+        self.jobs_done += len(batch)
         rows = sum(p.rows for p in batch)
         shared = _BatchInfo(model, rows, started, finished, time.time(),
                             datetime.now(timezone.utc).isoformat())
@@ -284,6 +318,25 @@ class ModelServer:
             compute_ms=round((finished - started) * 1000, 3),
         )
         return len(batch)
+
+    def _poisoned(self, pending: _Pending) -> bool:
+        """Count a redelivered job's execution; dead-letter it once it has had its share."""
+        job = pending.job
+        pipe = self.writer.store.client.pipeline(transaction=False)
+        pipe.incr(deadletter.attempts_key(job.id))
+        pipe.expire(deadletter.attempts_key(job.id), self.settings.result_ttl_s)
+        # The first execution (in a normal batch) is not counted: it cost no round trip.
+        executions = int(pipe.execute()[0]) + 1
+        if executions <= self.settings.max_executions:
+            return False
+        error = Poisoned(
+            f"the job was started {executions - 1} times and its worker died each time; "
+            "it is in the dead-letter list (inferq dlq show)")
+        deadletter.add(self.writer.store.client, deadletter.job_entry(
+            job.id, self.name, job.version, pending.inputs, error.code, error.message))
+        self.log.error("job_poisoned", job_id=job.id, executions=executions - 1)
+        self._fail(job.id, error, pending.message)
+        return True
 
     def _infer(self, model: LoadedModel, batch: list[_Pending]) -> list[Arrays | InferqError]:
         try:

@@ -17,6 +17,7 @@ from sklearn.datasets import load_digits
 
 from producer import InferenceClient, JobFailed, JobStatus, ModelNotFound, contract
 from tests.conftest import PY, ROOT, WorkerProcess, python_env
+from workers import deadletter
 from workers.redisproc import RedisServer, free_port
 
 pytestmark = pytest.mark.integration
@@ -274,7 +275,7 @@ def test_malformed_messages_never_stop_the_worker(
 ) -> None:
     queue = contract.queue_name("digits")
     client = redis_server.client()
-    before = client.llen(contract.DEAD_LETTER_KEY)
+    before = client.llen(deadletter.DLQ_KEY)
     garbage = [b"[]", b"5", b'{"headers": "x"}', b"\xff\xfe not json"]
     client.lpush(queue, *garbage)
     hostile = {
@@ -293,7 +294,7 @@ def test_malformed_messages_never_stop_the_worker(
         outcomes = inferq.outcomes(list(ids.values()), timeout=30)
         assert all(isinstance(o, JobFailed) and o.code == "INVALID_ARGUMENT" for o in outcomes)
         assert int(inferq.submit("digits", {"pixels": X[1]}).result(30)["label"][0]) == Y[1]
-    assert client.llen(contract.DEAD_LETTER_KEY) == before + len(garbage)
+    assert client.llen(deadletter.DLQ_KEY) == before + len(garbage)
     assert shared_worker.proc is not None and shared_worker.proc.poll() is None
     assert shared_worker.advertised_pid() == shared_worker.pid
 

@@ -51,6 +51,11 @@ def test_from_env_parses_everything(tmp_path: Path) -> None:
         "INFERQ_MAX_TENSOR_BYTES": "1024",
         "INFERQ_TASK_EVENTS": "0",
         "INFERQ_HOSTNAME": "gpu3@box",
+        "INFERQ_BATCH_TIME_LIMIT": "30",
+        "INFERQ_NONFINITE": "allow",
+        "INFERQ_MAX_EXECUTIONS": "5",
+        "INFERQ_MAX_JOBS_PER_PROCESS": "1000",
+        "INFERQ_PROFILE": "production",
     })
     assert s.broker_url == "redis://broker:6380/1"
     assert s.result_url == "rediss://results:6390/2"
@@ -64,6 +69,22 @@ def test_from_env_parses_everything(tmp_path: Path) -> None:
     assert s.max_tensor_bytes == 1024
     assert s.task_events is False
     assert s.hostname == "gpu3@box"
+    assert s.batch_time_limit_s == 30 and s.reject_nonfinite is False
+    assert s.max_executions == 5 and s.max_jobs_per_process == 1000
+    assert s.profile == "production"
+
+
+@pytest.mark.parametrize(("env", "match"), [
+    ({"INFERQ_VISIBILITY_TIMEOUT": "10", "INFERQ_BATCH_TIME_LIMIT": "5"}, "at least 3x"),
+    ({"INFERQ_BROKER_URL": "rediss://h:6379/0?ssl_cert_reqs=none"}, "verify certificates"),
+    ({"INFERQ_RESULT_URL": "rediss://h/0?ssl_cert_reqs=optional"}, "verify certificates"),
+    ({"INFERQ_NONFINITE": "maybe"}, "INFERQ_NONFINITE"),
+    ({"INFERQ_PROFILE": "prod"}, "INFERQ_PROFILE"),
+    ({"INFERQ_MAX_EXECUTIONS": "0"}, "MAX_EXECUTIONS"),
+])
+def test_contradictory_or_unsafe_settings_are_refused(env: dict[str, str], match: str) -> None:
+    with pytest.raises(SettingsError, match=match):
+        Settings.from_env(env)
 
 
 def test_result_url_follows_broker_url() -> None:

@@ -1,0 +1,119 @@
+"""The dead-letter list: poisoned jobs and unreadable messages, kept for people to act on.
+
+Each entry is a JSON record in the Redis list ``inferq:dlq`` (newest first, bounded). A job
+entry carries a complete single-job Celery message, so ``requeue`` can put it back on its
+queue as it was, after clearing the job's POISONED result and its execution count.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+import redis
+
+from producer import contract
+from workers.batching import Arrays
+
+DLQ_KEY = "inferq:dlq"
+ATTEMPTS_PREFIX = "inferq:attempts:"
+#: Entries kept; the oldest fall off beyond this.
+MAX_ENTRIES = 100_000
+
+
+def attempts_key(job_id: str) -> str:
+    """Redis counter of how often a redelivered job was started."""
+    return ATTEMPTS_PREFIX + job_id
+
+
+def _push(pipe: Any, entry: dict[str, Any]) -> None:
+    pipe.lpush(DLQ_KEY, json.dumps(entry, separators=(",", ":")))
+    pipe.ltrim(DLQ_KEY, 0, MAX_ENTRIES - 1)
+
+
+def message_entry(tag: str, queue: str, raw: bytes, reason: str) -> dict[str, Any]:
+    """A record for a message no job ID could be read from."""
+    return {"kind": "message", "id": tag, "queue": queue, "code": "INVALID_ARGUMENT",
+            "reason": reason, "at": time.time(),
+            "message_b64": base64.b64encode(raw).decode("ascii")}
+
+
+def job_entry(job_id: str, model: str, version: int | None, inputs: Arrays, code: str,
+              reason: str) -> dict[str, Any]:
+    """A record for one job, with a single-job message that re-enqueues it unchanged."""
+    queue = contract.queue_name(model)
+    message = contract.build_message(
+        task=contract.TASK_NAME, task_id=job_id,
+        args=[model, {k: contract.encode_tensor(v) for k, v in inputs.items()}],
+        kwargs={"version": version}, queue=queue, argsrepr=f"({model!r}, <requeued>)",
+    )
+    return {"kind": "job", "id": job_id, "queue": queue, "model": model, "version": version,
+            "code": code, "reason": reason, "at": time.time(),
+            "message_b64": base64.b64encode(message).decode("ascii")}
+
+
+def add(client: redis.Redis, entry: dict[str, Any], *also: Any) -> None:
+    """Append ``entry``; ``also`` are extra (method, *args) calls done in the same MULTI."""
+    pipe = client.pipeline(transaction=True)
+    _push(pipe, entry)
+    for name, *args in also:
+        getattr(pipe, name)(*args)
+    pipe.execute()
+
+
+def entries(client: redis.Redis, limit: int = 100) -> list[dict[str, Any]]:
+    """The newest ``limit`` entries (0: all)."""
+    raw: list[bytes] = client.lrange(DLQ_KEY, 0, limit - 1 if limit else -1)  # type: ignore[assignment]
+    return [json.loads(r) for r in raw]
+
+
+def _find(client: redis.Redis, entry_id: str) -> tuple[bytes, dict[str, Any]] | None:
+    raw_entries: list[bytes] = client.lrange(DLQ_KEY, 0, -1)  # type: ignore[assignment]
+    for raw in raw_entries:
+        doc = json.loads(raw)
+        if doc.get("id") == entry_id:
+            return raw, doc
+    return None
+
+
+def show(client: redis.Redis, entry_id: str) -> dict[str, Any] | None:
+    """One entry by job ID (or message tag), with its message decoded for reading."""
+    found = _find(client, entry_id)
+    if found is None:
+        return None
+    doc = dict(found[1])
+    raw = base64.b64decode(doc.pop("message_b64", ""))
+    try:
+        envelope = json.loads(raw)
+        doc["message"] = {"headers": envelope.get("headers"),
+                          "content-type": envelope.get("content-type"), "bytes": len(raw)}
+    except ValueError:
+        doc["message"] = {"bytes": len(raw), "head": raw[:120].decode("latin-1")}
+    return doc
+
+
+def requeue(client: redis.Redis, entry_id: str) -> bool:
+    """Put an entry's message back on its queue and forget the job's failure; False if absent."""
+    found = _find(client, entry_id)
+    if found is None:
+        return False
+    raw, doc = found
+    pipe = client.pipeline(transaction=True)
+    pipe.lrem(DLQ_KEY, 1, raw)  # type: ignore[arg-type]  # bytes work; the stub says str
+    if doc.get("kind") == "job":
+        # The POISONED result would otherwise win over the new one (first result wins).
+        pipe.delete(contract.result_key(doc["id"]), attempts_key(doc["id"]))
+    pipe.lpush(doc["queue"], base64.b64decode(doc["message_b64"]))
+    pipe.execute()
+    return True
+
+
+def purge(client: redis.Redis) -> int:
+    """Drop every entry; return how many there were."""
+    pipe = client.pipeline(transaction=True)
+    pipe.llen(DLQ_KEY)
+    pipe.delete(DLQ_KEY)
+    count, _ = pipe.execute()
+    return int(count)

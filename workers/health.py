@@ -1,0 +1,132 @@
+"""Liveness and limits of a worker process: heartbeat, health file, batch watchdog, recycling.
+
+``inferq check`` reads the health file this module refreshes; it needs no Redis round trip
+and no reply from the (possibly busy) Celery pool, so it never flaps during a long batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import redis
+import structlog
+
+from producer import contract
+from workers.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+HEARTBEAT_S = 5.0
+_TICK_S = 0.25
+
+
+class Served(Protocol):
+    """What the monitor reads from each model server."""
+
+    name: str
+    batch_started: float | None
+    jobs_done: int
+
+
+def health_file(hostname: str) -> Path:
+    """Where a worker keeps its health record (``$INFERQ_HEALTH_FILE`` overrides)."""
+    override = os.environ.get("INFERQ_HEALTH_FILE")
+    safe = hostname.replace("/", "_")
+    return Path(override) if override else Path(tempfile.gettempdir()) / f"inferq-{safe}.json"
+
+
+def check(path: Path, max_age_s: float = 3 * HEARTBEAT_S) -> tuple[bool, str]:
+    """Whether the worker that writes ``path`` is ready and alive, and why not."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False, f"no health record at {path} (worker not started or not ready yet)"
+    age = time.time() - float(doc.get("updated", 0))
+    if age > max_age_s:
+        return False, f"health record is {age:.0f}s old (limit {max_age_s:.0f}s)"
+    try:
+        os.kill(int(doc["pid"]), 0)
+    except (OSError, KeyError, ValueError):
+        return False, f"worker process {doc.get('pid')} is gone"
+    if not doc.get("ready"):
+        return False, "worker is not consuming"
+    return True, f"ready: {doc.get('hostname')} serving {', '.join(doc.get('models', []))}"
+
+
+class Monitor:
+    """Runs in its own thread of the worker process until ``stop`` is set."""
+
+    def __init__(self, settings: Settings, hostname: str, servers: Sequence[Served],
+                 client: redis.Redis, stop: threading.Event) -> None:
+        self.settings = settings
+        self.hostname = hostname
+        self.servers = servers
+        self.client = client
+        self.stop = stop
+        self.path = health_file(hostname)
+        self._warned: set[int] = set()
+        self._recycling = False
+
+    def run(self) -> None:
+        next_beat = 0.0
+        while not self.stop.wait(_TICK_S):
+            self._watch_batches()
+            self._maybe_recycle()
+            if time.monotonic() >= next_beat:
+                self._beat(ready=True)
+                next_beat = time.monotonic() + HEARTBEAT_S
+        self._beat(ready=False)
+        with contextlib.suppress(redis.exceptions.RedisError):
+            self.client.delete(contract.WORKER_KEY_PREFIX + self.hostname)
+        self.path.unlink(missing_ok=True)
+
+    def _watch_batches(self) -> None:
+        limit = self.settings.batch_time_limit_s
+        now = time.monotonic()
+        for server in self.servers:
+            started = server.batch_started
+            if started is None:
+                continue
+            running = now - started
+            if running > limit:
+                log.critical("batch_time_limit", model=server.name, running_s=round(running, 1),
+                             limit_s=limit)
+                sys.stderr.flush()
+                # A hung native call cannot be interrupted: only the process can go. Its
+                # messages stay unacked and come back; a job that always hangs is poisoned.
+                os._exit(70)
+            if running > 0.8 * limit and id(started) not in self._warned:
+                self._warned.add(id(started))
+                log.warning("batch_soft_time_limit", model=server.name,
+                            running_s=round(running, 1), limit_s=limit)
+
+    def _maybe_recycle(self) -> None:
+        cap = self.settings.max_jobs_per_process
+        if cap and not self._recycling and sum(s.jobs_done for s in self.servers) >= cap:
+            self._recycling = True
+            log.info("recycling_process", jobs=sum(s.jobs_done for s in self.servers), cap=cap)
+            os.kill(os.getpid(), signal.SIGTERM)  # warm shutdown; the supervisor restarts us
+
+    def _beat(self, ready: bool) -> None:
+        models = sorted({s.name for s in self.servers})
+        doc = {"hostname": self.hostname, "pid": os.getpid(), "models": models,
+               "device": self.settings.device, "ready": ready, "updated": time.time()}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc))
+        tmp.replace(self.path)  # atomic: a reader never sees half a record
+        if ready:
+            try:
+                self.client.set(contract.WORKER_KEY_PREFIX + self.hostname, json.dumps(doc),
+                                ex=int(HEARTBEAT_S * 3))
+            except redis.exceptions.RedisError as exc:
+                log.warning("heartbeat_failed", error=str(exc))
