@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from producer import contract
 from producer.contract import TensorSpec
@@ -50,11 +52,27 @@ class ModelInfo:
         self.inputs = [TensorSpec.from_json(s) for s in doc.get("inputs", [])]
         self.outputs = [TensorSpec.from_json(s) for s in doc.get("outputs", [])]
         self.max_batch_rows = int(doc.get("max_batch_rows", 0))
+        self.max_queue = int(doc.get("max_queue", 0))
         self.description = str(doc.get("description", ""))
 
 
 def _redis(url: str, timeout: float) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    # One quick retry for a dropped connection; never more, so a call is bounded by about
+    # twice the socket timeout instead of redis-py's default backoff series.
+    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                retry=Retry(NoBackoff(), 1))
+
+
+# KEYS[1]: queue. ARGV[1]: most messages allowed to wait (0: no bound), ARGV[2..]: messages.
+_PUSH = """
+local bound = tonumber(ARGV[1])
+if bound > 0 and redis.call('LLEN', KEYS[1]) + #ARGV - 1 > bound then
+  return -1
+end
+return redis.call('LPUSH', KEYS[1], unpack(ARGV, 2))
+"""
+#: Messages per push script call (Lua's unpack has a stack limit).
+_PUSH_CHUNK = 2000
 
 
 def _as_array(value: Any) -> np.ndarray[Any, Any]:
@@ -78,7 +96,7 @@ class InferenceClient:
         result_url: str | None = None,
         *,
         serializer: str = "msgpack",
-        socket_timeout: float = 5.0,
+        socket_timeout: float = 2.0,
         validate: bool = True,
         blob_threshold: int = DEFAULT_BLOB_THRESHOLD,
         blob_ttl: int = 86_400,
@@ -99,6 +117,8 @@ class InferenceClient:
             if self.result_url == self.broker_url
             else _redis(self.result_url, socket_timeout)
         )
+        self._push_script = self._broker.register_script(_PUSH)
+        self._server_run_id: str | None = None
         self._models: dict[str, ModelInfo] = {}
         self._models_read_at = -1e9
         self._lock = threading.Lock()
@@ -176,14 +196,33 @@ class InferenceClient:
         return tensors
 
     def _push(
-        self, queue: str, messages: list[bytes], blobs: dict[str, bytes | memoryview]
+        self, model: str, messages: list[bytes], blobs: dict[str, bytes | memoryview]
     ) -> None:
-        """Blobs first, then the messages that name them, in one round trip."""
+        """Blobs first, then the messages that name them, in one round trip; refuse with
+        RESOURCE_EXHAUSTED (and take the blobs back) when the model's queue is full."""
+        if self._server_run_id is None:
+            self._server_run_id = self._run_id()
+        info = self._models.get(model)
+        bound = info.max_queue if info is not None else 0
+        queue = contract.queue_name(model)
         pipe = self._broker.pipeline(transaction=False)
         for key, data in blobs.items():
             pipe.set(key, data, ex=self.blob_ttl)
-        pipe.lpush(queue, *messages)
-        self._call(pipe.execute)
+        for start in range(0, len(messages), _PUSH_CHUNK):
+            self._push_script(keys=[queue], args=[bound, *messages[start:start + _PUSH_CHUNK]],
+                              client=pipe)
+        replies = self._call(pipe.execute)
+        if any(r == -1 for r in replies[len(blobs):]):
+            if blobs:
+                self._call(self._broker.unlink, *blobs)
+            raise ResourceExhausted(
+                f"queue {queue!r} is full ({bound} messages waiting); retry later or add workers")
+
+    def _run_id(self) -> str:
+        try:
+            return str(self._call(self._results.info, "server").get("run_id", ""))
+        except redis.exceptions.ResponseError:
+            return ""  # INFO not allowed (ACL) or not served: restarts go undetected
 
     def _headers(self) -> dict[str, Any]:
         return {contract.HEADER_ENQUEUED_AT: contract.now(), contract.HEADER_NOTIFY: self.client_id}
@@ -217,10 +256,7 @@ class InferenceClient:
             expires=self._expires(deadline),
             argsrepr=f"({model!r}, <{len(tensors)} tensors>)",
         )
-        if blobs:
-            self._push(contract.queue_name(model), [message], blobs)
-        else:
-            self._call(self._broker.lpush, contract.queue_name(model), message)
+        self._push(model, [message], blobs)
         return JobHandle(self, job_id, model, fresh=True)
 
     def submit_many(
@@ -274,7 +310,7 @@ class InferenceClient:
                 )
             )
         if messages:
-            self._push(queue, messages, blobs)
+            self._push(model, messages, blobs)
         return [JobHandle(self, i, model, fresh=True) for i in ids]
 
     @staticmethod
@@ -342,8 +378,24 @@ class InferenceClient:
                 # No notification for a while (another thread took them, or a worker that
                 # does not notify wrote the result): read every pending key once.
                 check, quiet_since = list(pending), now
+                self._check_server(len(pending))
             else:
                 check = []
+
+    def _check_server(self, pending: int) -> None:
+        """Raise Unavailable when Redis restarted without persistence: jobs are gone."""
+        if self._server_run_id is None:
+            self._server_run_id = self._run_id()
+            return
+        run_id = self._run_id()
+        if run_id == self._server_run_id:
+            return
+        self._server_run_id = run_id
+        persistence = self._call(self._results.info, "persistence")
+        if not int(persistence.get("aof_enabled", 0)):
+            raise Unavailable(
+                f"Redis restarted without append-only persistence while {pending} jobs were "
+                "pending: their messages and results are lost; submit them again")
 
     def _read(
         self, pending: set[str], ids: list[str]

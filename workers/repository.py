@@ -44,6 +44,8 @@ class Manifest:
     max_batch_rows: int
     max_wait_ms: float
     versions: dict[int, ModelVersion]
+    #: Most messages allowed to wait in the model's queue; producers are refused beyond.
+    max_queue: int = 100_000
 
     @property
     def batched(self) -> bool:
@@ -62,6 +64,7 @@ class Manifest:
             "inputs": [s.to_json() for s in self.inputs],
             "outputs": [s.to_json() for s in self.outputs],
             "max_batch_rows": self.max_batch_rows,
+            "max_queue": self.max_queue,
         }
 
 
@@ -108,6 +111,9 @@ def load_manifest(folder: Path) -> Manifest:
     if not versions:
         raise ManifestError(f"{path}: no [versions.N] entries")
     max_rows, max_wait = doc.get("max_batch_rows", 1), doc.get("max_wait_ms", 0.0)
+    max_queue = doc.get("max_queue", 100_000)
+    if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0:
+        raise ManifestError(f"{path}: max_queue must be an integer >= 0 (0: no bound)")
     if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
         raise ManifestError(f"{path}: max_batch_rows must be an integer >= 1")
     if not isinstance(max_wait, (int, float)) or isinstance(max_wait, bool) or max_wait < 0:
@@ -120,6 +126,7 @@ def load_manifest(folder: Path) -> Manifest:
         max_batch_rows=max_rows,
         max_wait_ms=float(max_wait),
         versions=versions,
+        max_queue=max_queue,
     )
     if not manifest.batched and max_rows != 1:
         raise ManifestError(f"{path}: max_batch_rows must be 1 without a -1 batch axis")

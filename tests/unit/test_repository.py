@@ -98,6 +98,7 @@ def test_valid_manifest_loads(tmp_path: Path) -> None:
         "inputs": [PIXELS],
         "outputs": [LABEL, PROBS],
         "max_batch_rows": 16,
+        "max_queue": 100_000,
     }
 
 
@@ -136,6 +137,7 @@ def test_defaults_and_unbatched_model(tmp_path: Path) -> None:
         ({"inputs": [{"name": "pixels", "shape": [-1, 64]}]}, "needs name, dtype and shape"),
         ({"inputs": [{**PIXELS, "shape": ["a", 64]}]}, "needs name, dtype and shape"),
         ({"max_batch_rows": 0}, "max_batch_rows must be an integer >= 1"),
+        ({"max_queue": -1}, "max_queue must be an integer >= 0"),
         ({"max_batch_rows": -4}, "max_batch_rows must be an integer >= 1"),
         ({"max_batch_rows": 2.5}, "max_batch_rows must be an integer >= 1"),
         ({"max_batch_rows": "8"}, "max_batch_rows must be an integer >= 1"),
