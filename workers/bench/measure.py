@@ -71,9 +71,9 @@ class CpuMeter:
 
 
 def direct(manifest: Manifest, threads: int, batches: Sequence[int] = (1, 8, 32, 64),
-           seconds: float = 1.0) -> dict[int, float]:
+           seconds: float = 1.0, device: str = "cpu") -> dict[int, float]:
     """Rows/s of ONNX Runtime alone, in this process, for each batch size."""
-    model = runtime.load(manifest, manifest.latest, "cpu", threads)
+    model = runtime.load(manifest, manifest.latest, device, threads)
     rows = make_inputs(manifest, max(batches))
     out = {}
     for batch in batches:

@@ -152,8 +152,9 @@ def bench_model(name: str, model_dir: Path, url: str, redis_pid: int, load: Load
     manifest = load_manifest(model_dir / name)
     threads = max(1, (os.cpu_count() or 1) // workers)
     inputs = measure.make_inputs(manifest, 256)
-    say(f"{name}: direct ONNX Runtime ({threads} threads)")
-    direct = measure.direct(manifest, threads)
+    device = "cuda" if gpus else "cpu"
+    say(f"{name}: direct ONNX Runtime ({device}, {threads} threads)")
+    direct = measure.direct(manifest, threads, device=device)
     out: dict[str, Any] = {
         "direct_jobs_per_s_by_batch": {str(k): round(v, 1) for k, v in direct.items()},
         "direct_best_jobs_per_s": round(max(direct.values()), 1),
