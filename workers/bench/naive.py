@@ -40,7 +40,8 @@ def _model(name: str) -> runtime.LoadedModel:
         root = Path(os.environ["INFERQ_MODEL_DIR"])
         manifest = repository.load_manifest(root / name)
         threads = int(os.environ.get("INFERQ_INTRA_OP_THREADS", "0"))
-        _models[name] = runtime.load(manifest, manifest.latest, "cpu", threads)
+        device = os.environ.get("INFERQ_DEVICE", "cpu")
+        _models[name] = runtime.load(manifest, manifest.latest, device, threads)
     return _models[name]
 
 

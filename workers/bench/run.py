@@ -99,10 +99,13 @@ def inferq_workers(url: str, model_dir: Path, model: str, workers: int,
 
 
 @contextmanager
-def naive_worker(url: str, model_dir: Path, threads: int, log: Path) -> Iterator[int]:
+def naive_worker(url: str, model_dir: Path, threads: int, log: Path,
+                 gpus: Sequence[int] | None = None) -> Iterator[int]:
     """One plain Celery worker (solo pool) for the baseline; yields its pid."""
     env = {**os.environ, "INFERQ_BROKER_URL": url, "INFERQ_MODEL_DIR": str(model_dir),
-           "INFERQ_INTRA_OP_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""}
+           "INFERQ_INTRA_OP_THREADS": str(threads),
+           "INFERQ_DEVICE": "cuda" if gpus else "cpu",
+           "CUDA_VISIBLE_DEVICES": str(gpus[0]) if gpus else ""}
     argv = [sys.executable, "-m", "celery", "-A", "workers.bench.naive", "worker", "-P", "solo",
             "-Q", "bench.naive", "-n", "naive@bench", "--without-mingle", "--without-gossip",
             "-l", "WARNING"]
@@ -164,7 +167,7 @@ def bench_model(name: str, model_dir: Path, url: str, redis_pid: int, load: Load
     app = Celery(broker=url, backend=url)
     app.conf.update(task_serializer="msgpack", result_serializer="json",
                     accept_content=["msgpack", "json"])
-    with naive_worker(url, model_dir, threads, logs / "naive.log") as pid:
+    with naive_worker(url, model_dir, threads, logs / "naive.log", gpus) as pid:
         measure.naive_one_at_a_time(app, name, inputs, 20)  # warm
         meter = measure.CpuMeter({"redis": redis_pid, "worker": pid})
         naive = measure.naive_saturation(app, name, inputs, load.naive, meter,
