@@ -108,7 +108,9 @@ class InferenceClient:
         self.serializer = serializer
         self.validate = validate
         self.blob_threshold = blob_threshold
-        self.blob_ttl = blob_ttl
+        #: The workers' visibility timeout; by-reference data must outlive a redelivery.
+        self.visibility_timeout = int(os.environ.get("INFERQ_VISIBILITY_TIMEOUT") or 300)
+        self.blob_ttl = max(blob_ttl, 4 * self.visibility_timeout)
         self.client_id = uuid.uuid4().hex
         self._notify_key = contract.NOTIFY_KEY_PREFIX + self.client_id
         self._broker = _redis(self.broker_url, socket_timeout)
