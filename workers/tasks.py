@@ -13,21 +13,18 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-import numpy as np
 import redis
 import structlog
 
 from producer import contract
 from producer.contract import Delivery, JobRequest
 from producer.errors import (
-    DeadlineExceeded,
     InferqError,
     InternalError,
     InvalidInput,
-    ModelNotFound,
     Poisoned,
 )
-from workers import deadletter
+from workers import deadletter, validation
 from workers.batching import Arrays, BatchPolicy, collate, split, take
 from workers.consumer import QueueReader
 from workers.results import Completed, Event, ResultWriter, TaskEvents
@@ -211,7 +208,7 @@ class ModelServer:
                 self._events.append(
                     TaskEvents.received(job.id, self.name, int(delivery.redelivered)))
             try:
-                pending = self._check(job, message, picked_at, delivery, blobs)
+                pending = self._check(job, message, picked_at, blobs)
             except InferqError as exc:
                 self._fail(job.id, exc, message)
                 continue
@@ -232,52 +229,15 @@ class ModelServer:
         return {j.id for j, found in zip(delivery.jobs, pipe.execute(), strict=True) if found}
 
     def _check(
-        self, job: JobRequest, message: _Message, picked_at: float, delivery: Delivery,
+        self, job: JobRequest, message: _Message, picked_at: float,
         blobs: dict[str, bytes | None],
     ) -> _Pending:
-        if job.model != self.name:
-            raise ModelNotFound(f"job for model {job.model!r} arrived on {delivery.queue!r}")
-        version = self.latest if job.version is None else job.version
-        if version not in self.versions:
-            raise ModelNotFound(
-                f"model {self.name!r} has no version {version}; served: {sorted(self.versions)}"
-            )
-        job.version = version
-        if job.deadline is not None and picked_at > job.deadline:
-            raise DeadlineExceeded(
-                f"deadline passed {picked_at - job.deadline:.3f}s before the job was picked up"
-            )
-        if not isinstance(job.inputs, Mapping):
-            raise InvalidInput("inputs must map input names to tensors")
-        arrays: Arrays = {}
-        for name, tensor in job.inputs.items():
-            if isinstance(tensor, Mapping) and "ref" in tensor:
-                tensor = self._resolve(tensor, str(name), blobs)
-            arr = contract.decode_tensor(tensor, f"input {name!r}")
-            limit = self.settings.max_tensor_bytes
-            if arr.nbytes > limit:
-                raise InvalidInput(f"input {name!r} is {arr.nbytes} bytes; the limit is {limit}")
-            if (self.settings.reject_nonfinite and arr.dtype.kind == "f"
-                    and not np.isfinite(arr).all()):
-                raise InvalidInput(f"input {name!r} contains NaN or Inf (refused: "
-                                   "INFERQ_NONFINITE=reject)")
-            arrays[str(name)] = arr
-        rows = contract.check_inputs(self.inputs, arrays)
+        job.version = validation.resolve_version(job, self.name, self.versions)
+        validation.check_deadline(job, picked_at)
+        arrays, rows = validation.decode_inputs(
+            job.inputs, self.inputs, blobs, max_tensor_bytes=self.settings.max_tensor_bytes,
+            reject_nonfinite=self.settings.reject_nonfinite)
         return _Pending(job, arrays, rows, message, picked_at)
-
-    @staticmethod
-    def _resolve(
-        tensor: Mapping[str, Any], name: str, blobs: dict[str, bytes | None]
-    ) -> dict[str, Any]:
-        ref = tensor.get("ref")
-        if not isinstance(ref, str) or not ref.startswith(contract.BLOB_KEY_PREFIX):
-            # Only blob keys: a reference must never read (and later delete) another key.
-            raise InvalidInput(f"input {name!r}: ref must be a key under "
-                               f"{contract.BLOB_KEY_PREFIX!r}")
-        data = blobs.get(ref)
-        if data is None:
-            raise InvalidInput(f"input {name!r}: no data under {ref!r} (expired or never sent)")
-        return {"dtype": tensor.get("dtype"), "shape": tensor.get("shape"), "data": data}
 
     # --- run -------------------------------------------------------------------------
 

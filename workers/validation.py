@@ -1,0 +1,73 @@
+"""Checking one decoded job against the model it asks for, before it may join a batch.
+
+Pure functions: a job that fails here fails alone, with a typed error for that job only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from producer import contract
+from producer.contract import JobRequest, TensorSpec
+from producer.errors import DeadlineExceeded, InvalidInput, ModelNotFound
+from workers.batching import Arrays
+
+
+def resolve_version(job: JobRequest, model: str, versions: Collection[int]) -> int:
+    """The version that serves ``job`` (its pin, else the latest); NOT_FOUND otherwise."""
+    if job.model != model:
+        raise ModelNotFound(f"job for model {job.model!r} arrived on the queue of {model!r}")
+    version = max(versions) if job.version is None else job.version
+    if version not in versions:
+        raise ModelNotFound(f"model {model!r} has no version {version}; served: "
+                            f"{sorted(versions)}")
+    return version
+
+
+def check_deadline(job: JobRequest, picked_at: float) -> None:
+    """DEADLINE_EXCEEDED for a job picked up after its deadline: it never reaches the model."""
+    if job.deadline is not None and picked_at > job.deadline:
+        raise DeadlineExceeded(
+            f"deadline passed {picked_at - job.deadline:.3f}s before the job was picked up")
+
+
+def _resolve(tensor: Mapping[str, Any], name: str, blobs: Mapping[str, bytes | None]
+             ) -> dict[str, Any]:
+    ref = tensor.get("ref")
+    if not isinstance(ref, str) or not ref.startswith(contract.BLOB_KEY_PREFIX):
+        # Only blob keys: a reference must never read (and later delete) another key.
+        raise InvalidInput(f"input {name!r}: ref must be a key under "
+                           f"{contract.BLOB_KEY_PREFIX!r}")
+    data = blobs.get(ref)
+    if data is None:
+        raise InvalidInput(f"input {name!r}: no data under {ref!r} (expired or never sent)")
+    return {"dtype": tensor.get("dtype"), "shape": tensor.get("shape"), "data": data}
+
+
+def decode_inputs(
+    inputs: Any,
+    specs: Sequence[TensorSpec],
+    blobs: Mapping[str, bytes | None],
+    *,
+    max_tensor_bytes: int,
+    reject_nonfinite: bool,
+) -> tuple[Arrays, int]:
+    """Decode and check a job's tensors; return them and the job's row count."""
+    if not isinstance(inputs, Mapping):
+        raise InvalidInput("inputs must map input names to tensors")
+    arrays: Arrays = {}
+    for name, tensor in inputs.items():
+        if isinstance(tensor, Mapping) and "ref" in tensor:
+            tensor = _resolve(tensor, str(name), blobs)
+        arr = contract.decode_tensor(tensor, f"input {name!r}")
+        if arr.nbytes > max_tensor_bytes:
+            raise InvalidInput(
+                f"input {name!r} is {arr.nbytes} bytes; the limit is {max_tensor_bytes}")
+        if reject_nonfinite and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise InvalidInput(
+                f"input {name!r} contains NaN or Inf (refused: INFERQ_NONFINITE=reject)")
+        arrays[str(name)] = arr
+    return arrays, contract.check_inputs(specs, arrays)
