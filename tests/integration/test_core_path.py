@@ -221,6 +221,18 @@ def test_flower_sees_finished_job(
         assert info["state"] == "SUCCESS"
         assert info["name"] == contract.TASK_NAME
         assert info["worker"] == shared_worker.hostname
+        # Jobs that travelled 32 to a message are each their own task in Flower too.
+        with InferenceClient(redis_server.url) as client:
+            bulk = client.submit_many("digits", [{"pixels": x} for x in X[:40]])
+            client.results([h.id for h in bulk], timeout=30)
+        wanted = {h.id for h in bulk}
+        seen: dict[str, object] = {}
+        while time.monotonic() < deadline and seen != dict.fromkeys(wanted, "SUCCESS"):
+            tasks = _get_json(f"{base}/api/tasks?limit=1000")
+            assert isinstance(tasks, dict)
+            seen = {k: v["state"] for k, v in tasks.items() if k in wanted}
+            time.sleep(0.2)
+        assert seen == dict.fromkeys(wanted, "SUCCESS")
     finally:
         flower.terminate()
         flower.wait(timeout=10)
