@@ -72,6 +72,7 @@ class WorkerProcess:
             "INFERQ_DEVICE": "cpu",
             "INFERQ_INTRA_OP_THREADS": "1",
             "INFERQ_LOG_FORMAT": "json",
+            "INFERQ_METRICS_PORT": "0",
             "CUDA_VISIBLE_DEVICES": "",
             **env,
         }

@@ -19,7 +19,7 @@ import structlog
 from celery import Celery, bootsteps
 
 from producer import contract
-from workers import logs, repository, runtime
+from workers import logs, metrics, repository, runtime
 from workers.consumer import QueueReader
 from workers.health import Monitor
 from workers.results import ResultStore, ResultWriter, TaskEvents
@@ -100,17 +100,25 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
     def start(self, worker: Any) -> None:
         settings = SETTINGS
         hostname = worker.hostname or settings.hostname
+        port = metrics.port_from_env(os.environ)
+        if port is not None:
+            # Up before the models load, so a long load reads as "not ready", not "down".
+            try:
+                log.info("metrics_listening", port=METRICS.start_http(port))
+            except OSError as exc:
+                log.warning("metrics_port_unavailable", port=port, error=str(exc))
         manifests = repository.scan(settings.model_dir, settings.models)
         loaded: dict[str, dict[int, runtime.LoadedModel]] = {}
         for name, manifest in manifests.items():
-            started = time.perf_counter()
-            loaded[name] = {
-                v: runtime.load(manifest, v, settings.device, settings.intra_op_threads)
-                for v in sorted(manifest.versions)
-            }
-            log.info("model_loaded", model=name, versions=sorted(loaded[name]),
-                     provider=loaded[name][manifest.latest].provider,
-                     load_ms=round((time.perf_counter() - started) * 1000, 1))
+            loaded[name] = {}
+            for v in sorted(manifest.versions):
+                started = time.perf_counter()
+                model = runtime.load(manifest, v, settings.device, settings.intra_op_threads)
+                seconds = time.perf_counter() - started
+                METRICS.model_loaded(name, v, model.provider, seconds)
+                log.info("model_loaded", model=name, version=v, provider=model.provider,
+                         load_ms=round(seconds * 1000, 1))
+                loaded[name][v] = model
         control = _redis(settings.broker_url)
         if settings.profile == "production":
             check_redis_durability(control)
@@ -128,7 +136,7 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
                                settings.events_max_rate / settings.instances),
                 )
                 server = ModelServer(name, versions, reader, writer, worker=hostname,
-                                     settings=settings)
+                                     settings=settings, metrics=METRICS)
                 servers.append(server)
                 self.threads.append(threading.Thread(
                     target=self._run, args=(server,), name=f"inferq-{name}-{instance}",
@@ -138,6 +146,8 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
                                              daemon=True))
         for thread in self.threads:
             thread.start()
+        METRICS.set_ready(True)
+        METRICS.start_sampler(_redis(settings.broker_url), sorted(loaded), stop=self.stop_event)
         log.info("worker_ready", worker=hostname, models=sorted(loaded), device=settings.device)
 
     def _run(self, server: ModelServer) -> None:
@@ -145,15 +155,19 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
             server.serve(self.stop_event)
         except Exception:
             server.log.exception("model_server_crashed")
+            METRICS.set_ready(False)
             # A worker that stopped serving must not look healthy: stop the whole process.
             os.kill(os.getpid(), signal.SIGTERM)
 
     def stop(self, worker: Any) -> None:
+        METRICS.set_ready(False)
         self.stop_event.set()
         for thread in self.threads:
             thread.join(timeout=60)
+        METRICS.close()
 
 
 SETTINGS = Settings.from_env()
+METRICS = metrics.WorkerMetrics()
 logs.configure(json_output=os.environ.get("INFERQ_LOG_FORMAT", "auto"))
 app = make_app(SETTINGS)

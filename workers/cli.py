@@ -140,6 +140,26 @@ def check(hostname: str | None, path: Path | None) -> None:
     sys.exit(0 if ok else 1)
 
 
+@main.command()
+@click.option("--port", default=9460, show_default=True)
+@click.option("--interval", "interval_s", default=5.0, show_default=True)
+@click.option("--model", "models", multiple=True, help="Also report this model's queue.")
+def exporter(port: int, interval_s: float, models: tuple[str, ...]) -> None:
+    """Queue depth, oldest age, consumers per model and dead letters, for Prometheus."""
+    import os
+    import signal
+    import threading
+
+    from producer.client import DEFAULT_URL
+    from workers.metrics import run_exporter
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # PID 1 in a container ignores SIGTERM
+        signal.signal(sig, lambda *_: stop.set())
+    run_exporter(os.environ.get("INFERQ_BROKER_URL") or DEFAULT_URL, port, interval_s,
+                 models=models, stop=stop)
+
+
 @main.group()
 def dlq() -> None:
     """Read and work the dead-letter list (poisoned jobs, unreadable messages)."""

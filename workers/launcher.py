@@ -20,6 +20,7 @@ from typing import IO
 
 import structlog
 
+from workers.metrics import DEFAULT_PORT, metrics_port
 from workers.settings import CONTROL_QUEUE
 
 log = structlog.get_logger(__name__)
@@ -69,6 +70,14 @@ def parse_gpus(arg: str, available: Sequence[int]) -> list[int]:
     return wanted
 
 
+def _metrics_env(env: Mapping[str, str], index: int) -> dict[str, str]:
+    """Worker ``index`` scrapes on base port + index (stable per GPU), unless turned off."""
+    raw = env.get("INFERQ_METRICS_PORT", "").strip()
+    if raw.lower() in ("off", "none", "disabled"):
+        return {}
+    return {"INFERQ_METRICS_PORT": str(metrics_port(int(raw) if raw else DEFAULT_PORT, index))}
+
+
 def celery_argv(hostname: str, loglevel: str = "INFO") -> list[str]:
     """The command line of one worker process (solo pool: the model runs in this process)."""
     return [
@@ -98,6 +107,7 @@ def plan(
                 "CUDA_VISIBLE_DEVICES": str(index),
                 "INFERQ_DEVICE": "cuda",
                 "INFERQ_HOSTNAME": name,
+                **_metrics_env(env, index),
                 # The GPU does the work; more CPU threads only contend.
                 "INFERQ_INTRA_OP_THREADS": env.get("INFERQ_INTRA_OP_THREADS", "1"),
             }))
@@ -112,6 +122,7 @@ def plan(
             "CUDA_VISIBLE_DEVICES": "",
             "INFERQ_DEVICE": "cpu",
             "INFERQ_HOSTNAME": name,
+            **_metrics_env(env, index),
             "INFERQ_INTRA_OP_THREADS": env.get("INFERQ_INTRA_OP_THREADS", str(threads)),
         }))
     return specs

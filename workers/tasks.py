@@ -27,6 +27,7 @@ from producer.errors import (
 from workers import deadletter, validation
 from workers.batching import Arrays, BatchPolicy, collate, split, take
 from workers.consumer import QueueReader
+from workers.metrics import WorkerMetrics
 from workers.results import Completed, Event, ResultWriter, TaskEvents
 from workers.runtime import LoadedModel
 from workers.settings import Settings
@@ -84,6 +85,7 @@ class ModelServer:
         *,
         worker: str,
         settings: Settings,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.name = name
         self.versions = dict(versions)
@@ -97,6 +99,7 @@ class ModelServer:
         self.events = writer.events
         self.worker = worker
         self.settings = settings
+        self.metrics = metrics
         #: Set while a batch runs (time.monotonic()), for the time-limit watchdog.
         self.batch_started: float | None = None
         self.jobs_done = 0
@@ -269,9 +272,11 @@ class ModelServer:
                             datetime.now(timezone.utc).isoformat())
         for pending, outputs in zip(batch, parts, strict=True):
             if isinstance(outputs, InferqError):
-                self._fail(pending.job.id, outputs, pending.message)
+                self._fail(pending.job.id, outputs, pending.message, version)
             else:
                 self._succeed(pending, outputs, shared)
+        if self.metrics is not None:
+            self._observe(batch, parts, shared, version)
         self.log.info(
             "batch", version=version, device=model.provider, jobs=len(batch), rows=rows,
             oldest_wait_ms=round((started - min(p.picked_at for p in batch)) * 1000, 3),
@@ -338,7 +343,25 @@ class ModelServer:
                 batch.finished - batch.started))
         pending.message.open_jobs -= 1
 
-    def _fail(self, job_id: str, error: InferqError, message: _Message) -> None:
+    def _observe(self, batch: list[_Pending], parts: list[Arrays | InferqError],
+                 shared: _BatchInfo, version: int) -> None:
+        assert self.metrics is not None
+        self.metrics.batch_done(self.name, version, shared.rows, shared.finished - shared.started)
+        ok = [p for p, o in zip(batch, parts, strict=True) if not isinstance(o, InferqError)]
+        if ok:
+            self.metrics.jobs_done_bulk(
+                self.name, version, "OK",
+                queue_s=[p.picked_at - p.job.enqueued_at for p in ok
+                         if p.job.enqueued_at is not None],
+                batch_wait_s=[shared.started - p.picked_at for p in ok],
+                latency_s=[shared.stored - (p.picked_at if p.job.enqueued_at is None
+                                            else p.job.enqueued_at) for p in ok])
+
+    def _fail(self, job_id: str, error: InferqError, message: _Message,
+              version: int | None = None) -> None:
+        # The model label is this server's name, never the client's: no unbounded labels.
+        if self.metrics is not None:
+            self.metrics.job_done(self.name, version, error.code, None, None, None)
         self.log.info("job_failed", job_id=job_id, code=error.code, message=error.message)
         self._docs.append((job_id, contract.failure_document(job_id, error), message.notify))
         if job_id in self._sampled:

@@ -326,3 +326,41 @@ def test_large_tensors_travel_by_reference(
     assert np.allclose(by_ref, expected["probabilities"], atol=1e-6)
     # Blobs are deleted once their jobs are done.
     assert not list(redis_server.client().scan_iter(contract.BLOB_KEY_PREFIX + "*"))
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_worker_metrics_count_the_jobs_sent(
+    redis_server: RedisServer, shared_worker: WorkerProcess
+) -> None:
+    ports = [r["port"] for r in shared_worker.log_records()
+             if r.get("event") == "metrics_listening"]
+    assert ports, "the worker did not log its metrics port"
+    port = int(ports[-1])  # type: ignore[call-overload]
+
+    def count(name: str, **labels: str) -> float:
+        return sum(v for (n, ls), v in _scrape(port).items()
+                   if n == name and all(dict(ls).get(k) == w for k, w in labels.items()))
+
+    ok_before = count("inferq_jobs_total", model="digits", code="OK")
+    bad_before = count("inferq_jobs_total", model="digits", code="INVALID_ARGUMENT")
+    latency_before = count("inferq_job_latency_seconds_count", model="digits")
+    with InferenceClient(redis_server.url) as client:
+        good = client.submit_many("digits", [{"pixels": x} for x in X[:20]])
+        client.results([h.id for h in good], timeout=30)
+        unchecked = InferenceClient(redis_server.url, validate=False)
+        bad = [unchecked.submit("digits", {"pixels": X[:1].astype(np.float64)}) for _ in range(2)]
+        assert all(isinstance(o, JobFailed) for o in client.outcomes([h.id for h in bad], 30))
+    assert count("inferq_jobs_total", model="digits", code="OK") - ok_before == 20
+    assert count("inferq_jobs_total", model="digits", code="INVALID_ARGUMENT") - bad_before == 2
+    assert count("inferq_job_latency_seconds_count", model="digits") - latency_before == 20
+    assert count("inferq_batch_rows_count", model="digits") >= 1
+    assert count("inferq_worker_ready") == 1
+    assert count("inferq_model_info", model="digits", version="2") == 1
