@@ -364,3 +364,32 @@ def test_worker_metrics_count_the_jobs_sent(
     assert count("inferq_batch_rows_count", model="digits") >= 1
     assert count("inferq_worker_ready") == 1
     assert count("inferq_model_info", model="digits", version="2") == 1
+
+
+def test_logs_are_json_lines_per_batch_and_per_failed_job(
+    redis_server: RedisServer, shared_worker: WorkerProcess
+) -> None:
+    with InferenceClient(redis_server.url, validate=False) as client:
+        ok = client.submit("digits", {"pixels": X[:3]})
+        bad = client.submit("digits", {"pixels": X[:1].astype(np.float64)})
+        ok.result(30)
+        with pytest.raises(JobFailed):
+            bad.result(30)
+    deadline = time.monotonic() + 10
+    while True:
+        records = shared_worker.log_records()
+        failed = [r for r in records
+                  if r.get("event") == "job_failed" and r.get("job_id") == bad.id]
+        if failed or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert failed and failed[0]["code"] == "INVALID_ARGUMENT" and "float32" in failed[0]["message"]
+    assert failed[0]["level"] == "info" and failed[0]["model"] == "digits"
+    batches = [r for r in records if r.get("event") == "batch" and r.get("rows") == 3]
+    assert batches, "no batch line for the 3-row job"
+    line = batches[-1]
+    assert {"model", "version", "device", "jobs", "rows", "oldest_wait_ms", "compute_ms",
+            "worker", "timestamp", "level"} <= line.keys()
+    assert line["model"] == "digits" and line["device"] == "CPUExecutionProvider"
+    # Celery's own records come out as JSON lines through the same formatter.
+    assert any(r.get("logger", "").startswith("celery") for r in records)
