@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 import redis
@@ -54,6 +55,14 @@ class ModelInfo:
         self.max_batch_rows = int(doc.get("max_batch_rows", 0))
         self.max_queue = int(doc.get("max_queue", 0))
         self.description = str(doc.get("description", ""))
+
+
+def require_verified_tls(url: str) -> None:
+    """Refuse a Redis URL that turns certificate checking off (or half off)."""
+    for key, value in parse_qsl(urlsplit(url).query):
+        if key == "ssl_cert_reqs" and value.lower() != "required":
+            raise ValueError(f"{key}={value} is refused: TLS connections must verify "
+                             "certificates (ssl_cert_reqs=required, the default)")
 
 
 def _redis(url: str, timeout: float) -> redis.Redis:
@@ -105,6 +114,8 @@ class InferenceClient:
             raise ValueError(f"serializer must be one of {sorted(contract.CONTENT_TYPES)}")
         self.broker_url = broker_url or os.environ.get("INFERQ_BROKER_URL") or DEFAULT_URL
         self.result_url = result_url or os.environ.get("INFERQ_RESULT_URL") or self.broker_url
+        require_verified_tls(self.broker_url)
+        require_verified_tls(self.result_url)
         self.serializer = serializer
         self.validate = validate
         self.blob_threshold = blob_threshold

@@ -31,8 +31,46 @@ log = structlog.get_logger(__name__)
 
 
 def make_app(settings: Settings) -> Celery:
-    """A Celery app configured for inferq's delivery guarantees."""
+    """A Celery app configured for inferq's delivery guarantees.
+
+    For ``rediss://`` URLs the broker and the result backend get explicit TLS options
+    that always verify the server's certificate: kombu alone would fall back to
+    ``ssl_cert_reqs=CERT_NONE`` for a ``rediss://`` URL without TLS parameters.
+    """
+    # Imported here so that this TLS block stays within make_app.
+    import ssl
+    from urllib.parse import parse_qsl, urlsplit
+
+    from workers.settings import SettingsError
+
+    def tls_options(url: str) -> dict[str, Any] | None:
+        """The ssl dict kombu (broker_use_ssl) and Celery (redis_backend_use_ssl) take."""
+        parts = urlsplit(url)
+        if parts.scheme != "rediss":
+            return None
+        query = dict(parse_qsl(parts.query))
+        # Only "required": the one spelling redis-py, kombu and Celery all accept.
+        reqs = query.get("ssl_cert_reqs", "required")
+        if reqs != "required":
+            raise SettingsError(
+                f"rediss:// URLs must verify the server certificate: ssl_cert_reqs={reqs!r} "
+                "is refused; use ssl_cert_reqs=required (or leave it out)")
+        options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+        # Without ssl_ca_certs the system's CA store verifies the server.
+        for key in ("ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile"):
+            if query.get(key):
+                options[key] = query[key]
+        if "ssl_check_hostname" in query:
+            options["ssl_check_hostname"] = query["ssl_check_hostname"].lower() not in (
+                "false", "0", "no", "off")
+        return options
+
+    broker_tls, backend_tls = tls_options(settings.broker_url), tls_options(settings.result_url)
     app = Celery("inferq", broker=settings.broker_url, backend=settings.result_url)
+    if broker_tls is not None:
+        app.conf.broker_use_ssl = broker_tls
+    if backend_tls is not None:
+        app.conf.redis_backend_use_ssl = backend_tls
     vt = settings.visibility_timeout_s
     app.conf.update(
         # Control replies (Flower, inspect) use the task serializer: keep it json.

@@ -51,12 +51,17 @@ def up(cpu_workers: int) -> None:
     import signal
     import threading
 
+    from workers.launcher import LaunchError
     from workers.stack import LocalStack
 
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
-    with LocalStack(cpu_workers=cpu_workers) as stack:
+    try:
+        stack = LocalStack(cpu_workers=cpu_workers)
+    except LaunchError as exc:
+        raise click.ClickException(str(exc)) from None
+    with stack:
         click.echo(f"broker  {stack.broker_url}\nflower  {stack.flower_url}\nready; Ctrl-C stops")
         while not stopped.wait(0.5):
             assert stack.supervisor is not None
@@ -68,8 +73,12 @@ def up(cpu_workers: int) -> None:
 def demo() -> None:
     """Classify the digits test set through the whole stack and print a summary."""
     from workers import demo as demo_module
+    from workers.launcher import LaunchError
 
-    sys.exit(demo_module.run(click.echo))
+    try:
+        sys.exit(demo_module.run(click.echo))
+    except LaunchError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command()

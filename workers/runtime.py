@@ -6,11 +6,12 @@ Sessions are created in the process that runs them: CUDA does not survive a fork
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from workers.repository import Manifest, check_graph, verify_file
+from workers.repository import Manifest, check_graph, verify_external_data, verify_file
 
 
 class DeviceUnavailable(RuntimeError):
@@ -36,8 +37,13 @@ def providers_for(device: str) -> list[Any]:
     return ["CPUExecutionProvider"]
 
 
-def create_session(model: bytes, device: str, intra_op_threads: int) -> Any:
-    """Create a session for ``model`` on ``device``; refuse a silent CPU fallback."""
+def create_session(model: bytes | Path, device: str, intra_op_threads: int) -> Any:
+    """Create a session for ``model`` on ``device``; refuse a silent CPU fallback.
+
+    ``model`` is the verified bytes, or the path of a verified model with external data:
+    ONNX Runtime resolves external data locations relative to the model's folder, and only
+    for a model loaded from a path.
+    """
     ort = _ort()
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
@@ -49,7 +55,8 @@ def create_session(model: bytes, device: str, intra_op_threads: int) -> Any:
             "a GPU worker needs onnxruntime-gpu (pip install 'inferq[gpu]'); the installed "
             f"onnxruntime offers only {ort.get_available_providers()}"
         )
-    session = ort.InferenceSession(model, options, providers=providers_for(device))
+    source = str(model) if isinstance(model, Path) else model
+    session = ort.InferenceSession(source, options, providers=providers_for(device))
     active = session.get_providers()[0]
     if device == "cuda" and active != "CUDAExecutionProvider":
         # onnxruntime-gpu falls back to the CPU without raising when CUDA/cuDNN are missing.
@@ -89,9 +96,16 @@ class LoadedModel:
 
 
 def load(manifest: Manifest, version: int, device: str, intra_op_threads: int) -> LoadedModel:
-    """Verify, load, check against the manifest and warm up one model version."""
-    data = verify_file(manifest.versions[version])
-    session = create_session(data, device, intra_op_threads)
+    """Verify, load, check against the manifest and warm up one model version.
+
+    External data is checked first: every location the model names must be declared in the
+    manifest and stay inside the version folder, and every declared file must match its
+    sha256. Then a model with external data is loaded from its path (the files beside it).
+    """
+    entry = manifest.versions[version]
+    data = verify_file(entry)
+    external = verify_external_data(entry, data)
+    session = create_session(entry.path if external else data, device, intra_op_threads)
 
     def describe(args: Any) -> list[tuple[str, str, list[Any]]]:
         return [(a.name, a.type, list(a.shape)) for a in args]

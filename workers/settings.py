@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from producer.client import require_verified_tls
+
 DEFAULT_URL = "redis://localhost:6379/0"
 #: Queue the Celery consumer itself listens on; inferq jobs never go there.
 CONTROL_QUEUE = "inferq.control"
@@ -95,9 +97,10 @@ class Settings:
         if self.max_jobs_per_process < 0:
             raise SettingsError("INFERQ_MAX_JOBS_PER_PROCESS must be >= 0")
         for url in (self.broker_url, self.result_url):
-            if "ssl_cert_reqs=none" in url.lower() or "ssl_cert_reqs=optional" in url.lower():
-                raise SettingsError("rediss:// URLs must verify certificates: "
-                                    "ssl_cert_reqs=none/optional is refused")
+            try:
+                require_verified_tls(url)
+            except ValueError as exc:
+                raise SettingsError(str(exc)) from None
         if self.max_executions < 1:
             raise SettingsError("INFERQ_MAX_EXECUTIONS must be >= 1")
         if self.max_tensor_bytes <= 0:

@@ -1,7 +1,12 @@
-"""``inferq up``: Redis (private if none is configured), the workers and Flower, on loopback."""
+"""``inferq up``: Redis (private if none is configured), the workers and Flower.
+
+Flower listens on 127.0.0.1 unless ``INFERQ_FLOWER_ADDRESS`` says otherwise; any other
+address needs ``INFERQ_FLOWER_AUTH`` (Flower's API can shut workers down and revoke jobs).
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import subprocess
@@ -19,6 +24,40 @@ from workers.redisproc import RedisServer, free_port
 log = structlog.get_logger(__name__)
 
 LOCAL_URL = "redis://localhost:6379/0"
+FLOWER_ADDRESS = "127.0.0.1"
+
+
+class FlowerConfigError(LaunchError):
+    """Flower would be reachable from other hosts without authentication, or the
+    credentials are malformed."""
+
+
+def is_loopback(address: str) -> bool:
+    """True for an address only this host can reach: ``localhost``, 127.0.0.0/8, ``::1``.
+
+    Everything else counts as reachable from elsewhere: ``""`` and ``0.0.0.0`` (every
+    interface), other IPs, and host names (they may resolve to anything).
+    """
+    host = address.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_flower_auth(credentials: str) -> str:
+    """Check ``user:password[,user:password...]`` (Flower's ``basic_auth``); return it."""
+    for entry in credentials.split(","):
+        user, sep, password = entry.partition(":")
+        if not sep or not user.strip() or not password:
+            raise FlowerConfigError(
+                "INFERQ_FLOWER_AUTH must be user:password (several: user:password,user2:pw2; "
+                "no commas in passwords): an entry has no user or no password")
+    return credentials
 
 
 def answers(url: str, timeout: float = 0.5) -> bool:
@@ -45,8 +84,20 @@ class LocalStack:
         cpu_workers: int = 1,
         flower: bool = True,
         flower_port: int = 5555,
+        flower_address: str | None = None,
+        flower_auth: str | None = None,
         ready_timeout_s: float = 120.0,
     ) -> None:
+        # Checked before anything starts: an open Flower must never come up by accident.
+        self.flower_address = (flower_address or os.environ.get("INFERQ_FLOWER_ADDRESS")
+                               or FLOWER_ADDRESS)
+        auth = flower_auth if flower_auth is not None else os.environ.get("INFERQ_FLOWER_AUTH")
+        self.flower_auth = check_flower_auth(auth) if auth else ""
+        if flower and not self.flower_auth and not is_loopback(self.flower_address):
+            raise FlowerConfigError(
+                f"Flower on {self.flower_address!r} would be reachable from other hosts without "
+                "authentication (its API can shut workers down and revoke jobs): set "
+                "INFERQ_FLOWER_AUTH=user:password, or keep INFERQ_FLOWER_ADDRESS on 127.0.0.1")
         self.gpus = gpus if gpus is not None else (detect_gpus() or None)
         self.cpu_workers = cpu_workers
         self.want_flower = flower
@@ -59,7 +110,14 @@ class LocalStack:
 
     @property
     def flower_url(self) -> str:
-        return f"http://127.0.0.1:{self.flower_port}" if self.flower else ""
+        if not self.flower:
+            return ""
+        host = self.flower_address
+        if host in ("", "0.0.0.0", "::"):
+            host = "127.0.0.1"  # every interface: this host reaches it on loopback
+        elif ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"http://{host}:{self.flower_port}"
 
     def __enter__(self) -> LocalStack:
         try:
@@ -82,17 +140,27 @@ class LocalStack:
                 url = self.redis.url
                 log.info("redis_started", url=url, dir=str(self.redis.directory))
         self.broker_url = url
-        env = {**os.environ, "INFERQ_BROKER_URL": url}
+        # Flower's credentials go to Flower only.
+        env = {k: v for k, v in os.environ.items() if k != "INFERQ_FLOWER_AUTH"}
+        env["INFERQ_BROKER_URL"] = url
         env.setdefault("INFERQ_RESULT_URL", url)
         self.supervisor = Supervisor(plan(self.gpus, self.cpu_workers, base_env=env))
         self.supervisor.start()
         if self.want_flower:
+            flower_env = {k: v for k, v in env.items() if k != "FLOWER_UNAUTHENTICATED_API"}
+            if self.flower_auth:
+                # Flower's basic_auth option, from the environment rather than --basic_auth:
+                # a command line is readable by every user of the host (ps).
+                flower_env["FLOWER_BASIC_AUTH"] = self.flower_auth
+            else:
+                # Loopback only (checked in __init__), so the API may answer without
+                # credentials.
+                flower_env["FLOWER_UNAUTHENTICATED_API"] = "true"
             self.flower = subprocess.Popen(
                 [sys.executable, "-m", "celery", f"--broker={url}", "flower",
-                 "--address=127.0.0.1", f"--port={self.flower_port}", "--max_tasks=10000",
-                 "--logging=warning"],
-                # Loopback only, so the API may answer without credentials.
-                env={**env, "FLOWER_UNAUTHENTICATED_API": "true"},
+                 f"--address={self.flower_address}", f"--port={self.flower_port}",
+                 "--max_tasks=10000", "--logging=warning"],
+                env=flower_env,
                 start_new_session=True,
             )
         self.wait_ready()
