@@ -158,6 +158,12 @@ class Supervisor:
             code = proc.poll()
             if code is None:
                 continue
+            if code == 0:
+                # A clean exit is a planned one (recycling after INFERQ_MAX_JOBS_PER_PROCESS):
+                # restart it without counting it as a crash.
+                log.info("worker_recycled", worker=spec.hostname)
+                self._spawn(spec)
+                continue
             now = time.monotonic()
             recent = [t for t in self._restarts.get(spec.hostname, []) if now - t < 60]
             if len(recent) >= self.max_restarts:
