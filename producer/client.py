@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -218,18 +219,25 @@ class InferenceClient:
         info = self._models.get(model)
         bound = info.max_queue if info is not None else 0
         queue = contract.queue_name(model)
-        pipe = self._broker.pipeline(transaction=False)
+        # MULTI/EXEC: a refused write (noeviction) aborts the whole call, so a caller told
+        # "refused" never has half its jobs enqueued.
+        pipe = self._broker.pipeline(transaction=True)
         for key, data in blobs.items():
             pipe.set(key, data, ex=self.blob_ttl)
         for start in range(0, len(messages), _PUSH_CHUNK):
             self._push_script(keys=[queue], args=[bound, *messages[start:start + _PUSH_CHUNK]],
                               client=pipe)
-        replies = self._call(pipe.execute)
-        if any(r == -1 for r in replies[len(blobs):]):
+        try:
+            replies = self._call(pipe.execute)
+            if any(r == -1 for r in replies[len(blobs):]):
+                raise ResourceExhausted(f"queue {queue!r} is full ({bound} messages waiting); "
+                                        "retry later or add workers")
+        except InferqError:
+            # Nothing of a refused call may stay behind (its blobs would sit out their TTL).
             if blobs:
-                self._call(self._broker.unlink, *blobs)
-            raise ResourceExhausted(
-                f"queue {queue!r} is full ({bound} messages waiting); retry later or add workers")
+                with contextlib.suppress(InferqError, redis.exceptions.RedisError):
+                    self._call(self._broker.unlink, *blobs)
+            raise
 
     def _run_id(self) -> str:
         try:
@@ -436,8 +444,10 @@ class InferenceClient:
         try:
             return fn(*args, **kwargs)
         except redis.exceptions.ResponseError as exc:
-            if str(exc).startswith("OOM"):
-                raise ResourceExhausted(f"Redis refused the write: {exc}") from exc
+            # redis-py raises OutOfMemoryError, and inside a pipeline a ResponseError that
+            # quotes the command; both mean noeviction refused the write.
+            if isinstance(exc, redis.exceptions.OutOfMemoryError) or "maxmemory" in str(exc):
+                raise ResourceExhausted(f"Redis is full and refused the write: {exc}") from exc
             raise
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             raise Unavailable(f"Redis did not answer: {exc}") from exc

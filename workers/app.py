@@ -90,6 +90,9 @@ def make_app(settings: Settings) -> Celery:
             "visibility_timeout": vt,
             "unacked_restore_interval": settings.restore_interval_s,
             "unacked_restore_throttle": 1,
+            # kombu holds this lock while it sweeps; its 300 s default, if taken by a client
+            # that then loses Redis, stops every sweep for 5 minutes.
+            "unacked_mutex_expire": max(5, int(3 * settings.restore_interval_s)),
             "socket_timeout": 10,
             "socket_connect_timeout": 5,
             "health_check_interval": 25,
@@ -160,9 +163,7 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
         control = _redis(settings.broker_url)
         if settings.profile == "production":
             check_redis_durability(control)
-        control.hset(contract.MODELS_KEY, mapping={
-            name: json.dumps(m.signature()) for name, m in manifests.items()
-        })
+        signatures = {name: json.dumps(m.signature()) for name, m in manifests.items()}
         servers: list[ModelServer] = []
         for name, versions in loaded.items():
             for instance in range(settings.instances):
@@ -179,7 +180,7 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
                 self.threads.append(threading.Thread(
                     target=self._run, args=(server,), name=f"inferq-{name}-{instance}",
                     daemon=True))
-        monitor = Monitor(settings, hostname, servers, control, self.stop_event)
+        monitor = Monitor(settings, hostname, servers, control, self.stop_event, signatures)
         self.threads.append(threading.Thread(target=monitor.run, name="inferq-monitor",
                                              daemon=True))
         for thread in self.threads:

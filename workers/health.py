@@ -14,9 +14,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis
 import structlog
@@ -67,7 +67,11 @@ class Monitor:
     """Runs in its own thread of the worker process until ``stop`` is set."""
 
     def __init__(self, settings: Settings, hostname: str, servers: Sequence[Served],
-                 client: redis.Redis, stop: threading.Event) -> None:
+                 client: redis.Redis, stop: threading.Event,
+                 signatures: Mapping[str, str] | None = None) -> None:
+        #: Model signatures advertised with every heartbeat, so producers can check jobs
+        #: again after Redis lost its data.
+        self.signatures: dict[Any, Any] = dict(signatures or {})
         self.settings = settings
         self.hostname = hostname
         self.servers = servers
@@ -126,7 +130,11 @@ class Monitor:
         tmp.replace(self.path)  # atomic: a reader never sees half a record
         if ready:
             try:
-                self.client.set(contract.WORKER_KEY_PREFIX + self.hostname, json.dumps(doc),
-                                ex=int(HEARTBEAT_S * 3))
+                pipe = self.client.pipeline(transaction=False)
+                if self.signatures:
+                    pipe.hset(contract.MODELS_KEY, mapping=self.signatures)
+                pipe.set(contract.WORKER_KEY_PREFIX + self.hostname, json.dumps(doc),
+                         ex=int(HEARTBEAT_S * 3))
+                pipe.execute()
             except redis.exceptions.RedisError as exc:
                 log.warning("heartbeat_failed", error=str(exc))

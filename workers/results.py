@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -161,9 +163,14 @@ class ResultWriter:
         self._thread.start()
 
     def submit(self, item: Completed) -> None:
-        if self.error is not None:
-            raise RuntimeError("the result writer failed") from self.error
-        self._queue.put(item)
+        while True:
+            if self.error is not None:
+                raise RuntimeError("the result writer failed") from self.error
+            try:
+                self._queue.put(item, timeout=1.0)
+                return
+            except queue.Full:
+                continue  # Redis is slow or refusing writes: wait, but notice a dead writer
 
     def close(self) -> None:
         """Write everything submitted so far, then stop the thread."""
@@ -178,6 +185,8 @@ class ResultWriter:
             except BaseException as exc:
                 self.error = exc
                 log.exception("result_writer_failed")
+                # Unwritten results stay unacked and come back to a fresh process.
+                os.kill(os.getpid(), signal.SIGTERM)
                 return
 
     def _write(self, item: Completed) -> None:
@@ -187,8 +196,10 @@ class ResultWriter:
                 self.store.store(item.docs)
                 self.reader.ack(item.acks, item.blobs)
                 break
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                # Nothing is acked yet, so nothing is lost: retry until Redis is back.
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                    redis.exceptions.OutOfMemoryError) as exc:
+                # Nothing is acked yet, so nothing is lost: retry until Redis is back or has
+                # room again (results expire; operators can raise maxmemory).
                 log.warning("result_write_retry", error=str(exc), jobs=len(item.docs))
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
