@@ -98,3 +98,23 @@ def test_private_redis_when_nothing_is_configured(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert not directory.exists()
+
+
+def test_check_passes_only_for_a_ready_worker(
+    fresh_redis: RedisServer, start_worker: type, tmp_path: Path
+) -> None:
+    health = tmp_path / "health.json"
+    check = [PY, "-m", "workers.cli", "check", "--file", str(health)]
+    before = subprocess.run(check, capture_output=True, text=True, timeout=60, cwd=ROOT,
+                            env=python_env())
+    assert before.returncode == 1 and "no health record" in before.stdout
+    worker = start_worker(fresh_redis.url, INFERQ_HEALTH_FILE=str(health))
+    worker.start()
+    ready = subprocess.run(check, capture_output=True, text=True, timeout=60, cwd=ROOT,
+                           env=python_env())
+    assert ready.returncode == 0, ready.stdout
+    assert "ready" in ready.stdout and "digits" in ready.stdout
+    assert worker.stop() == 0
+    after = subprocess.run(check, capture_output=True, text=True, timeout=60, cwd=ROOT,
+                           env=python_env())
+    assert after.returncode == 1
