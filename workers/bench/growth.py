@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,30 +12,11 @@ import redis
 
 from producer import InferenceClient, contract
 from workers.bench import measure
-from workers.bench.refmodels import _finish, _onnx
+from workers.bench.refmodels import _finish, _onnx, write_model
 from workers.repository import load_manifest
 
 #: Row sizes for the payload sweep: 4 KB, 48 KB and 1 MB of float32.
 PAYLOAD_FLOATS = {"4KB": 1024, "48KB": 12_288, "1MB": 262_144}
-
-_ECHO_MANIFEST = """description = "benchmark payload model: mean of a row of {floats} float32"
-max_batch_rows = 16
-max_wait_ms = 2.0
-
-[[inputs]]
-name = "x"
-dtype = "float32"
-shape = [-1, {floats}]
-
-[[outputs]]
-name = "mean"
-dtype = "float32"
-shape = [-1, 1]
-
-[versions.1]
-sha256 = "{sha}"
-"""
-
 
 def write_payload_models(root: Path) -> list[str]:
     """``echo_4KB``, ``echo_48KB``, ``echo_1MB``: the mean of one row, so cost is all transport."""
@@ -49,12 +29,10 @@ def write_payload_models(root: Path) -> list[str]:
             [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", floats])],
             [h.make_tensor_value_info("mean", onnx.TensorProto.FLOAT, ["N", 1])],
         )
-        data = _finish(graph)
         name = f"echo_{label}"
-        (root / name / "1").mkdir(parents=True, exist_ok=True)
-        (root / name / "1" / "model.onnx").write_bytes(data)
-        (root / name / "model.toml").write_text(
-            _ECHO_MANIFEST.format(floats=floats, sha=hashlib.sha256(data).hexdigest()))
+        write_model(root, name, _finish(graph), max_rows=16, input_name="x",
+                    input_shape=[-1, floats], output_name="mean", output_shape=[-1, 1],
+                    description=f"benchmark payload model: mean of a row of {floats} float32")
         names.append(name)
     return names
 

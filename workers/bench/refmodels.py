@@ -108,13 +108,25 @@ dtype = "float32"
 shape = {shape}
 
 [[outputs]]
-name = "logits"
+name = "{output}"
 dtype = "float32"
-shape = [-1, 10]
+shape = {output_shape}
 
 [versions.1]
 sha256 = "{sha}"
 """
+
+
+def write_model(root: Path, name: str, data: bytes, *, description: str, max_rows: int,
+                input_name: str, input_shape: list[int], output_name: str = "logits",
+                output_shape: list[int] | None = None, max_wait_ms: float = 2.0) -> None:
+    """Write one float32-in, float32-out model as ``root/name`` with its manifest."""
+    (root / name / "1").mkdir(parents=True, exist_ok=True)
+    (root / name / "1" / "model.onnx").write_bytes(data)
+    (root / name / "model.toml").write_text(_MANIFEST.format(
+        description=description, max_rows=max_rows, max_wait=max_wait_ms, input=input_name,
+        shape=input_shape, output=output_name, output_shape=output_shape or [-1, 10],
+        sha=hashlib.sha256(data).hexdigest()))
 
 SPECS: dict[str, dict[str, Any]] = {
     "mlp": {"build": build_mlp, "input": "x", "shape": [-1, 256], "max_rows": 256,
@@ -128,14 +140,9 @@ def write_repository(root: Path, digits_from: Path | None = None) -> Path:
     """Write ``mlp`` and ``cnn`` (and a copy of ``digits``) as a model repository at ``root``."""
     root.mkdir(parents=True, exist_ok=True)
     for name, spec in SPECS.items():
-        data = spec["build"]()
-        folder = root / name
-        (folder / "1").mkdir(parents=True, exist_ok=True)
-        (folder / "1" / "model.onnx").write_bytes(data)
-        (folder / "model.toml").write_text(_MANIFEST.format(
-            description=spec["description"], max_rows=spec["max_rows"],
-            max_wait=spec["max_wait"], input=spec["input"], shape=spec["shape"],
-            sha=hashlib.sha256(data).hexdigest()))
+        write_model(root, name, spec["build"](), description=spec["description"],
+                    max_rows=spec["max_rows"], max_wait_ms=spec["max_wait"],
+                    input_name=spec["input"], input_shape=spec["shape"])
     if digits_from is not None and (digits_from / "model.toml").is_file():
         shutil.copytree(digits_from, root / "digits", dirs_exist_ok=True)
     return root
