@@ -227,17 +227,14 @@ class InferenceClient:
         for start in range(0, len(messages), _PUSH_CHUNK):
             self._push_script(keys=[queue], args=[bound, *messages[start:start + _PUSH_CHUNK]],
                               client=pipe)
-        try:
-            replies = self._call(pipe.execute)
-            if any(r == -1 for r in replies[len(blobs):]):
-                raise ResourceExhausted(f"queue {queue!r} is full ({bound} messages waiting); "
-                                        "retry later or add workers")
-        except InferqError:
-            # Nothing of a refused call may stay behind (its blobs would sit out their TTL).
+        replies = self._call(pipe.execute)  # a refused write (OOM) aborts it all
+        if any(r == -1 for r in replies[len(blobs):]):
+            # The transaction ran, blobs included: take them back before refusing.
             if blobs:
                 with contextlib.suppress(InferqError, redis.exceptions.RedisError):
                     self._call(self._broker.unlink, *blobs)
-            raise
+            raise ResourceExhausted(f"queue {queue!r} is full ({bound} messages waiting); "
+                                    "retry later or add workers")
 
     def _run_id(self) -> str:
         try:
