@@ -32,9 +32,9 @@ def digits_test_split() -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
 
 
 def percentiles(values: Sequence[float]) -> dict[str, float]:
-    """p50/p95/p99 of ``values`` in the values' unit."""
+    """p50/p95/p99 of ``values`` in the values' unit, to three decimals."""
     arr = np.asarray(values, dtype=np.float64)
-    return {f"p{q}": float(np.percentile(arr, q)) for q in (50, 95, 99)}
+    return {f"p{q}": round(float(np.percentile(arr, q)), 3) for q in (50, 95, 99)}
 
 
 def _stage_table(results: Sequence[JobResult]) -> list[str]:

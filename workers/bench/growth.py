@@ -13,6 +13,7 @@ import redis
 from producer import InferenceClient, contract
 from workers.bench import measure
 from workers.bench.refmodels import _finish, _onnx, write_model
+from workers.demo import percentiles
 from workers.repository import load_manifest
 
 #: Row sizes for the payload sweep: 4 KB, 48 KB and 1 MB of float32.
@@ -78,7 +79,7 @@ def payload_sweep(client: InferenceClient, names: Sequence[str], model_dir: Path
                    client.submit_many(name, [inputs[j % 16] for j in range(i, min(jobs, i + 32))])]
         client.results([h.id for h in handles], timeout=600)
         rate = jobs / (time.perf_counter() - start)
-        low = measure.percentiles(measure.inferq_one_at_a_time(client, name, inputs, 50))
+        low = percentiles(measure.inferq_one_at_a_time(client, name, inputs, 50))
         row_bytes = sum(a.nbytes for a in inputs[0].values())
         out[name] = {"row_bytes": row_bytes, "jobs_per_s": round(rate, 1),
                      "MB_per_s": round(rate * row_bytes / 1e6, 1),

@@ -18,6 +18,7 @@ import numpy as np
 from producer import InferenceClient, JobFailed, JobResult, contract
 from workers import runtime
 from workers.bench.naive import TASK as NAIVE_TASK
+from workers.demo import percentiles
 from workers.repository import Manifest
 
 Progress = Callable[[int], None]
@@ -34,11 +35,6 @@ def rss_bytes(pid: int) -> int:
     """Resident set size of a process (Linux /proc)."""
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def percentiles(values: Sequence[float]) -> dict[str, float]:
-    arr = np.asarray(values, dtype=np.float64)
-    return {f"p{q}": round(float(np.percentile(arr, q)), 3) for q in (50, 95, 99)}
 
 
 def make_inputs(

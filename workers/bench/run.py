@@ -21,6 +21,7 @@ import redis
 from producer import InferenceClient, contract
 from workers.bench import growth, measure
 from workers.bench.refmodels import write_repository
+from workers.demo import percentiles
 from workers.launcher import Supervisor, plan
 from workers.redisproc import RedisServer
 from workers.repository import load_manifest
@@ -182,7 +183,7 @@ def bench_model(name: str, model_dir: Path, url: str, redis_pid: int, load: Load
         fast = measure.inferq_saturation(client, name, inputs, load.inferq, meter,
                                          Bar(f"{name} inferq", load.inferq))
         fast_low = measure.inferq_one_at_a_time(client, name, inputs, load.one_at_a_time)
-    low, naive_low_p = measure.percentiles(fast_low), measure.percentiles(naive_low)
+    low, naive_low_p = percentiles(fast_low), percentiles(naive_low)
     out.update({
         "naive_jobs_per_s": round(naive.jobs_per_s, 1),
         "inferq_jobs_per_s": round(fast.jobs_per_s, 1),
