@@ -77,7 +77,9 @@ class RedisServer:
             directory = tempfile.mkdtemp(prefix="inferq-redis-")
         self.directory = Path(directory)
         memory = [] if maxmemory is None else ["--maxmemory", maxmemory]
-        self._args = ["--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec"]
+        self._args = ["--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
+                      # AOF rewrites write an RDB preamble; LZF on float tensors only burns CPU.
+                      "--rdbcompression", "no"]
         self._args += ["--maxmemory-policy", maxmemory_policy, *memory, *extra_args]
         self._proc: Popen[bytes] | None = None
         # A forked child (e.g. a Celery pool process) inherits _LIVE; only the creator may reap.
