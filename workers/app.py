@@ -150,15 +150,18 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
                 log.warning("metrics_port_unavailable", port=port, error=str(exc))
         manifests = repository.scan(settings.model_dir, settings.models)
         loaded: dict[str, dict[int, runtime.LoadedModel]] = {}
+        instances = {name: m.instances or settings.instances for name, m in manifests.items()}
         for name, manifest in manifests.items():
             loaded[name] = {}
+            threads = settings.session_threads(instances[name])
             for v in sorted(manifest.versions):
                 started = time.perf_counter()
-                model = runtime.load(manifest, v, settings.device, settings.intra_op_threads)
+                model = runtime.load(manifest, v, settings.device, threads)
                 seconds = time.perf_counter() - started
                 METRICS.model_loaded(name, v, model.provider, seconds)
                 log.info("model_loaded", model=name, version=v, provider=model.provider,
-                         load_ms=round(seconds * 1000, 1))
+                         load_ms=round(seconds * 1000, 1), instances=instances[name],
+                         intra_op_threads=threads)
                 loaded[name][v] = model
         control = _redis(settings.broker_url)
         if settings.profile == "production":
@@ -166,16 +169,16 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
         signatures = {name: json.dumps(m.signature()) for name, m in manifests.items()}
         servers: list[ModelServer] = []
         for name, versions in loaded.items():
-            for instance in range(settings.instances):
+            for instance in range(instances[name]):
                 reader = QueueReader(_redis(settings.broker_url), contract.queue_name(name))
                 writer = ResultWriter(
                     ResultStore(_redis(settings.result_url), settings.result_ttl_s),
                     reader,
                     TaskEvents(worker.app, hostname, settings.task_events,
-                               settings.events_max_rate / settings.instances),
+                               settings.events_max_rate / instances[name]),
                 )
                 server = ModelServer(name, versions, reader, writer, worker=hostname,
-                                     settings=settings, metrics=METRICS)
+                                     settings=settings, metrics=METRICS, instance=instance)
                 servers.append(server)
                 self.threads.append(threading.Thread(
                     target=self._run, args=(server,), name=f"inferq-{name}-{instance}",

@@ -54,6 +54,9 @@ class Manifest:
     versions: dict[int, ModelVersion]
     #: Most messages allowed to wait in the model's queue; producers are refused beyond.
     max_queue: int = 100_000
+    #: Model instances per worker process (None: the worker's INFERQ_INSTANCES). Each is a
+    #: thread running whole batches; on the CPU they split the process's threads between them.
+    instances: int | None = None
 
     @property
     def batched(self) -> bool:
@@ -129,6 +132,10 @@ def load_manifest(folder: Path) -> Manifest:
         raise ManifestError(f"{path}: max_batch_rows must be an integer >= 1")
     if not isinstance(max_wait, (int, float)) or isinstance(max_wait, bool) or max_wait < 0:
         raise ManifestError(f"{path}: max_wait_ms must be >= 0")
+    instances = doc.get("instances")
+    if instances is not None and (not isinstance(instances, int) or isinstance(instances, bool)
+                                  or not 1 <= instances <= 64):
+        raise ManifestError(f"{path}: instances must be an integer from 1 to 64")
     manifest = Manifest(
         name=name,
         description=str(doc.get("description", "")),
@@ -138,6 +145,7 @@ def load_manifest(folder: Path) -> Manifest:
         max_wait_ms=float(max_wait),
         versions=versions,
         max_queue=max_queue,
+        instances=instances,
     )
     if not manifest.batched and max_rows != 1:
         raise ManifestError(f"{path}: max_batch_rows must be 1 without a -1 batch axis")

@@ -74,6 +74,19 @@ class Settings:
     events_max_rate: float = 1000.0
     hostname: str = field(default_factory=lambda: f"cpu@{socket.gethostname()}")
 
+    def session_threads(self, instances: int) -> int:
+        """ONNX Runtime intra-op threads for one model served by ``instances`` instances.
+
+        The process's threads (``intra_op_threads`` for each of ``self.instances``, or every
+        core when ONNX Runtime decides) are split between a model's instances, so a model
+        with more instances never oversubscribes the cores.
+        """
+        if instances == self.instances:
+            return self.intra_op_threads
+        budget = (self.intra_op_threads * self.instances if self.intra_op_threads
+                  else os.cpu_count() or 1)
+        return max(1, budget // instances)
+
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
             raise SettingsError(f"INFERQ_DEVICE must be cpu or cuda, got {self.device!r}")

@@ -86,6 +86,7 @@ class ModelServer:
         worker: str,
         settings: Settings,
         metrics: WorkerMetrics | None = None,
+        instance: int = 0,
     ) -> None:
         self.name = name
         self.versions = dict(versions)
@@ -110,7 +111,7 @@ class ModelServer:
         self._sampled: set[str] = set()
         self._touched: list[_Message] = []
         self._rows_per_message = 8.0
-        self.log = log.bind(model=name, worker=worker)
+        self.log = log.bind(model=name, worker=worker, instance=instance)
 
     # --- the loop ----------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import textwrap
 import time
@@ -58,6 +59,28 @@ def test_many_jobs_batch_together_and_match_labels(
     assert np.mean(labels == Y[:300]) > 0.95
     assert max(r.batch_size for r in results) > 1
     assert max(r.batch_size for r in results) <= 64  # the manifest's max_batch_rows
+
+
+def test_model_instances_from_the_manifest_split_the_threads(
+    redis_server: RedisServer, start_worker: type, tmp_path: Path
+) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(ROOT / "models" / "digits", models / "digits")
+    manifest = models / "digits" / "model.toml"
+    manifest.write_text("instances = 2\n" + manifest.read_text())
+    worker = start_worker(redis_server.url, model_dir=models, INFERQ_INTRA_OP_THREADS="2",
+                          INFERQ_MODELS="digits").start()
+    with InferenceClient(redis_server.url) as client:
+        handles = client.submit_many("digits", [{"pixels": x} for x in X[:1200]])
+        results = client.results([h.id for h in handles], timeout=60)
+    labels = np.array([int(r["label"][0]) for r in results])
+    assert np.mean(labels == Y[:1200]) > 0.95
+    records = worker.log_records()
+    loaded = [r for r in records if r.get("event") == "model_loaded"]
+    assert {(r["instances"], r["intra_op_threads"]) for r in loaded} == {(2, 1)}
+    # Both instances took jobs off the queue and ran batches of their own.
+    ran = {r["instance"] for r in records if r.get("event") == "batch"}
+    assert ran == {0, 1}
 
 
 def test_plain_celery_client_without_inferq(

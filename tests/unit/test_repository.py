@@ -114,6 +114,11 @@ def test_defaults_and_unbatched_model(tmp_path: Path) -> None:
     manifest = repository.load_manifest(folder)
     assert (manifest.max_batch_rows, manifest.max_wait_ms, manifest.description) == (1, 0.0, "")
     assert not manifest.batched
+    assert manifest.instances is None  # the worker's INFERQ_INSTANCES decides
+
+
+def test_instances_per_model(tmp_path: Path) -> None:
+    assert repository.load_manifest(write_model(tmp_path, instances=2)).instances == 2
 
 
 @pytest.mark.parametrize(
@@ -143,6 +148,10 @@ def test_defaults_and_unbatched_model(tmp_path: Path) -> None:
         ({"max_batch_rows": "8"}, "max_batch_rows must be an integer >= 1"),
         ({"max_wait_ms": -1}, "max_wait_ms must be >= 0"),
         ({"max_wait_ms": "soon"}, "max_wait_ms must be >= 0"),
+        ({"instances": 0}, "instances must be an integer from 1 to 64"),
+        ({"instances": 65}, "instances must be an integer from 1 to 64"),
+        ({"instances": True}, "instances must be an integer from 1 to 64"),
+        ({"instances": "2"}, "instances must be an integer from 1 to 64"),
         (
             {"inputs": [{**PIXELS, "shape": [64]}], "max_batch_rows": 4},
             "max_batch_rows must be 1 without a -1 batch axis",

@@ -33,6 +33,33 @@ def test_from_env_defaults() -> None:
     assert s.hostname == f"cpu@{socket.gethostname()}"
 
 
+@pytest.mark.parametrize(
+    ("env", "instances", "threads"),
+    [
+        # The launcher's per-instance count, split between a model's own instances.
+        ({"INFERQ_INTRA_OP_THREADS": "2"}, 1, 2),
+        ({"INFERQ_INTRA_OP_THREADS": "2"}, 2, 1),
+        ({"INFERQ_INTRA_OP_THREADS": "2"}, 3, 1),
+        ({"INFERQ_INTRA_OP_THREADS": "1", "INFERQ_INSTANCES": "4"}, 2, 2),
+        ({"INFERQ_INTRA_OP_THREADS": "8"}, 4, 2),
+        # Unset: ONNX Runtime decides for the default; a split uses every core.
+        ({}, 1, 0),
+    ],
+)
+def test_session_threads_split_the_process_threads(
+    env: dict[str, str], instances: int, threads: int
+) -> None:
+    assert Settings.from_env(env).session_threads(instances) == threads
+
+
+def test_session_threads_without_a_count_split_the_cores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 6)
+    assert Settings.from_env({}).session_threads(2) == 3
+    assert Settings.from_env({}).session_threads(12) == 1
+
+
 def test_default_model_dir_is_the_shipped_repository() -> None:
     assert default_model_dir() == Path(__file__).resolve().parents[2] / "models"
 
