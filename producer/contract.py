@@ -21,6 +21,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import orjson
 
 from producer.errors import InferqError, InvalidInput
 
@@ -464,7 +465,8 @@ def success_document(job_id: str, result: Mapping[str, Any], date_done: str | No
     meta = _meta(job_id, "SUCCESS", result)
     if date_done is not None:
         meta["date_done"] = date_done
-    return json.dumps(meta, separators=(",", ":")).encode()
+    # orjson: this runs once per job on the worker's hot path, several times faster than json.
+    return orjson.dumps(meta)
 
 
 def failure_document(job_id: str, error: InferqError) -> bytes:
@@ -475,7 +477,7 @@ def failure_document(job_id: str, error: InferqError) -> bytes:
         "exc_message": [error.message],
     }
     detail = {"code": error.code, "type": type(error).__name__, "message": error.message}
-    return json.dumps(_meta(job_id, "FAILURE", exc, error=detail), separators=(",", ":")).encode()
+    return orjson.dumps(_meta(job_id, "FAILURE", exc, error=detail))
 
 
 def now() -> float:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import enum
-import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import orjson
 
 from producer.contract import decode_tensor
 from producer.errors import JobFailed
@@ -44,7 +44,7 @@ class JobResult:
 
 def parse_result(job_id: str, raw: bytes | str) -> JobResult | JobFailed:
     """Turn a stored result document into a :class:`JobResult` or a :class:`JobFailed`."""
-    doc = json.loads(raw)
+    doc = orjson.loads(raw)
     if doc.get("status") == "SUCCESS":
         res = doc["result"]
         return JobResult(
