@@ -159,10 +159,14 @@ class ResultWriter:
         self.store, self.reader, self.events = store, reader, events
         self._queue: queue.Queue[Completed | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
+        #: Items handed to the thread, and items it has finished: one writer thread each,
+        #: so neither count can lose an update.
+        self._submitted = self._finished = 0
         self._thread = threading.Thread(target=self._loop, name="inferq-writer", daemon=True)
         self._thread.start()
 
     def submit(self, item: Completed) -> None:
+        self._submitted += 1
         while True:
             if self.error is not None:
                 raise RuntimeError("the result writer failed") from self.error
@@ -178,16 +182,35 @@ class ResultWriter:
         self._thread.join()
         self.events.close()
 
+    def write_if_idle(self, item: Completed) -> bool:
+        """Write ``item`` on the calling thread if everything submitted before is written.
+
+        Saves a thread hand-off on a lone job's path; order stays the same, because nothing
+        is queued ahead of it and the caller is the only thread that submits.
+        """
+        if self._submitted != self._finished or self.error is not None:
+            return False
+        self._guarded_write(item)
+        return True
+
     def _loop(self) -> None:
         while (item := self._queue.get()) is not None:
             try:
-                self._write(item)
-            except BaseException as exc:
-                self.error = exc
-                log.exception("result_writer_failed")
-                # Unwritten results stay unacked and come back to a fresh process.
-                os.kill(os.getpid(), signal.SIGTERM)
+                self._guarded_write(item)
+            except BaseException:
                 return
+            finally:
+                self._finished += 1
+
+    def _guarded_write(self, item: Completed) -> None:
+        try:
+            self._write(item)
+        except BaseException as exc:
+            self.error = exc
+            log.exception("result_writer_failed")
+            # Unwritten results stay unacked and come back to a fresh process.
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise
 
     def _write(self, item: Completed) -> None:
         delay = 0.05

@@ -139,7 +139,8 @@ class ModelServer:
         ):
             empty = self._fill()
         done = self._run_batch() if self._buffer else 0
-        self._complete()
+        # Nothing else waiting: write on this thread and save the hand-off to the writer.
+        self._complete(inline=empty and not self._buffer)
         return done
 
     # --- decode and check --------------------------------------------------------------
@@ -373,14 +374,15 @@ class ModelServer:
                              TaskEvents.failed(job_id, str(error))]
         message.open_jobs -= 1
 
-    def _complete(self) -> None:
+    def _complete(self, inline: bool = False) -> None:
         """Hand finished documents, then the acks of messages with nothing left open, to the
-        writer."""
+        writer (or write them here when ``inline`` and the writer has nothing pending)."""
         done = [m for m in self._touched if m.open_jobs <= 0]
         if self._docs or done or self._events:
-            self.writer.submit(Completed(
-                self._docs, [m.tag for m in done], [b for m in done for b in m.blobs],
-                self._events))
+            item = Completed(self._docs, [m.tag for m in done], [b for m in done for b in m.blobs],
+                             self._events)
+            if not (inline and self.writer.write_if_idle(item)):
+                self.writer.submit(item)
             self._docs, self._events = [], []
             self._touched = [m for m in self._touched if m.open_jobs > 0]
 
