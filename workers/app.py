@@ -176,6 +176,7 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
                     reader,
                     TaskEvents(worker.app, hostname, settings.task_events,
                                settings.events_max_rate / instances[name]),
+                    same_server=settings.result_url == settings.broker_url,
                 )
                 server = ModelServer(name, versions, reader, writer, worker=hostname,
                                      settings=settings, metrics=METRICS, instance=instance)

@@ -15,31 +15,42 @@ import redis
 import structlog
 
 from producer import contract
-from workers.consumer import QueueReader
+from workers.consumer import UNACKED, UNACKED_INDEX, QueueReader
 
 log = structlog.get_logger(__name__)
 
-# KEYS: result keys. ARGV[1]: ttl, ARGV[2..n+1]: documents, then notify-list pairs
+# KEYS: result keys (n), kombu's unacked hash and index, then blob keys to delete.
+# ARGV: ttl, n, t, the n documents, t delivery tags to ack, then notify-list pairs
 # (list key, job id). A result that already exists is kept: the first result wins, so a
-# job run twice after a redelivery never shows two different outcomes.
+# job run twice after a redelivery never shows two different outcomes. The acks come last
+# and in the same script, so a message is only forgotten once every result it carries is
+# stored; a Redis at maxmemory refuses the first SET and with it the whole script.
 _STORE = """
 local ttl = ARGV[1]
-local n = #KEYS
+local n = tonumber(ARGV[2])
+local t = tonumber(ARGV[3])
 local stored = 0
 for i = 1, n do
-  if redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ttl, 'NX') then
-    redis.call('PUBLISH', KEYS[i], ARGV[i + 1])
+  if redis.call('SET', KEYS[i], ARGV[i + 3], 'EX', ttl, 'NX') then
+    redis.call('PUBLISH', KEYS[i], ARGV[i + 3])
     stored = stored + 1
   end
 end
 local lists = {}
-for i = n + 2, #ARGV, 2 do
+for i = n + t + 4, #ARGV, 2 do
   redis.call('RPUSH', ARGV[i], ARGV[i + 1])
   lists[ARGV[i]] = true
 end
 for key, _ in pairs(lists) do
   redis.call('EXPIRE', key, ttl)
   redis.call('LTRIM', key, -100000, -1)
+end
+for i = n + 4, n + t + 3 do
+  redis.call('ZREM', KEYS[n + 2], ARGV[i])
+  redis.call('HDEL', KEYS[n + 1], ARGV[i])
+end
+for i = n + 3, #KEYS do
+  redis.call('UNLINK', KEYS[i])
 end
 return stored
 """
@@ -53,12 +64,19 @@ class ResultStore:
         self.ttl_s = ttl_s
         self._store = client.register_script(_STORE)
 
-    def store(self, docs: Sequence[tuple[str, bytes, str | None]]) -> int:
-        """Store ``(job_id, document, notify client or None)``; return how many were new."""
-        if not docs:
+    def store(self, docs: Sequence[tuple[str, bytes, str | None]],
+              acks: Sequence[str] = (), blobs: Sequence[str] = ()) -> int:
+        """Store ``(job_id, document, notify client or None)``; return how many were new.
+
+        ``acks`` and ``blobs`` (when the broker is this same Redis) are acknowledged and
+        deleted in the same round trip, after the documents.
+        """
+        if not docs and not acks and not blobs:
             return 0
         keys = [contract.result_key(job_id) for job_id, _, _ in docs]
-        args: list[Any] = [self.ttl_s, *(doc for _, doc, _ in docs)]
+        keys += [UNACKED, UNACKED_INDEX, *blobs]
+        args: list[Any] = [self.ttl_s, len(docs), len(acks), *(doc for _, doc, _ in docs),
+                           *acks]
         for job_id, _, notify in docs:
             if notify:
                 args += [contract.NOTIFY_KEY_PREFIX + notify, job_id]
@@ -155,8 +173,10 @@ class ResultWriter:
     """
 
     def __init__(self, store: ResultStore, reader: QueueReader, events: TaskEvents,
-                 depth: int = 4) -> None:
+                 depth: int = 4, *, same_server: bool = False) -> None:
         self.store, self.reader, self.events = store, reader, events
+        #: Broker and results on one Redis: store and ack in one script, one round trip.
+        self.same_server = same_server
         self._queue: queue.Queue[Completed | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         #: Items handed to the thread, and items it has finished: one writer thread each,
@@ -216,8 +236,11 @@ class ResultWriter:
         delay = 0.05
         while True:
             try:
-                self.store.store(item.docs)
-                self.reader.ack(item.acks, item.blobs)
+                if self.same_server:
+                    self.store.store(item.docs, item.acks, item.blobs)
+                else:
+                    self.store.store(item.docs)
+                    self.reader.ack(item.acks, item.blobs)
                 break
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                     redis.exceptions.OutOfMemoryError) as exc:

@@ -455,6 +455,28 @@ def test_result_store_notifies_each_client(r: fakeredis.FakeRedis) -> None:
 
 
 @needs_lua
+def test_result_store_acks_in_the_same_script(r: fakeredis.FakeRedis) -> None:
+    from workers.consumer import UNACKED, UNACKED_INDEX
+    from workers.results import ResultStore
+
+    for tag in ("t1", "t2", "keep"):
+        r.hset(UNACKED, tag, "[]")
+        r.zadd(UNACKED_INDEX, {tag: 1.0})
+    r.set("inferq:blob:a:x", b"1")
+    r.set("inferq:blob:b:x", b"2")
+    store = ResultStore(r, 60)
+    assert store.store([("a", success("a", [1]), "c1")], ["t1", "t2"],
+                       ["inferq:blob:a:x", "inferq:blob:b:x"]) == 1
+    assert r.get(contract.result_key("a")) is not None
+    assert r.lrange(contract.NOTIFY_KEY_PREFIX + "c1", 0, -1) == [b"a"]
+    assert r.hkeys(UNACKED) == [b"keep"] and r.zrange(UNACKED_INDEX, 0, -1) == [b"keep"]
+    assert not r.exists("inferq:blob:a:x", "inferq:blob:b:x")
+    # A message whose jobs were all stored earlier is acked on its own.
+    assert store.store([], ["keep"]) == 0
+    assert not r.exists(UNACKED, UNACKED_INDEX)
+
+
+@needs_lua
 def test_client_reads_what_the_result_store_wrote(
     client: InferenceClient, r: fakeredis.FakeRedis
 ) -> None:
