@@ -74,9 +74,10 @@ def payload_sweep(client: InferenceClient, names: Sequence[str], model_dir: Path
     for name in names:
         inputs = measure.make_inputs(load_manifest(model_dir / name), 16)
         client.results([h.id for h in client.submit_many(name, inputs)], timeout=120)
+        chunk = min(32, measure.submit_chunk(inputs))
         start = time.perf_counter()
-        handles = [h for i in range(0, jobs, 32) for h in
-                   client.submit_many(name, [inputs[j % 16] for j in range(i, min(jobs, i + 32))])]
+        handles = [h for i in range(0, jobs, chunk) for h in client.submit_many(
+            name, [inputs[j % 16] for j in range(i, min(jobs, i + chunk))])]
         client.results([h.id for h in handles], timeout=600)
         rate = jobs / (time.perf_counter() - start)
         low = percentiles(measure.inferq_one_at_a_time(client, name, inputs, 50))

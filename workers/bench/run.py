@@ -42,7 +42,7 @@ class Load:
 
 DEFAULT_LOADS = {
     "mlp": Load(inferq=30_000, naive=3_000),
-    "cnn": Load(inferq=1_500, naive=600),
+    "cnn": Load(inferq=3_000, naive=600),
     "digits": Load(inferq=30_000, naive=3_000),
 }
 QUICK_LOADS = {

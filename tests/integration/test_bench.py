@@ -1,0 +1,31 @@
+"""``inferq bench --quick``: every phase runs against real processes and writes its figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PY, ROOT, python_env
+
+pytestmark = pytest.mark.integration
+
+
+def test_quick_bench_writes_the_figures(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [PY, "-m", "workers.cli", "bench", "--quick", "--models", "mlp", "--json", str(out)],
+        cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    mlp = report["mlp"]
+    for key in ("direct_best_jobs_per_s", "naive_jobs_per_s", "inferq_jobs_per_s",
+                "inferq_low_load_p50_ms", "inferq_low_load_p99_ms", "inferq_sat_p99_ms",
+                "mean_batch_rows"):
+        assert mlp[key] > 0, key
+    assert mlp["inferq"]["jobs"] == 3000 and sum(mlp["inferq"]["batch_rows_hist"].values()) > 0
+    assert {"producer", "redis", "worker0"} <= mlp["inferq"]["cpu_ms_per_job"].keys()
+    assert report["machine"]["cpus"] >= 1
+    assert "| mlp |" in proc.stdout  # the Markdown table the README shows
