@@ -79,7 +79,10 @@ class RedisServer:
         memory = [] if maxmemory is None else ["--maxmemory", maxmemory]
         self._args = ["--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
                       # AOF rewrites write an RDB preamble; LZF on float tensors only burns CPU.
-                      "--rdbcompression", "no"]
+                      "--rdbcompression", "no",
+                      # Tensor traffic grows the AOF by its own size; rewriting at every 64 MB
+                      # (the default) re-wrote a deep queue's tensors again and again.
+                      "--auto-aof-rewrite-min-size", "1gb"]
         self._args += ["--maxmemory-policy", maxmemory_policy, *memory, *extra_args]
         self._proc: Popen[bytes] | None = None
         # A forked child (e.g. a Celery pool process) inherits _LIVE; only the creator may reap.

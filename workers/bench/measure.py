@@ -114,9 +114,9 @@ class Run:
         return out
 
 
-#: Tensor bytes per ``submit_many`` call. Each call is one MULTI/EXEC, and Redis handles a
-#: few MB per transaction far better than tens of MB: 25 MB calls doubled its CPU per job.
-SUBMIT_BYTES = 4 * 1024 * 1024
+#: Tensor bytes per ``submit_many`` call. Each call is one MULTI/EXEC, and Redis spends
+#: about twice the CPU per job on transactions of 4 MB and more than on 1-3 MB ones.
+SUBMIT_BYTES = 2 * 1024 * 1024
 
 
 def submit_chunk(inputs: Sequence[dict[str, Any]]) -> int:
