@@ -133,9 +133,11 @@ class ModelServer:
         """Wait for work (up to ``block_s``), form one batch and run it; return its jobs."""
         if not self._buffer and not self.reader.wait(block_s):
             return 0
-        empty = self._fill()
+        # Take more only for a batch not yet full: a server that drained on every cycle
+        # hoarded messages that another instance or worker was waiting for.
+        empty = self._fill() if self._buffered_rows() < self.policy.max_rows else False
         while self._buffer and not self.policy.should_flush(
-            sum(p.rows for p in self._buffer), time.time() - self._buffer[0].picked_at, empty
+            self._buffered_rows(), time.time() - self._buffer[0].picked_at, empty
         ):
             empty = self._fill()
         done = self._run_batch() if self._buffer else 0
@@ -145,9 +147,12 @@ class ModelServer:
 
     # --- decode and check --------------------------------------------------------------
 
+    def _buffered_rows(self) -> int:
+        return sum(p.rows for p in self._buffer)
+
     def _fill(self) -> bool:
         """Drain messages into the buffer; True when the queue had nothing more."""
-        room = self.policy.max_rows - sum(p.rows for p in self._buffer)
+        room = self.policy.max_rows - self._buffered_rows()
         want = min(_MAX_DRAIN, max(1, int(room / self._rows_per_message)))
         drained, left = self.reader.drain(want)
         picked_at = time.time()

@@ -83,6 +83,32 @@ def test_model_instances_from_the_manifest_split_the_threads(
     assert ran == {0, 1}
 
 
+def test_a_worker_takes_only_what_its_next_batch_needs(
+    redis_server: RedisServer, start_worker: type, tmp_path: Path
+) -> None:
+    # Batches of 8 rows from messages of 32 jobs: a worker that drained a message on every
+    # batch would take the whole queue, starving any other worker or instance.
+    models = tmp_path / "models"
+    shutil.copytree(ROOT / "models" / "digits", models / "digits")
+    manifest = models / "digits" / "model.toml"
+    manifest.write_text(manifest.read_text().replace("max_batch_rows = 64", "max_batch_rows = 8"))
+    start_worker(redis_server.url, model_dir=models, INFERQ_MODELS="digits").start()
+    broker = redis.Redis.from_url(redis_server.url)
+    queue = contract.queue_name("digits")
+    with InferenceClient(redis_server.url) as client:
+        handles = client.submit_many("digits", [{"pixels": X[i % 300]} for i in range(3200)])
+        in_flight, waiting = [], []
+        while client.status(handles[-1].id) is JobStatus.PENDING:
+            in_flight.append(broker.hlen("unacked"))
+            waiting.append(broker.llen(queue))
+            time.sleep(0.01)
+        results = client.results([h.id for h in handles], timeout=60)
+    assert len(results) == 3200
+    assert max(waiting) > 20  # the queue really was deep while we looked
+    # One message being worked on, plus those whose results the writer has not acked yet.
+    assert max(in_flight) <= 8, max(in_flight)
+
+
 def test_plain_celery_client_without_inferq(
     redis_server: RedisServer, shared_worker: WorkerProcess
 ) -> None:
