@@ -219,15 +219,7 @@ class InferenceClient:
         info = self._models.get(model)
         bound = info.max_queue if info is not None else 0
         queue = contract.queue_name(model)
-        # MULTI/EXEC: a refused write (noeviction) aborts the whole call, so a caller told
-        # "refused" never has half its jobs enqueued.
-        pipe = self._broker.pipeline(transaction=True)
-        for key, data in blobs.items():
-            pipe.set(key, data, ex=self.blob_ttl)
-        for start in range(0, len(messages), _PUSH_CHUNK):
-            self._push_script(keys=[queue], args=[bound, *messages[start:start + _PUSH_CHUNK]],
-                              client=pipe)
-        replies = self._call(pipe.execute)  # a refused write (OOM) aborts it all
+        replies = self._transact(queue, bound, messages, blobs)
         if any(r == -1 for r in replies[len(blobs):]):
             # The transaction ran, blobs included: take them back before refusing.
             if blobs:
@@ -235,6 +227,29 @@ class InferenceClient:
                     self._call(self._broker.unlink, *blobs)
             raise ResourceExhausted(f"queue {queue!r} is full ({bound} messages waiting); "
                                     "retry later or add workers")
+
+    def _transact(self, queue: str, bound: int, messages: list[bytes],
+                  blobs: dict[str, bytes | memoryview]) -> list[Any]:
+        # MULTI/EXEC: a refused write (noeviction) aborts the whole call, so a caller told
+        # "refused" never has half its jobs enqueued.
+        for attempt in range(2):
+            pipe = self._broker.pipeline(transaction=True)
+            for key, data in blobs.items():
+                pipe.set(key, data, ex=self.blob_ttl)
+            for start in range(0, len(messages), _PUSH_CHUNK):
+                # EVALSHA itself: a script object in a pipeline asks SCRIPT EXISTS first,
+                # one more round trip on every submit.
+                pipe.evalsha(self._push_script.sha, 1, queue, bound,
+                             *messages[start:start + _PUSH_CHUNK])
+            try:
+                return list(self._call(pipe.execute))
+            except redis.exceptions.NoScriptError:
+                if attempt:
+                    raise
+                # Redis lost its script cache (restart, SCRIPT FLUSH): nothing was pushed
+                # and the blob writes repeat harmlessly, so load it and run it all again.
+                self._call(self._broker.script_load, _PUSH)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _run_id(self) -> str:
         try:

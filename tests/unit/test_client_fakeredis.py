@@ -145,6 +145,19 @@ def test_submit_one_job(
     assert isinstance(handle, JobHandle) and handle.model == "digits"
 
 
+@needs_lua
+def test_submit_reloads_a_push_script_that_redis_forgot(
+    client: InferenceClient, r: fakeredis.FakeRedis
+) -> None:
+    advertise(r)
+    big = np.zeros((1, 64), np.float32)
+    client.submit("digits", {"pixels": big})
+    r.script_flush()  # as after a Redis restart: the script cache is empty
+    handles = client.submit_many("digits", [{"pixels": big}] * 3)
+    assert r.llen(QUEUE) == 2  # pushed once each: the retried transaction pushed nothing twice
+    assert [j.id for d in queued(r)[1:] for j in d.jobs] == [h.id for h in handles]
+
+
 def test_submit_keeps_an_existing_batch_axis(client: InferenceClient, r: Any) -> None:
     advertise(r)
     client.submit("digits", {"pixels": np.ones((5, 64), np.float32)})
