@@ -230,26 +230,27 @@ class InferenceClient:
 
     def _transact(self, queue: str, bound: int, messages: list[bytes],
                   blobs: dict[str, bytes | memoryview]) -> list[Any]:
+        try:
+            return self._transaction(queue, bound, messages, blobs)
+        except redis.exceptions.NoScriptError:
+            # Redis lost its script cache (restart, SCRIPT FLUSH): nothing was pushed and the
+            # blob writes repeat harmlessly, so load the script and run it all again.
+            self._call(self._broker.script_load, _PUSH)
+            return self._transaction(queue, bound, messages, blobs)
+
+    def _transaction(self, queue: str, bound: int, messages: list[bytes],
+                     blobs: dict[str, bytes | memoryview]) -> list[Any]:
         # MULTI/EXEC: a refused write (noeviction) aborts the whole call, so a caller told
         # "refused" never has half its jobs enqueued.
-        for attempt in range(2):
-            pipe = self._broker.pipeline(transaction=True)
-            for key, data in blobs.items():
-                pipe.set(key, data, ex=self.blob_ttl)
-            for start in range(0, len(messages), _PUSH_CHUNK):
-                # EVALSHA itself: a script object in a pipeline asks SCRIPT EXISTS first,
-                # one more round trip on every submit.
-                pipe.evalsha(self._push_script.sha, 1, queue, bound,
-                             *messages[start:start + _PUSH_CHUNK])
-            try:
-                return list(self._call(pipe.execute))
-            except redis.exceptions.NoScriptError:
-                if attempt:
-                    raise
-                # Redis lost its script cache (restart, SCRIPT FLUSH): nothing was pushed
-                # and the blob writes repeat harmlessly, so load it and run it all again.
-                self._call(self._broker.script_load, _PUSH)
-        raise AssertionError("unreachable")  # pragma: no cover
+        pipe = self._broker.pipeline(transaction=True)
+        for key, data in blobs.items():
+            pipe.set(key, data, ex=self.blob_ttl)
+        for start in range(0, len(messages), _PUSH_CHUNK):
+            # EVALSHA itself: a script object in a pipeline asks SCRIPT EXISTS first, one
+            # more round trip on every submit.
+            pipe.evalsha(self._push_script.sha, 1, queue, bound,
+                         *messages[start:start + _PUSH_CHUNK])
+        return list(self._call(pipe.execute))
 
     def _run_id(self) -> str:
         try:

@@ -133,11 +133,9 @@ class ModelServer:
         """Wait for work (up to ``block_s``), form one batch and run it; return its jobs."""
         if not self._buffer and not self.reader.wait(block_s):
             return 0
-        # Take more only for a batch not yet full: a server that drained on every cycle
-        # hoarded messages that another instance or worker was waiting for.
-        empty = self._fill() if self._buffered_rows() < self.policy.max_rows else False
+        empty = self._fill()
         while self._buffer and not self.policy.should_flush(
-            self._buffered_rows(), time.time() - self._buffer[0].picked_at, empty
+            sum(p.rows for p in self._buffer), time.time() - self._buffer[0].picked_at, empty
         ):
             empty = self._fill()
         done = self._run_batch() if self._buffer else 0
@@ -147,12 +145,13 @@ class ModelServer:
 
     # --- decode and check --------------------------------------------------------------
 
-    def _buffered_rows(self) -> int:
-        return sum(p.rows for p in self._buffer)
-
     def _fill(self) -> bool:
         """Drain messages into the buffer; True when the queue had nothing more."""
-        room = self.policy.max_rows - self._buffered_rows()
+        room = self.policy.max_rows - sum(p.rows for p in self._buffer)
+        if room <= 0:
+            # The next batch is full already: taking more would hoard messages that another
+            # instance or worker is waiting for.
+            return False
         want = min(_MAX_DRAIN, max(1, int(room / self._rows_per_message)))
         drained, left = self.reader.drain(want)
         picked_at = time.time()

@@ -9,6 +9,7 @@ import textwrap
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,15 @@ Y = DIGITS.target
 
 def _tensor(arr: np.ndarray) -> dict[str, object]:
     return contract.encode_tensor(arr)
+
+
+def _digits_copy(tmp_path: Path, edit: Callable[[str], str]) -> Path:
+    """A model repository holding the shipped digits model with its model.toml edited."""
+    models = tmp_path / "models"
+    shutil.copytree(ROOT / "models" / "digits", models / "digits")
+    manifest = models / "digits" / "model.toml"
+    manifest.write_text(edit(manifest.read_text()))
+    return models
 
 
 def test_round_trip(redis_server: RedisServer, shared_worker: WorkerProcess) -> None:
@@ -64,10 +74,7 @@ def test_many_jobs_batch_together_and_match_labels(
 def test_model_instances_from_the_manifest_split_the_threads(
     redis_server: RedisServer, start_worker: type, tmp_path: Path
 ) -> None:
-    models = tmp_path / "models"
-    shutil.copytree(ROOT / "models" / "digits", models / "digits")
-    manifest = models / "digits" / "model.toml"
-    manifest.write_text("instances = 2\n" + manifest.read_text())
+    models = _digits_copy(tmp_path, lambda toml: "instances = 2\n" + toml)
     worker = start_worker(redis_server.url, model_dir=models, INFERQ_INTRA_OP_THREADS="2",
                           INFERQ_MODELS="digits").start()
     with InferenceClient(redis_server.url) as client:
@@ -88,10 +95,8 @@ def test_a_worker_takes_only_what_its_next_batch_needs(
 ) -> None:
     # Batches of 8 rows from messages of 32 jobs: a worker that drained a message on every
     # batch would take the whole queue, starving any other worker or instance.
-    models = tmp_path / "models"
-    shutil.copytree(ROOT / "models" / "digits", models / "digits")
-    manifest = models / "digits" / "model.toml"
-    manifest.write_text(manifest.read_text().replace("max_batch_rows = 64", "max_batch_rows = 8"))
+    models = _digits_copy(
+        tmp_path, lambda toml: toml.replace("max_batch_rows = 64", "max_batch_rows = 8"))
     start_worker(redis_server.url, model_dir=models, INFERQ_MODELS="digits").start()
     broker = redis.Redis.from_url(redis_server.url)
     queue = contract.queue_name("digits")
