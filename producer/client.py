@@ -11,15 +11,11 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from producer import contract
-from producer.contract import TensorSpec
+from producer import wire
 from producer.errors import (
     InferqError,
     InvalidInput,
@@ -29,11 +25,12 @@ from producer.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from producer.jobs import JobHandle, JobResult, JobStatus, parse_result
+from producer.jobs import JobHandle, JobResult, JobStatus
+from producer.wire import TensorSpec
+from producer.wire.connect import broker_url as env_broker_url
+from producer.wire.connect import connect
 
-__all__ = ["DEFAULT_URL", "InferenceClient", "ModelInfo"]
-
-DEFAULT_URL = "redis://localhost:6379/0"
+__all__ = ["InferenceClient", "ModelInfo"]
 #: Jobs per bulk message in submit_many: enough to amortise a message, small enough to batch.
 DEFAULT_JOBS_PER_MESSAGE = 32
 #: Tensors at least this large travel by reference: raw bytes in their own key, not
@@ -56,21 +53,15 @@ class ModelInfo:
         self.max_batch_rows = int(doc.get("max_batch_rows", 0))
         self.max_queue = int(doc.get("max_queue", 0))
         self.description = str(doc.get("description", ""))
-
-
-def require_verified_tls(url: str) -> None:
-    """Refuse a Redis URL that turns certificate checking off (or half off)."""
-    for key, value in parse_qsl(urlsplit(url).query):
-        if key == "ssl_cert_reqs" and value.lower() != "required":
-            raise ValueError(f"{key}={value} is refused: TLS connections must verify "
-                             "certificates (ssl_cert_reqs=required, the default)")
+        #: The serving workers' visibility timeout: how long a redelivery can take.
+        self.visibility_timeout = int(doc.get("visibility_timeout")
+                                      or wire.DEFAULT_VISIBILITY_TIMEOUT_S)
 
 
 def _redis(url: str, timeout: float) -> redis.Redis:
     # One quick retry for a dropped connection; never more, so a call is bounded by about
     # twice the socket timeout instead of redis-py's default backoff series.
-    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                retry=Retry(NoBackoff(), 1))
+    return connect(url, timeout=timeout, retries=1)
 
 
 # KEYS[1]: queue. ARGV[1]: most messages allowed to wait (0: no bound), ARGV[2..]: messages.
@@ -87,7 +78,7 @@ _PUSH_CHUNK = 2000
 
 def _as_array(value: Any) -> np.ndarray[Any, Any]:
     arr = value if isinstance(value, np.ndarray) else np.asarray(value)
-    if contract.dtype_name(arr.dtype) is None:
+    if wire.dtype_name(arr.dtype) is None:
         raise InvalidInput(f"dtype {arr.dtype} is not supported")
     return arr
 
@@ -111,20 +102,18 @@ class InferenceClient:
         blob_threshold: int = DEFAULT_BLOB_THRESHOLD,
         blob_ttl: int = 86_400,
     ) -> None:
-        if serializer not in contract.CONTENT_TYPES:
-            raise ValueError(f"serializer must be one of {sorted(contract.CONTENT_TYPES)}")
-        self.broker_url = broker_url or os.environ.get("INFERQ_BROKER_URL") or DEFAULT_URL
+        if serializer not in wire.CONTENT_TYPES:
+            raise ValueError(f"serializer must be one of {sorted(wire.CONTENT_TYPES)}")
+        self.broker_url = broker_url or env_broker_url()
         self.result_url = result_url or os.environ.get("INFERQ_RESULT_URL") or self.broker_url
-        require_verified_tls(self.broker_url)
-        require_verified_tls(self.result_url)
         self.serializer = serializer
         self.validate = validate
         self.blob_threshold = blob_threshold
-        #: The workers' visibility timeout; by-reference data must outlive a redelivery.
-        self.visibility_timeout = int(os.environ.get("INFERQ_VISIBILITY_TIMEOUT") or 300)
-        self.blob_ttl = max(blob_ttl, 4 * self.visibility_timeout)
+        #: Seconds by-reference data lives at least; longer when the serving workers'
+        #: visibility timeout needs it to outlive a redelivery (they advertise it).
+        self.blob_ttl = blob_ttl
         self.client_id = uuid.uuid4().hex
-        self._notify_key = contract.NOTIFY_KEY_PREFIX + self.client_id
+        self._notify_key = wire.notify_key(self.client_id)
         self._broker = _redis(self.broker_url, socket_timeout)
         self._results = (
             self._broker
@@ -154,7 +143,7 @@ class InferenceClient:
     def models(self, refresh: bool = True) -> dict[str, ModelInfo]:
         """Models that running workers advertise, by name."""
         if refresh or time.monotonic() - self._models_read_at > _SIGNATURE_REFRESH_S:
-            raw = self._call(self._broker.hgetall, contract.MODELS_KEY)
+            raw = self._call(self._broker.hgetall, wire.MODELS_KEY)
             with self._lock:
                 self._models = {
                     k.decode(): ModelInfo(k.decode(), json.loads(v)) for k, v in raw.items()
@@ -182,7 +171,7 @@ class InferenceClient:
     def _prepare(
         self, model: str, inputs: Mapping[str, Any], version: int | None, job_id: str,
         blobs: dict[str, bytes | memoryview], text: bool,
-    ) -> dict[str, contract.Tensor]:
+    ) -> dict[str, wire.Tensor]:
         if not isinstance(inputs, Mapping) or not inputs:
             raise InvalidInput("inputs must be a non-empty mapping of input name to array")
         info = self._model_info(model, version) if self.validate else None
@@ -198,15 +187,15 @@ class InferenceClient:
                 # A single example without the batch axis gets one.
                 if arr is not None and spec.shape[:1] == (-1,) and arr.ndim == len(spec.shape) - 1:
                     arrays[spec.name] = arr[np.newaxis]
-            contract.check_inputs(info.inputs, arrays)
+            wire.check_inputs(info.inputs, arrays)
         tensors = {}
         for name, arr in arrays.items():
             if arr.nbytes >= self.blob_threshold:
-                key = contract.blob_key(job_id, name)
-                blobs[key] = contract.tensor_buffer(arr)
-                tensors[name] = contract.tensor_ref(arr, key)
+                key = wire.blob_key(job_id, name)
+                blobs[key] = wire.tensor_buffer(arr)
+                tensors[name] = wire.tensor_ref(arr, key)
             else:
-                tensors[name] = contract.encode_tensor(arr, text=text)
+                tensors[name] = wire.encode_tensor(arr, text=text)
         return tensors
 
     def _push(
@@ -218,8 +207,9 @@ class InferenceClient:
             self._server_run_id = self._run_id()
         info = self._models.get(model)
         bound = info.max_queue if info is not None else 0
-        queue = contract.queue_name(model)
-        replies = self._transact(queue, bound, messages, blobs)
+        ttl = self.blob_ttl if info is None else max(self.blob_ttl, 4 * info.visibility_timeout)
+        queue = wire.queue_name(model)
+        replies = self._transact(queue, bound, ttl, messages, blobs)
         if any(r == -1 for r in replies[len(blobs):]):
             # The transaction ran, blobs included: take them back before refusing.
             if blobs:
@@ -228,23 +218,23 @@ class InferenceClient:
             raise ResourceExhausted(f"queue {queue!r} is full ({bound} messages waiting); "
                                     "retry later or add workers")
 
-    def _transact(self, queue: str, bound: int, messages: list[bytes],
+    def _transact(self, queue: str, bound: int, ttl: int, messages: list[bytes],
                   blobs: dict[str, bytes | memoryview]) -> list[Any]:
         try:
-            return self._transaction(queue, bound, messages, blobs)
+            return self._transaction(queue, bound, ttl, messages, blobs)
         except redis.exceptions.NoScriptError:
             # Redis lost its script cache (restart, SCRIPT FLUSH): nothing was pushed and the
             # blob writes repeat harmlessly, so load the script and run it all again.
             self._call(self._broker.script_load, _PUSH)
-            return self._transaction(queue, bound, messages, blobs)
+            return self._transaction(queue, bound, ttl, messages, blobs)
 
-    def _transaction(self, queue: str, bound: int, messages: list[bytes],
+    def _transaction(self, queue: str, bound: int, ttl: int, messages: list[bytes],
                      blobs: dict[str, bytes | memoryview]) -> list[Any]:
         # MULTI/EXEC: a refused write (noeviction) aborts the whole call, so a caller told
         # "refused" never has half its jobs enqueued.
         pipe = self._broker.pipeline(transaction=True)
         for key, data in blobs.items():
-            pipe.set(key, data, ex=self.blob_ttl)
+            pipe.set(key, data, ex=ttl)
         for start in range(0, len(messages), _PUSH_CHUNK):
             # EVALSHA itself: a script object in a pipeline asks SCRIPT EXISTS first, one
             # more round trip on every submit.
@@ -259,7 +249,7 @@ class InferenceClient:
             return ""  # INFO not allowed (ACL) or not served: restarts go undetected
 
     def _headers(self) -> dict[str, Any]:
-        return {contract.HEADER_ENQUEUED_AT: contract.now(), contract.HEADER_NOTIFY: self.client_id}
+        return {wire.HEADER_ENQUEUED_AT: wire.now(), wire.HEADER_NOTIFY: self.client_id}
 
     def submit(
         self,
@@ -274,16 +264,16 @@ class InferenceClient:
         ``inputs`` maps input names to arrays (or nested lists). ``deadline`` is in seconds
         from now; a job still queued past it fails with DEADLINE_EXCEEDED.
         """
-        job_id = contract.new_id()
+        job_id = wire.new_id()
         blobs: dict[str, bytes | memoryview] = {}
         tensors = self._prepare(model, inputs, version, job_id, blobs,
                                 text=self.serializer == "json")
-        message = contract.build_message(
-            task=contract.TASK_NAME,
+        message = wire.build_message(
+            task=wire.TASK_NAME,
             task_id=job_id,
             args=[model, tensors],
             kwargs={"version": version},
-            queue=contract.queue_name(model),
+            queue=wire.queue_name(model),
             serializer=self.serializer,
             headers=self._headers(),
             reply_to=self.client_id,
@@ -309,13 +299,13 @@ class InferenceClient:
         and without base64.
         """
         items = list(inputs)
-        ids = [contract.new_id() for _ in items]
+        ids = [wire.new_id() for _ in items]
         blobs: dict[str, bytes | memoryview] = {}
         prepared = [
             self._prepare(model, item, version, job_id, blobs, text=False)
             for job_id, item in zip(ids, items, strict=True)
         ]
-        queue = contract.queue_name(model)
+        queue = wire.queue_name(model)
         expires = self._expires(deadline)
         messages = []
         for start in range(0, len(prepared), jobs_per_message):
@@ -325,13 +315,13 @@ class InferenceClient:
                 for i, t in zip(chunk_ids, prepared[start : start + jobs_per_message], strict=True)
             ]
             headers = self._headers()
-            headers[contract.HEADER_JOB_IDS] = chunk_ids
-            message_id = contract.new_id()
-            entries_key = contract.blob_key(message_id, "entries")
-            blobs[entries_key] = contract.pack_body(entries, "msgpack")
+            headers[wire.HEADER_JOB_IDS] = chunk_ids
+            message_id = wire.new_id()
+            entries_key = wire.blob_key(message_id, "entries")
+            blobs[entries_key] = wire.pack_body(entries, "msgpack")
             messages.append(
-                contract.build_message(
-                    task=contract.BULK_TASK_NAME,
+                wire.build_message(
+                    task=wire.BULK_TASK_NAME,
                     task_id=message_id,
                     args=[model, {"ref": entries_key}],
                     kwargs={},
@@ -357,12 +347,7 @@ class InferenceClient:
 
     def status(self, job_id: str) -> JobStatus:
         """PENDING until the job's result is stored, then SUCCESS or FAILURE."""
-        raw = self._call(self._results.get, contract.result_key(job_id))
-        if raw is None:
-            return JobStatus.PENDING
-        state = json.loads(raw).get("status")
-        # Other Celery states (STARTED, RETRY, ...) are not terminal: still pending.
-        return JobStatus(state) if state in ("SUCCESS", "FAILURE") else JobStatus.PENDING
+        return JobStatus(wire.read_status(self._call(self._results.get, wire.result_key(job_id))))
 
     def results(self, job_ids: Sequence[str], timeout: float = 60.0) -> list[JobResult]:
         """Wait for every job; return results in order, raising the first JobFailed."""
@@ -402,7 +387,11 @@ class InferenceClient:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise JobTimeout(f"{len(pending)} of {total} jobs have no result after {timeout}s")
+                waiting = sorted(pending)
+                shown = ", ".join(waiting[:5]) + (" ..." if len(waiting) > 5 else "")
+                raise JobTimeout(
+                    f"{len(pending)} of {total} jobs have no result after {timeout}s (still "
+                    f"waiting: {shown}); they may still finish: read them later", waiting)
             notified = self._wait_notified(min(remaining, _FULL_RECHECK_S), len(pending) > 1)
             now = time.monotonic()
             if notified:
@@ -436,11 +425,11 @@ class InferenceClient:
     ) -> Iterator[tuple[str, JobResult | JobFailed]]:
         for start in range(0, len(ids), _MGET_CHUNK):
             chunk = ids[start : start + _MGET_CHUNK]
-            docs = self._call(self._results.mget, [contract.result_key(i) for i in chunk])
+            docs = self._call(self._results.mget, [wire.result_key(i) for i in chunk])
             for job_id, raw in zip(chunk, docs, strict=True):
                 if raw is not None and job_id in pending:
                     pending.discard(job_id)
-                    yield job_id, parse_result(job_id, raw)
+                    yield job_id, wire.read_result(job_id, raw)
 
     def _wait_notified(self, timeout: float, drain: bool) -> list[str]:
         popped = self._call(self._results.blpop, [self._notify_key], timeout=max(timeout, 0.001))

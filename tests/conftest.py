@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer import contract
-from workers.launcher import celery_argv
-from workers.redisproc import RedisServer, find_redis_server
+from producer import wire
+from workers.launch.launcher import celery_argv
+from workers.launch.redisproc import RedisServer, find_redis_server
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -89,7 +89,7 @@ class WorkerProcess:
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         client = redis.Redis.from_url(self.url, socket_timeout=5)
-        key = contract.WORKER_KEY_PREFIX + self.hostname
+        key = wire.WORKER_KEY_PREFIX + self.hostname
         deadline = time.monotonic() + timeout
         assert self.proc is not None
         while not client.exists(key):
@@ -106,7 +106,7 @@ class WorkerProcess:
 
     def advertised_pid(self) -> int:
         client = redis.Redis.from_url(self.url, socket_timeout=5)
-        raw = client.get(contract.WORKER_KEY_PREFIX + self.hostname)
+        raw = client.get(wire.WORKER_KEY_PREFIX + self.hostname)
         assert raw is not None
         return int(json.loads(raw)["pid"])
 

@@ -13,8 +13,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from workers import redisproc
-from workers.redisproc import RedisServer, find_redis_server, free_port
+from workers.launch import redisproc
+from workers.launch.redisproc import RedisServer, find_redis_server, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,7 +185,7 @@ def test_missing_binary_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_atexit_kills_leftover_servers(binary: str) -> None:
     script = textwrap.dedent("""
-        from workers.redisproc import RedisServer
+        from workers.launch.redisproc import RedisServer
         srv = RedisServer().start()
         print(srv.pid, srv.directory, flush=True)
     """)

@@ -1,71 +1,38 @@
-"""The Celery app of an inferq worker process and the bootstep that serves models.
+"""The Celery app of an inferq worker process.
 
 Run one process per GPU: ``celery -A workers.app worker -P solo -n gpu0@%h`` (what
-``inferq worker`` does). Models are loaded, verified and warmed in this process before
-any queue is read; then one thread per model drains its queue in bulk.
+``inferq worker`` does). The app is built from settings by :func:`make_app`; the module's
+``app`` attribute, which ``celery -A`` reads, is built from the environment on first use,
+so importing this module configures nothing.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import threading
-import time
-from typing import Any, ClassVar
+from typing import Any
 
-import redis
-import structlog
-from celery import Celery, bootsteps
+from celery import Celery
 
-from producer import contract
-from workers import logs, metrics, repository, runtime
-from workers.consumer import QueueReader
-from workers.health import Monitor
-from workers.results import ResultStore, ResultWriter, TaskEvents
-from workers.settings import CONTROL_QUEUE, Settings
-from workers.tasks import ModelServer
-
-log = structlog.get_logger(__name__)
+from producer.wire import CONTROL_QUEUE
+from producer.wire.connect import tls_options
+from workers.errors import SettingsError
+from workers.ops import logs
+from workers.ops.metrics import WorkerMetrics
+from workers.serving.service import ServeModels
+from workers.settings import Settings
 
 
-
-def make_app(settings: Settings) -> Celery:
-    """A Celery app configured for inferq's delivery guarantees.
+def make_app(settings: Settings, metrics: WorkerMetrics | None = None) -> Celery:
+    """A Celery app configured for inferq's delivery guarantees, serving models with
+    ``settings`` and reporting into ``metrics``.
 
     For ``rediss://`` URLs the broker and the result backend get explicit TLS options
-    that always verify the server's certificate: kombu alone would fall back to
-    ``ssl_cert_reqs=CERT_NONE`` for a ``rediss://`` URL without TLS parameters.
+    that always verify the server's certificate.
     """
-    # Imported here so that this TLS block stays within make_app.
-    import ssl
-    from urllib.parse import parse_qsl, urlsplit
-
-    from workers.settings import SettingsError
-
-    def tls_options(url: str) -> dict[str, Any] | None:
-        """The ssl dict kombu (broker_use_ssl) and Celery (redis_backend_use_ssl) take."""
-        parts = urlsplit(url)
-        if parts.scheme != "rediss":
-            return None
-        query = dict(parse_qsl(parts.query))
-        # Only "required": the one spelling redis-py, kombu and Celery all accept.
-        reqs = query.get("ssl_cert_reqs", "required")
-        if reqs != "required":
-            raise SettingsError(
-                f"rediss:// URLs must verify the server certificate: ssl_cert_reqs={reqs!r} "
-                "is refused; use ssl_cert_reqs=required (or leave it out)")
-        options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
-        # Without ssl_ca_certs the system's CA store verifies the server.
-        for key in ("ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile"):
-            if query.get(key):
-                options[key] = query[key]
-        if "ssl_check_hostname" in query:
-            options["ssl_check_hostname"] = query["ssl_check_hostname"].lower() not in (
-                "false", "0", "no", "off")
-        return options
-
-    broker_tls, backend_tls = tls_options(settings.broker_url), tls_options(settings.result_url)
+    try:
+        broker_tls, backend_tls = tls_options(settings.broker_url), tls_options(settings.result_url)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
     app = Celery("inferq", broker=settings.broker_url, backend=settings.result_url)
     if broker_tls is not None:
         app.conf.broker_use_ssl = broker_tls
@@ -76,6 +43,8 @@ def make_app(settings: Settings) -> Celery:
         # Control replies (Flower, inspect) use the task serializer: keep it json.
         task_serializer="json",
         result_serializer="json",
+        # Jobs never pass Celery's consumer (the serving loop reads their queues and
+        # refuses other content types itself); this covers the control queue.
         accept_content=["msgpack", "json"],
         result_accept_content=["json"],
         task_acks_late=True,
@@ -105,112 +74,26 @@ def make_app(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
     )
-    app.steps["worker"].add(ServeModels)
+    step = type("ServeModels", (ServeModels,),
+                {"settings": settings, "metrics": metrics or WorkerMetrics()})
+    app.steps["worker"].add(step)
     return app
 
 
-def check_redis_durability(client: redis.Redis) -> None:
-    """Refuse (production profile) a Redis that can lose or evict queued jobs."""
-    persistence, memory = client.info("persistence"), client.info("memory")
-    problems = []
-    if not int(persistence.get("aof_enabled", 0)):
-        problems.append("appendonly is off (a restart loses queued jobs)")
-    if memory.get("maxmemory_policy") != "noeviction":
-        problems.append(f"maxmemory-policy is {memory.get('maxmemory_policy')} "
-                        "(eviction silently drops queues); set noeviction")
-    if problems:
-        raise RuntimeError("INFERQ_PROFILE=production refuses this Redis: " + "; ".join(problems))
+def create_app() -> Celery:
+    """The app of a worker process, from ``INFERQ_*`` variables, with logging configured."""
+    logs.configure(json_output=os.environ.get("INFERQ_LOG_FORMAT", "auto"))
+    return make_app(Settings.from_env())
 
 
-def _redis(url: str) -> redis.Redis:
-    # Longer than the 1 s blocking wait, short enough to notice a dead server.
-    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
-                                health_check_interval=25)
+_app: Celery | None = None
 
 
-class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Load every model, advertise it, and run one ModelServer thread per model."""
-
-    requires: ClassVar[set[str]] = {"celery.worker.components:Pool"}
-
-    def __init__(self, worker: Any, **kwargs: Any) -> None:
-        super().__init__(worker, **kwargs)
-        self.stop_event = threading.Event()
-        self.threads: list[threading.Thread] = []
-
-    def start(self, worker: Any) -> None:
-        settings = SETTINGS
-        hostname = worker.hostname or settings.hostname
-        port = metrics.port_from_env(os.environ)
-        if port is not None:
-            # Up before the models load, so a long load reads as "not ready", not "down".
-            try:
-                log.info("metrics_listening", port=METRICS.start_http(port))
-            except OSError as exc:
-                log.warning("metrics_port_unavailable", port=port, error=str(exc))
-        manifests = repository.scan(settings.model_dir, settings.models)
-        loaded: dict[str, dict[int, runtime.LoadedModel]] = {}
-        instances = {name: m.instances or settings.instances for name, m in manifests.items()}
-        for name, manifest in manifests.items():
-            loaded[name] = {}
-            threads = settings.session_threads(instances[name])
-            for v in sorted(manifest.versions):
-                started = time.perf_counter()
-                model = runtime.load(manifest, v, settings.device, threads)
-                seconds = time.perf_counter() - started
-                METRICS.model_loaded(name, v, model.provider, seconds)
-                log.info("model_loaded", model=name, version=v, provider=model.provider,
-                         load_ms=round(seconds * 1000, 1), instances=instances[name],
-                         intra_op_threads=threads)
-                loaded[name][v] = model
-        control = _redis(settings.broker_url)
-        if settings.profile == "production":
-            check_redis_durability(control)
-        signatures = {name: json.dumps(m.signature()) for name, m in manifests.items()}
-        servers: list[ModelServer] = []
-        for name, versions in loaded.items():
-            for instance in range(instances[name]):
-                reader = QueueReader(_redis(settings.broker_url), contract.queue_name(name))
-                writer = ResultWriter(
-                    ResultStore(_redis(settings.result_url), settings.result_ttl_s),
-                    reader,
-                    TaskEvents(worker.app, hostname, settings.task_events,
-                               settings.events_max_rate / instances[name]),
-                    same_server=settings.result_url == settings.broker_url,
-                )
-                server = ModelServer(name, versions, reader, writer, worker=hostname,
-                                     settings=settings, metrics=METRICS, instance=instance)
-                servers.append(server)
-                self.threads.append(threading.Thread(
-                    target=self._run, args=(server,), name=f"inferq-{name}-{instance}",
-                    daemon=True))
-        monitor = Monitor(settings, hostname, servers, control, self.stop_event, signatures)
-        self.threads.append(threading.Thread(target=monitor.run, name="inferq-monitor",
-                                             daemon=True))
-        for thread in self.threads:
-            thread.start()
-        METRICS.set_ready(True)
-        METRICS.start_sampler(_redis(settings.broker_url), sorted(loaded), stop=self.stop_event)
-        log.info("worker_ready", worker=hostname, models=sorted(loaded), device=settings.device)
-
-    def _run(self, server: ModelServer) -> None:
-        try:
-            server.serve(self.stop_event)
-        except Exception:
-            server.log.exception("model_server_crashed")
-            METRICS.set_ready(False)
-            # A worker that stopped serving must not look healthy: stop the whole process.
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    def stop(self, worker: Any) -> None:
-        METRICS.set_ready(False)
-        self.stop_event.set()
-        for thread in self.threads:
-            thread.join(timeout=60)
-        METRICS.close()
-
-
-SETTINGS = Settings.from_env()
-METRICS = metrics.WorkerMetrics()
-logs.configure(json_output=os.environ.get("INFERQ_LOG_FORMAT", "auto"))
-app = make_app(SETTINGS)
+def __getattr__(name: str) -> Any:
+    # ``celery -A workers.app`` reads ``workers.app.app``: build it then, not at import.
+    global _app
+    if name == "app":
+        if _app is None:
+            _app = create_app()
+        return _app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

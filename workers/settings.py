@@ -9,21 +9,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from producer.client import require_verified_tls
-
-DEFAULT_URL = "redis://localhost:6379/0"
-#: Queue the Celery consumer itself listens on; inferq jobs never go there.
-CONTROL_QUEUE = "inferq.control"
+from producer.wire import DEFAULT_URL, DEFAULT_VISIBILITY_TIMEOUT_S
+from producer.wire.connect import require_verified_tls
+from workers.errors import SettingsError
 
 
 def default_model_dir() -> Path:
     """``models/`` beside the source tree, else ``./models``."""
     here = Path(__file__).resolve().parent.parent / "models"
     return here if here.is_dir() else Path.cwd() / "models"
-
-
-class SettingsError(ValueError):
-    """A setting is missing, malformed or contradicts another one."""
 
 
 def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str:
@@ -52,7 +46,7 @@ class Settings:
     #: Seconds a result stays readable.
     result_ttl_s: int = 3600
     #: Seconds before a picked-up but unacknowledged message is delivered again.
-    visibility_timeout_s: int = 300
+    visibility_timeout_s: int = DEFAULT_VISIBILITY_TIMEOUT_S
     #: Seconds between sweeps that give expired unacknowledged messages back to their queue.
     restore_interval_s: float = 5.0
     #: Refuse float inputs holding NaN or Inf (INFERQ_NONFINITE=reject|allow).

@@ -23,11 +23,11 @@ import numpy as np
 import redis
 from sklearn.datasets import load_digits
 
-from producer import InferenceClient, contract
+from producer import InferenceClient, wire
 from producer.errors import InferqError
-from producer.jobs import parse_result
+from producer.wire import read_result as parse_result
 from tests.conftest import MODELS, WorkerProcess
-from workers.consumer import UNACKED, UNACKED_INDEX
+from producer.wire import UNACKED, UNACKED_INDEX
 
 #: The CI profile every fault test runs under (reliability.md 7.1: VT 10 s, sweep 1 s).
 PROFILE = {
@@ -35,7 +35,7 @@ PROFILE = {
     "INFERQ_RESTORE_INTERVAL": "1",
     "INFERQ_BATCH_TIME_LIMIT": "3",
 }
-DIGITS_QUEUE = contract.queue_name("digits")
+DIGITS_QUEUE = wire.queue_name("digits")
 #: The 1,797 8x8 images of scikit-learn's digits data, float32 [N, 64].
 X = load_digits().data.astype(np.float32)
 
@@ -80,7 +80,7 @@ def result_docs(client: redis.Redis, ids: Sequence[str]) -> dict[str, bytes | No
     out: dict[str, bytes | None] = {}
     for start in range(0, len(ids), 2000):
         chunk = list(ids[start:start + 2000])
-        values: list[Any] = client.mget([contract.result_key(i) for i in chunk])
+        values: list[Any] = client.mget([wire.result_key(i) for i in chunk])
         out.update(zip(chunk, values, strict=True))
     return out
 
@@ -228,7 +228,7 @@ def changed_results(client: redis.Redis, first: dict[str, bytes]) -> list[str]:
 
 def result_keys(client: redis.Redis) -> set[str]:
     """Every job ID that has a result key in this Redis."""
-    prefix = contract.RESULT_KEY_PREFIX
+    prefix = wire.RESULT_KEY_PREFIX
     return {k.decode()[len(prefix):] for k in client.scan_iter(prefix + "*", count=5000)}
 
 
@@ -450,7 +450,7 @@ def slow_input(iterations: int) -> np.ndarray[Any, Any]:
 def raw_job(job_id: str, model: str, inputs: dict[str, Any], queue: str,
             version: int | None = None, **kw: Any) -> bytes:
     """A single-job Celery message, as any Celery client would send it."""
-    return contract.build_message(task=contract.TASK_NAME, task_id=job_id, args=[model, inputs],
+    return wire.build_message(task=wire.TASK_NAME, task_id=job_id, args=[model, inputs],
                                   kwargs={"version": version}, queue=queue, **kw)
 
 

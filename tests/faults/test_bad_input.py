@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from producer import contract
+from producer import wire
 from tests.faults.conftest import Figures, WorkerFactory
 from tests.faults.harness import (
     DIGITS_QUEUE,
@@ -28,8 +28,8 @@ from tests.faults.harness import (
     result_docs,
     wait_for,
 )
-from workers import deadletter
-from workers.redisproc import RedisServer
+from workers.launch.redisproc import RedisServer
+from workers.ops import deadletter
 
 pytestmark = pytest.mark.faults
 
@@ -47,7 +47,7 @@ class _Canary:
 
 
 def _tensor(arr: np.ndarray[Any, Any]) -> dict[str, Any]:
-    return contract.encode_tensor(arr)
+    return wire.encode_tensor(arr)
 
 
 def _with_body(message: bytes, content_type: str, body: bytes) -> bytes:
@@ -82,8 +82,8 @@ def test_bad_jobs_in_one_transaction(fresh_redis: RedisServer, profile_worker: W
     # Warm up what Redis allocates once (scripts, events), then take the baseline.
     warm = str(uuid.uuid4())
     r.lpush(DIGITS_QUEUE, raw_job(warm, "digits", {"pixels": _tensor(X[:1])}, DIGITS_QUEUE))
-    wait_for(lambda: r.exists(contract.result_key(warm)), 10, "the warm-up job")
-    r.delete(contract.result_key(warm))
+    wait_for(lambda: r.exists(wire.result_key(warm)), 10, "the warm-up job")
+    r.delete(wire.result_key(warm))
     dlq_before = r.llen(deadletter.DLQ_KEY)
     baseline = int(r.info("memory")["used_memory"])
     keys_before = _key_bytes(r)
@@ -133,10 +133,10 @@ def test_bad_jobs_in_one_transaction(fresh_redis: RedisServer, profile_worker: W
 
     good_ids = [str(uuid.uuid4()) for _ in range(12)]
     ref_id = str(uuid.uuid4())
-    ref_key = contract.blob_key(ref_id, "pixels")
+    ref_key = wire.blob_key(ref_id, "pixels")
     bulk_ids = [str(uuid.uuid4()) for _ in range(4)]  # the last one is bad
     bulk_id = str(uuid.uuid4())
-    entries_key = contract.blob_key(bulk_id, "entries")
+    entries_key = wire.blob_key(bulk_id, "entries")
     entries = [{"id": i, "inputs": {"pixels": _tensor(X[n:n + 1])}, "version": None}
                for n, i in enumerate(bulk_ids[:3])]
     entries.append({"id": bulk_ids[3],
@@ -146,17 +146,17 @@ def test_bad_jobs_in_one_transaction(fresh_redis: RedisServer, profile_worker: W
     messages = [bad[name][0](ids[name]) for name in bad]
     messages += [raw_job(i, "digits", {"pixels": _tensor(X[n:n + 1])}, DIGITS_QUEUE)
                  for n, i in enumerate(good_ids)]
-    messages.append(raw_job(ref_id, "digits", {"pixels": contract.tensor_ref(X[:2], ref_key)},
+    messages.append(raw_job(ref_id, "digits", {"pixels": wire.tensor_ref(X[:2], ref_key)},
                             DIGITS_QUEUE))
-    messages.append(contract.build_message(
-        task=contract.BULK_TASK_NAME, task_id=bulk_id, args=["digits", {"ref": entries_key}],
-        kwargs={}, queue=DIGITS_QUEUE, headers={contract.HEADER_JOB_IDS: bulk_ids}))
+    messages.append(wire.build_message(
+        task=wire.BULK_TASK_NAME, task_id=bulk_id, args=["digits", {"ref": entries_key}],
+        kwargs={}, queue=DIGITS_QUEUE, headers={wire.HEADER_JOB_IDS: bulk_ids}))
     messages.append(garbage)
     assert len(messages) == 32
 
     pipe = r.pipeline(transaction=True)
-    pipe.set(ref_key, contract.tensor_bytes(X[:2]))
-    pipe.set(entries_key, contract.pack_body(entries, "msgpack"))
+    pipe.set(ref_key, wire.tensor_bytes(X[:2]))
+    pipe.set(entries_key, wire.pack_body(entries, "msgpack"))
     for message in messages:
         pipe.lpush(DIGITS_QUEUE, message)
     pipe.execute()
@@ -177,7 +177,7 @@ def test_bad_jobs_in_one_transaction(fresh_redis: RedisServer, profile_worker: W
 
     def label(job_id: str) -> int:
         outputs = docs[job_id]["result"]["outputs"]
-        return int(contract.decode_tensor(outputs["label"])[0])
+        return int(wire.decode_tensor(outputs["label"])[0])
 
     expected = {i: n for n, i in enumerate(good_ids)}
     expected.update({i: n for n, i in enumerate(bulk_ids[:3])})
@@ -189,9 +189,9 @@ def test_bad_jobs_in_one_transaction(fresh_redis: RedisServer, profile_worker: W
 
     # Clean up what a client reads and an operator clears, then compare memory.
     wait_for(lambda: in_flight(r) == 0, 10, "every message acked")
-    r.delete(*[contract.result_key(i) for i in everyone])
+    r.delete(*[wire.result_key(i) for i in everyone])
     r.ltrim(deadletter.DLQ_KEY, len(dlq), -1)
-    leftovers = sorted(k.decode() for pattern in (contract.BLOB_KEY_PREFIX + "*",
+    leftovers = sorted(k.decode() for pattern in (wire.BLOB_KEY_PREFIX + "*",
                                                   "inferq:attempts:*")
                        for k in r.scan_iter(pattern))
     after = int(r.info("memory")["used_memory"])

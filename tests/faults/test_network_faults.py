@@ -26,7 +26,7 @@ from tests.faults.harness import (
     wait_for,
     wait_results,
 )
-from workers.redisproc import RedisServer
+from workers.launch.redisproc import RedisServer
 
 pytestmark = pytest.mark.faults
 

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import redis
 
-from producer import InferenceClient, contract
+from producer import InferenceClient, wire
 from tests.conftest import PY, ROOT, WorkerProcess, python_env
 from tests.faultproxy import FaultProxy, Sniffer
 from tests.faults.conftest import Figures, WorkerFactory
@@ -38,8 +38,8 @@ from tests.faults.harness import (
     wait_results,
     write_slow_model,
 )
-from workers import deadletter
-from workers.redisproc import RedisServer
+from workers.launch.redisproc import RedisServer
+from workers.ops import deadletter
 
 pytestmark = pytest.mark.faults
 
@@ -108,7 +108,7 @@ class _OomKiller(threading.Thread):
 
     def _run(self) -> None:
         r = self.stack.client
-        key = contract.result_key(self.job_id)
+        key = wire.result_key(self.job_id)
         seen: set[str] = set()
         while not self._stop_event.wait(0.02):
             tags = [t for t in holding(r, self.job_id) if t not in seen]
@@ -157,14 +157,14 @@ def _watch_completions(stack: Stack, ids: list[str], stop: threading.Event) -> N
     while not stop.wait(0.05):
         pending = [i for i in list(ids) if i not in stack.completed_at]
         if pending:
-            for job_id, raw in zip(pending, r.mget([contract.result_key(i) for i in pending]),
+            for job_id, raw in zip(pending, r.mget([wire.result_key(i) for i in pending]),
                                    strict=True):
                 if raw is not None:
                     stack.completed_at[job_id] = time.monotonic()
 
 
 def _dlq(url: str, *args: str) -> str:
-    out = subprocess.run([PY, "-m", "workers.cli", "dlq", *args], capture_output=True,
+    out = subprocess.run([PY, "-m", "workers.launch.cli", "dlq", *args], capture_output=True,
                          text=True, timeout=60, cwd=ROOT,
                          env=python_env(INFERQ_BROKER_URL=url))
     assert out.returncode == 0, out.stderr
@@ -203,7 +203,7 @@ def test_poison_job_is_dead_lettered_and_others_keep_flowing(
         killer.start()
         r = episode.client
         try:
-            wait_for(lambda: r.exists(contract.result_key(poison.id)), 55,
+            wait_for(lambda: r.exists(wire.result_key(poison.id)), 55,
                      "the poison job's result")
         finally:
             killer.stop()
@@ -211,13 +211,13 @@ def test_poison_job_is_dead_lettered_and_others_keep_flowing(
         pacer.join(timeout=60)
         window_end = pacer.last_at + 2.0
         wait_for(lambda: time.monotonic() >= window_end, 5, "the end of the window")
-        doc = json_doc(r.get(contract.result_key(poison.id)))
+        doc = json_doc(r.get(wire.result_key(poison.id)))
         attempts = r.get(deadletter.attempts_key(poison.id))
         listed = _dlq(episode.server.url, "list")
         # Requeue with the killer off: the job runs and succeeds.
         requeued = _dlq(episode.server.url, "requeue", poison.id)
         _, still = wait_results(r, [poison.id], timeout=20)
-        after = json_doc(r.get(contract.result_key(poison.id)))
+        after = json_doc(r.get(wire.result_key(poison.id)))
         for s, ids in zip([episode, clean], pacer.ids, strict=True):
             wait_results(s.client, ids, timeout=30)
         stop.set()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer import InferenceClient, contract
+from producer import InferenceClient, wire
 from producer.errors import (
     InferqError,
     JobTimeout,
@@ -38,7 +38,7 @@ from tests.faults.harness import (
     wait_results,
     write_slow_model,
 )
-from workers.redisproc import RedisServer
+from workers.launch.redisproc import RedisServer
 
 UNACKED_MUTEX = "unacked_mutex"  # kombu's lock around the visibility sweep
 
@@ -300,7 +300,7 @@ def test_redis_out_of_memory_loses_nothing(full_redis: tuple[RedisServer, Ledger
     took, missing = wait_results(r, ledger.ids, timeout=60)
     wait_for(lambda: quiesced(r), 15, "queue drained and nothing in flight")
     report = audit(r, ledger)
-    orphans = sum(1 for _ in r.scan_iter(contract.BLOB_KEY_PREFIX + "*", count=1000))
+    orphans = sum(1 for _ in r.scan_iter(wire.BLOB_KEY_PREFIX + "*", count=1000))
     figures(accepted=len(ledger), refusal=f"{type(refusal).__name__}: {_printable(refusal)}",
             refusal_typed=isinstance(refusal, ResourceExhausted),
             used_memory_at_refusal_mb=round(used / 2**20, 2),
@@ -347,7 +347,7 @@ def test_refused_submit_leaves_nothing_behind(
     r = redis.Redis.from_url(server.url, socket_timeout=5)
     referenced = {key for raw in r.lrange(DIGITS_QUEUE, 0, -1)
                   for key in [_entries_key(raw)] if key}
-    blobs = {k.decode() for k in r.scan_iter(contract.BLOB_KEY_PREFIX + "*", count=1000)}
+    blobs = {k.decode() for k in r.scan_iter(wire.BLOB_KEY_PREFIX + "*", count=1000)}
     assert blobs == referenced, f"{len(blobs - referenced)} blob keys no message names"
 
 
@@ -437,7 +437,7 @@ def test_workers_advertise_again_after_redis_lost_its_data(
     worker = profile_worker(server.url).start()
     server.restart()
     r = redis.Redis.from_url(server.url, socket_timeout=5)
-    wait_for(lambda: r.exists(contract.WORKER_KEY_PREFIX + worker.hostname), 20,
+    wait_for(lambda: r.exists(wire.WORKER_KEY_PREFIX + worker.hostname), 20,
              "the worker's heartbeat after the restart")
     with InferenceClient(server.url) as client:
         result = client.submit("digits", {"pixels": X[0]}).result(timeout=10)

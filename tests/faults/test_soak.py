@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer import InferenceClient, contract
+from producer import InferenceClient, wire
 from producer.errors import InferqError
-from producer.jobs import parse_result
+from producer.wire import read_result as parse_result
 from tests.conftest import WorkerProcess
 from tests.faults.conftest import Figures, WorkerFactory
 from tests.faults.harness import (
@@ -32,7 +32,7 @@ from tests.faults.harness import (
     rows_of,
     wait_for,
 )
-from workers.redisproc import RedisServer
+from workers.launch.redisproc import RedisServer
 
 pytestmark = [pytest.mark.faults, pytest.mark.soak]
 
@@ -77,7 +77,7 @@ class Auditor(threading.Thread):
         still = []
         for start in range(0, len(self._unseen), 2000):
             chunk = self._unseen[start:start + 2000]
-            for job_id, raw in zip(chunk, self.r.mget([contract.result_key(i) for i in chunk]),
+            for job_id, raw in zip(chunk, self.r.mget([wire.result_key(i) for i in chunk]),
                                    strict=True):
                 if raw is None:
                     still.append(job_id)
@@ -94,14 +94,14 @@ class Auditor(threading.Thread):
                if i not in self.verified and (final or now - t >= self.recheck)]
         for start in range(0, len(due), 2000):
             chunk = due[start:start + 2000]
-            for job_id, raw in zip(chunk, self.r.mget([contract.result_key(i) for i in chunk]),
+            for job_id, raw in zip(chunk, self.r.mget([wire.result_key(i) for i in chunk]),
                                    strict=True):
                 if raw is None or hashlib.blake2b(raw, digest_size=16).digest() != \
                         self.digest[job_id]:
                     self.changed.add(job_id)
             self.verified.update(chunk)
             if self.delete and not final:
-                self.r.delete(*[contract.result_key(i) for i in chunk])
+                self.r.delete(*[wire.result_key(i) for i in chunk])
                 self.deleted += chunk
 
     def caught_up(self) -> bool:
@@ -112,7 +112,7 @@ class Auditor(threading.Thread):
         """Deleted results that exist again."""
         ids = self.deleted
         return sum(1 for start in range(0, len(ids), 2000)
-                   for raw in self.r.mget([contract.result_key(i)
+                   for raw in self.r.mget([wire.result_key(i)
                                            for i in ids[start:start + 2000]])
                    if raw is not None)
 

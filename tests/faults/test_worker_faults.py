@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer import InferenceClient, contract
+from producer import InferenceClient, wire
 from tests.conftest import MODELS, WorkerProcess
 from tests.faults.conftest import Figures, WorkerFactory
 from tests.faults.harness import (
@@ -43,8 +43,8 @@ from tests.faults.harness import (
     wait_results,
     write_slow_model,
 )
-from workers.launcher import Supervisor, plan
-from workers.redisproc import RedisServer
+from workers.launch.launcher import Supervisor, plan
+from workers.launch.redisproc import RedisServer
 
 pytestmark = pytest.mark.faults
 
@@ -140,11 +140,11 @@ def _sigterm_under_load(fresh_redis: RedisServer, profile_worker: WorkerFactory,
     finally:
         load.stop()
     _, missing = wait_results(r, [*ledger.ids, slow_job.id], timeout=40)
-    wait_for(lambda: quiesced(r, [contract.queue_name("digits"), contract.queue_name("slow")]),
+    wait_for(lambda: quiesced(r, [wire.queue_name("digits"), wire.queue_name("slow")]),
              10, "queues drained and nothing in flight")
     report = audit(r, ledger)
     executions = executed_jobs([survivor, victim])
-    slow_doc = r.get(contract.result_key(slow_job.id))
+    slow_doc = r.get(wire.result_key(slow_job.id))
     figures(accepted=len(ledger), exit_code=code, exit_s=exit_s, lost=report.lost,
             wrong=len(report.wrong), slow_job_done=slow_doc is not None,
             executions=executions, expected_executions=len(ledger) + 1,
@@ -191,12 +191,12 @@ def test_batch_time_limit_exits_70_and_jobs_finish_elsewhere(
     per_iteration = seconds_per_iteration(write_slow_model(model_repo))
     iterations = int(3.2 / per_iteration)
     short = profile_worker(url, model_dir=model_repo, INFERQ_BATCH_TIME_LIMIT="2").start()
-    queue = contract.queue_name("slow")
+    queue = wire.queue_name("slow")
     ids = [str(uuid.uuid4()) for _ in range(32)]
     pipe = r.pipeline(transaction=True)
     for n, job_id in enumerate(ids):  # the slow one first: it is popped first
         x = slow_input(iterations if n == 0 else 1)
-        pipe.lpush(queue, raw_job(job_id, "slow", {"x": contract.encode_tensor(x)}, queue))
+        pipe.lpush(queue, raw_job(job_id, "slow", {"x": wire.encode_tensor(x)}, queue))
     pipe.execute()
     pushed = time.monotonic()
     assert short.proc is not None
@@ -208,14 +208,14 @@ def test_batch_time_limit_exits_70_and_jobs_finish_elsewhere(
                           INFERQ_VISIBILITY_TIMEOUT="15").start()
     _, missing = wait_results(r, ids, timeout=45)
     done_s = time.monotonic() - pushed
-    outcomes = [b'"SUCCESS"' in (r.get(contract.result_key(i)) or b"") for i in ids]
+    outcomes = [b'"SUCCESS"' in (r.get(wire.result_key(i)) or b"") for i in ids]
     attempts = r.get(f"inferq:attempts:{ids[0]}")
     wait_for(lambda: quiesced(r, [queue]), 10, "queue drained and nothing in flight")
     figures(slow_job_s=round(iterations * per_iteration, 2), exit_code=code,
             exit_after_s=exited_s, soft_warnings=len(soft), hard_limit_lines=len(hard),
             lost=len(missing) + outcomes.count(False), all_done_after_s=done_s,
             slow_job_attempts=attempts.decode() if attempts else None,
-            served_by=sorted({json_doc(r.get(contract.result_key(i)))["result"]["worker"]
+            served_by=sorted({json_doc(r.get(wire.result_key(i)))["result"]["worker"]
                               for i in ids} - {None}))
     assert code == 70
     assert soft and soft[0]["limit_s"] == 2.0, "no batch_soft_time_limit warning"
@@ -260,7 +260,7 @@ def test_recycling_under_a_supervisor(fresh_redis: RedisServer, figures: Figures
         ledger = Ledger()
         try:
             hostname = specs[0].hostname
-            wait_for(lambda: r.exists(contract.WORKER_KEY_PREFIX + hostname), 60,
+            wait_for(lambda: r.exists(wire.WORKER_KEY_PREFIX + hostname), 60,
                      "the supervised worker to be ready")
             load = Load(url, ledger, jobs_per_call=30, interval=0.06, total=3000)
             load.start()

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 def test_quick_bench_writes_the_figures(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [PY, "-m", "workers.cli", "bench", "--quick", "--models", "mlp", "--json", str(out)],
+        [PY, "-m", "workers.launch.cli", "bench", "--quick", "--models", "mlp", "--json", str(out)],
         cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())

@@ -17,10 +17,10 @@ import pytest
 import redis
 from sklearn.datasets import load_digits
 
-from producer import InferenceClient, JobFailed, JobStatus, ModelNotFound, contract
+from producer import InferenceClient, JobFailed, JobStatus, ModelNotFound, wire
 from tests.conftest import PY, ROOT, WorkerProcess, python_env
-from workers import deadletter
-from workers.redisproc import RedisServer, free_port
+from workers.launch.redisproc import RedisServer, free_port
+from workers.ops import deadletter
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +30,7 @@ Y = DIGITS.target
 
 
 def _tensor(arr: np.ndarray) -> dict[str, object]:
-    return contract.encode_tensor(arr)
+    return wire.encode_tensor(arr)
 
 
 def _digits_copy(tmp_path: Path, edit: Callable[[str], str]) -> Path:
@@ -99,7 +99,7 @@ def test_a_worker_takes_only_what_its_next_batch_needs(
         tmp_path, lambda toml: toml.replace("max_batch_rows = 64", "max_batch_rows = 8"))
     start_worker(redis_server.url, model_dir=models, INFERQ_MODELS="digits").start()
     broker = redis.Redis.from_url(redis_server.url)
-    queue = contract.queue_name("digits")
+    queue = wire.queue_name("digits")
     with InferenceClient(redis_server.url) as client:
         handles = client.submit_many("digits", [{"pixels": X[i % 300]} for i in range(3200)])
         in_flight, waiting = [], []
@@ -160,7 +160,7 @@ def test_plain_celery_client_without_inferq(
 def test_bad_jobs_fail_alone_inside_a_batch(
     redis_server: RedisServer, shared_worker: WorkerProcess
 ) -> None:
-    queue = contract.queue_name("digits")
+    queue = wire.queue_name("digits")
     bad = {
         3: {"pixels": _tensor(X[3:4].astype(np.float64))},  # wrong dtype
         11: {"pixels": _tensor(X[11:12].reshape(1, 8, 8))},  # wrong shape
@@ -171,8 +171,8 @@ def test_bad_jobs_fail_alone_inside_a_batch(
     pipe = client.pipeline(transaction=True)  # all 32 land at once, so they share batches
     for i, job_id in enumerate(ids):
         inputs = bad.get(i, {"pixels": _tensor(X[i : i + 1])})
-        pipe.lpush(queue, contract.build_message(
-            task=contract.TASK_NAME, task_id=job_id, args=["digits", inputs],
+        pipe.lpush(queue, wire.build_message(
+            task=wire.TASK_NAME, task_id=job_id, args=["digits", inputs],
             kwargs={"version": None}, queue=queue))
     pipe.execute()
     with InferenceClient(redis_server.url) as inferq:
@@ -209,10 +209,10 @@ def test_unknown_model_and_version(
         with pytest.raises(JobFailed) as info:
             handle.result(timeout=30)
         assert info.value.code == "NOT_FOUND"
-    queue = contract.queue_name("digits")
+    queue = wire.queue_name("digits")
     job_id = str(uuid.uuid4())
-    redis_server.client().lpush(queue, contract.build_message(
-        task=contract.TASK_NAME, task_id=job_id, args=["nope", {"pixels": _tensor(X[:1])}],
+    redis_server.client().lpush(queue, wire.build_message(
+        task=wire.TASK_NAME, task_id=job_id, args=["nope", {"pixels": _tensor(X[:1])}],
         kwargs={"version": None}, queue=queue))
     with InferenceClient(redis_server.url) as client, pytest.raises(JobFailed) as info:
         client.results([job_id], timeout=30)
@@ -273,7 +273,7 @@ def test_flower_sees_finished_job(
             time.sleep(0.2)
         assert isinstance(info, dict), info
         assert info["state"] == "SUCCESS"
-        assert info["name"] == contract.TASK_NAME
+        assert info["name"] == wire.TASK_NAME
         assert info["worker"] == shared_worker.hostname
         # Jobs that travelled 32 to a message are each their own task in Flower too.
         with InferenceClient(redis_server.url) as client:
@@ -298,7 +298,7 @@ def test_cli_submit_and_result(
 ) -> None:
     env = python_env(INFERQ_BROKER_URL=redis_server.url)
     np.save(tmp_path / "x.npy", X[9:11])
-    inferq = [PY, "-m", "workers.cli"]
+    inferq = [PY, "-m", "workers.launch.cli"]
     waited = subprocess.run([*inferq, "submit", "digits", "--input", str(tmp_path / "x.npy"),
                              "--wait"], capture_output=True, text=True, env=env, timeout=60,
                             cwd=ROOT)
@@ -319,7 +319,7 @@ def test_cli_submit_and_result(
 
 
 def test_models_command_lists_signatures() -> None:
-    out = subprocess.run([PY, "-m", "workers.cli", "models"], capture_output=True, text=True,
+    out = subprocess.run([PY, "-m", "workers.launch.cli", "models"], capture_output=True, text=True,
                          timeout=60, cwd=ROOT, env=python_env())
     assert out.returncode == 0, out.stderr
     assert "digits  versions [1, 2]" in out.stdout
@@ -333,13 +333,13 @@ def test_worker_refuses_missing_gpu(redis_server: RedisServer, start_worker: typ
         worker.start(timeout=60)
     assert "CUDA" in str(info.value) or "GPU" in str(info.value)
     assert not redis.Redis.from_url(redis_server.url).exists(
-        contract.WORKER_KEY_PREFIX + worker.hostname)
+        wire.WORKER_KEY_PREFIX + worker.hostname)
 
 
 def test_malformed_messages_never_stop_the_worker(
     redis_server: RedisServer, shared_worker: WorkerProcess
 ) -> None:
-    queue = contract.queue_name("digits")
+    queue = wire.queue_name("digits")
     client = redis_server.client()
     before = client.llen(deadletter.DLQ_KEY)
     garbage = [b"[]", b"5", b'{"headers": "x"}', b"\xff\xfe not json"]
@@ -348,14 +348,14 @@ def test_malformed_messages_never_stop_the_worker(
         "huge dims": {"pixels": {"dtype": "float32", "shape": [0, 2**40, 2**40], "data": b""}},
         "object dtype": {"pixels": {"dtype": "object", "shape": [1], "data": b"x"}},
         "ref outside blobs": {"pixels": {"dtype": "float32", "shape": [1, 64],
-                                         "ref": contract.result_key("x")}},
+                                         "ref": wire.result_key("x")}},
     }
     ids = {}
     for name, inputs in hostile.items():
         ids[name] = str(uuid.uuid4())
-        client.lpush(queue, contract.build_message(
-            task=contract.TASK_NAME, task_id=ids[name], args=["digits", inputs],
-            kwargs={"version": None}, queue=queue, headers={contract.HEADER_NOTIFY: 5}))
+        client.lpush(queue, wire.build_message(
+            task=wire.TASK_NAME, task_id=ids[name], args=["digits", inputs],
+            kwargs={"version": None}, queue=queue, headers={wire.HEADER_NOTIFY: 5}))
     with InferenceClient(redis_server.url) as inferq:
         outcomes = inferq.outcomes(list(ids.values()), timeout=30)
         assert all(isinstance(o, JobFailed) and o.code == "INVALID_ARGUMENT" for o in outcomes)
@@ -379,7 +379,7 @@ def test_large_tensors_travel_by_reference(
     by_ref = np.concatenate([r["probabilities"] for r in results])
     assert np.allclose(by_ref, expected["probabilities"], atol=1e-6)
     # Blobs are deleted once their jobs are done.
-    assert not list(redis_server.client().scan_iter(contract.BLOB_KEY_PREFIX + "*"))
+    assert not list(redis_server.client().scan_iter(wire.BLOB_KEY_PREFIX + "*"))
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

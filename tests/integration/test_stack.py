@@ -14,8 +14,8 @@ import pytest
 import redis
 
 from tests.conftest import PY, ROOT, python_env
-from workers import stack as stack_module
-from workers.redisproc import RedisServer
+from workers.launch import stack as stack_module
+from workers.launch.redisproc import RedisServer
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +45,7 @@ def _wait_gone(mark: str, timeout: float = 30.0) -> list[int]:
 def test_demo_runs_the_whole_stack(fresh_redis: RedisServer) -> None:
     mark = uuid.uuid4().hex
     env = python_env(INFERQ_BROKER_URL=fresh_redis.url, INFERQ_TEST_MARK=mark)
-    out = subprocess.run([PY, "-m", "workers.cli", "demo"], capture_output=True, text=True,
+    out = subprocess.run([PY, "-m", "workers.launch.cli", "demo"], capture_output=True, text=True,
                          timeout=300, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     accuracy = float(re.search(r"accuracy\s+([0-9.]+)", out.stdout).group(1))  # type: ignore[union-attr]
@@ -62,7 +62,7 @@ def test_up_stops_cleanly_on_ctrl_c(fresh_redis: RedisServer) -> None:
     mark = uuid.uuid4().hex
     env = python_env(INFERQ_BROKER_URL=fresh_redis.url, INFERQ_TEST_MARK=mark,
                      PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([PY, "-m", "workers.cli", "up"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([PY, "-m", "workers.launch.cli", "up"], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
     try:
         assert proc.stdout is not None
@@ -104,7 +104,7 @@ def test_check_passes_only_for_a_ready_worker(
     fresh_redis: RedisServer, start_worker: type, tmp_path: Path
 ) -> None:
     health = tmp_path / "health.json"
-    check = [PY, "-m", "workers.cli", "check", "--file", str(health)]
+    check = [PY, "-m", "workers.launch.cli", "check", "--file", str(health)]
     before = subprocess.run(check, capture_output=True, text=True, timeout=60, cwd=ROOT,
                             env=python_env())
     assert before.returncode == 1 and "no health record" in before.stdout

@@ -25,9 +25,11 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from producer import contract
-from workers import metrics
-from workers.launcher import celery_argv
+from producer import wire
+from workers.launch.launcher import celery_argv
+from workers.ops import exporter as exporter_module
+from workers.ops import metrics
+from workers.ops.gpu import Nvml
 
 ROOT = Path(__file__).resolve().parents[2]
 OPS = ROOT / "ops"
@@ -209,7 +211,7 @@ def test_dockerfiles(dockerfile: str, base: str, extra: str, node: str) -> None:
     assert re.search(r"^USER inferq$", text, re.MULTILINE)
     assert "INFERQ_HEALTH_FILE=" in text
     assert _instruction(text, "HEALTHCHECK.*CMD") == ["inferq", "check"]
-    # The same worker command line as `inferq worker` (workers.launcher.celery_argv).
+    # The same worker command line as `inferq worker` (workers.launch.launcher.celery_argv).
     command = _instruction(text, "ENTRYPOINT") + _instruction(text, "CMD")
     assert command[0] == "celery"
     assert sorted(command[1:]) == sorted(celery_argv(node)[3:])
@@ -244,7 +246,7 @@ def test_scrape_targets() -> None:
     targets = {name: [t for sc in j.get("static_configs", []) for t in sc["targets"]]
                for name, j in jobs.items()}
     assert targets["inferq-worker"] == ["worker-gpu0:9464", "worker-gpu1:9464"]
-    assert targets["inferq-exporter"] == [f"exporter:{metrics.EXPORTER_PORT}"]
+    assert targets["inferq-exporter"] == [f"exporter:{exporter_module.EXPORTER_PORT}"]
     assert targets["flower"] == ["flower:5555"]
     assert jobs["flower"]["basic_auth"]["username"] == "prometheus"
     assert jobs["inferq-worker-cpu"]["dns_sd_configs"][0]["port"] == metrics.DEFAULT_PORT
@@ -286,7 +288,7 @@ def _fake_nvml() -> types.ModuleType:
 def exposed() -> Iterator[dict[str, set[str]]]:
     """Family name -> sample names, of everything a worker and the exporter really expose."""
     client = fakeredis.FakeRedis()
-    client.hset(contract.MODELS_KEY, "digits", "{}")
+    client.hset(wire.MODELS_KEY, "digits", "{}")
     worker = metrics.WorkerMetrics()
     worker.model_loaded("digits", 1, "CPUExecutionProvider", 0.1)
     worker.job_done("digits", 1, "OK", 0.001, 0.001, 0.002)
@@ -295,13 +297,13 @@ def exposed() -> Iterator[dict[str, set[str]]]:
     saved = sys.modules.get("pynvml")
     sys.modules["pynvml"] = _fake_nvml()
     try:
-        worker.sample(client, ["digits"], metrics._Nvml.open(None))
+        worker.sample(client, ["digits"], Nvml.open(None))
     finally:
         if saved is None:
             del sys.modules["pynvml"]
         else:
             sys.modules["pynvml"] = saved
-    exporter = metrics.QueueExporter(client)
+    exporter = exporter_module.QueueExporter(client)
     exporter.sample()
     text = generate_latest(worker.registry).decode() + "".join(
         f"# TYPE {m.name} {m.type}\n" + "".join(f"{s.name} {s.value}\n" for s in m.samples)
@@ -440,7 +442,7 @@ def test_k8s_example() -> None:
     assert spec["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     assert spec["minReplicaCount"] == 0
     triggers = {t["type"]: t for t in spec["triggers"]}
-    assert triggers["redis"]["metadata"]["listName"] == contract.queue_name(model)
+    assert triggers["redis"]["metadata"]["listName"] == wire.queue_name(model)
     assert triggers["redis"]["authenticationRef"]["name"] == kinds["TriggerAuthentication"][
         "metadata"]["name"]
     assert "inferq_queue_oldest_age_seconds" in triggers["prometheus"]["metadata"]["query"]
@@ -461,7 +463,7 @@ def _ci_commands() -> set[str]:
 
 def _parse_inferq(line: str) -> None:
     """Parse an ``inferq ...`` command line with the real CLI (options and arguments)."""
-    from workers.cli import main
+    from workers.launch.cli import main
 
     command: Any = main
     args = shlex.split(line, comments=True)[1:]
@@ -504,8 +506,8 @@ def test_runbook_commands_are_exercised_or_marked_as_examples() -> None:
 
 def test_compose_exporter_command_is_wired() -> None:
     """The exporter service's ``inferq exporter --port 9460`` parses against the CLI."""
-    from workers.cli import main
+    from workers.launch.cli import main
 
     if "exporter" not in main.commands and not IN_CI:
         pytest.skip("inferq exporter is not wired into workers/cli.py yet")
-    _parse_inferq(f"inferq exporter --port {metrics.EXPORTER_PORT}")
+    _parse_inferq(f"inferq exporter --port {exporter_module.EXPORTER_PORT}")

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import PY, ROOT, python_env
-from workers.redisproc import RedisServer, free_port
+from workers.launch.redisproc import RedisServer, free_port
 
 ACL_TEMPLATE = ROOT / "ops" / "redis" / "users.acl"
 ROLES = ("admin", "producer", "worker", "flower", "exporter")

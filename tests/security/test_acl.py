@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import redis
 
-from producer import InferenceClient, JobStatus, ResourceExhausted, contract
+from producer import InferenceClient, JobStatus, ResourceExhausted, wire
 from tests.conftest import WorkerProcess, _need_redis
 from tests.security.support import (
     ACL_TEMPLATE,
@@ -25,7 +25,7 @@ from tests.security.support import (
     SecureRedis,
     describe_acl_log,
 )
-from workers.redisproc import RedisServer
+from workers.launch.redisproc import RedisServer
 
 pytestmark = pytest.mark.integration
 
@@ -66,10 +66,10 @@ def _wait(condition: Callable[[], Any], timeout: float = 30.0, what: str = "") -
 
 def _expired_unacked(admin: redis.Redis, job_id: str) -> None:
     """Leave a job as a worker that died mid-batch leaves it: in ``unacked``, long expired."""
-    message = contract.build_message(
-        task=contract.TASK_NAME, task_id=job_id,
-        args=["digits", {"pixels": contract.encode_tensor(ROW[np.newaxis])}],
-        kwargs={"version": None}, queue=contract.queue_name("digits"))
+    message = wire.build_message(
+        task=wire.TASK_NAME, task_id=job_id,
+        args=["digits", {"pixels": wire.encode_tensor(ROW[np.newaxis])}],
+        kwargs={"version": None}, queue=wire.queue_name("digits"))
     tag = f"dead-worker-{job_id}"
     admin.hset("unacked", tag, "[" + message.decode() + ', "", "inferq.digits"]')
     admin.zadd("unacked_index", {tag: 1.0})
@@ -124,32 +124,32 @@ def test_round_trip_with_role_users_leaves_acl_log_empty(
         with InferenceClient(producer_url, blob_threshold=1) as client:
             big = client.submit("digits", {"pixels": np.tile(ROW, (64, 1))})
             assert big.result(timeout=30)["label"].shape == (64,)
-        _wait(lambda: not admin.keys(contract.BLOB_KEY_PREFIX + "*"), what="blobs acked")
+        _wait(lambda: not admin.keys(wire.BLOB_KEY_PREFIX + "*"), what="blobs acked")
 
         # The visibility sweep (kombu's, in the worker) gives back a dead worker's job,
         # which then runs as a redelivered (counted) job.
-        lost = contract.new_id()
+        lost = wire.new_id()
         _expired_unacked(admin, lost)
         with InferenceClient(producer_url) as client:
             assert client.results([lost], timeout=30)[0].worker == worker.hostname
 
         # An unreadable message is dead-lettered (MULTI: LPUSH inferq:dlq, ZREM, HDEL).
-        _client(server, "producer").lpush(contract.queue_name("digits"), b"not a message")
+        _client(server, "producer").lpush(wire.queue_name("digits"), b"not a message")
         _wait(lambda: admin.llen("inferq:dlq") == 1, what="the dead-lettered message")
 
         # A full queue: the producer takes its blob back (UNLINK).
-        signature = json.loads(admin.hget(contract.MODELS_KEY, "digits") or b"{}")
-        admin.hset(contract.MODELS_KEY, "full", json.dumps({**signature, "max_queue": 1}))
+        signature = json.loads(admin.hget(wire.MODELS_KEY, "digits") or b"{}")
+        admin.hset(wire.MODELS_KEY, "full", json.dumps({**signature, "max_queue": 1}))
         with InferenceClient(producer_url, blob_threshold=0) as client:
             client.submit("full", {"pixels": ROW})
             with pytest.raises(ResourceExhausted):
                 client.submit("full", {"pixels": ROW})
-        assert admin.llen(contract.queue_name("full")) == 1
+        assert admin.llen(wire.queue_name("full")) == 1
         time.sleep(1.5)  # a few sweeps, heartbeats and metric samples
     finally:
         assert worker.stop() == 0, worker.log()
-        admin.hdel(contract.MODELS_KEY, "full")
-        admin.delete(contract.queue_name("full"), "inferq:dlq")
+        admin.hdel(wire.MODELS_KEY, "full")
+        admin.delete(wire.queue_name("full"), "inferq:dlq")
     # Shutdown too: the worker deletes its pidbox queue and heartbeat key.
     log = server.acl_log()
     assert log == [], describe_acl_log(log)
@@ -182,8 +182,8 @@ def test_flower_with_the_flower_user_sees_workers_and_jobs(
 
 
 def test_exporter_user_reads_queue_metrics(clean_log: SecureRedis) -> None:
-    metrics = pytest.importorskip("workers.metrics")
-    exporter = metrics.QueueExporter(_client(clean_log, "exporter"), ["digits"])
+    exporter_module = pytest.importorskip("workers.ops.exporter")
+    exporter = exporter_module.QueueExporter(_client(clean_log, "exporter"), ["digits"])
     exporter.sample()
     assert exporter.collect()
     log = clean_log.acl_log()

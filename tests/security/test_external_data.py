@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import PY, ROOT, python_env
-from workers import repository, runtime
+from workers import repository
 from workers.repository import ManifestError
+from workers.serving import runtime
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -164,7 +165,7 @@ def test_walk_of_a_truncated_model_is_a_manifest_error(cut: int) -> None:
 
 
 def test_workers_never_import_onnx() -> None:
-    code = ("import sys, workers.repository, workers.runtime; "
+    code = ("import sys, workers.repository, workers.serving.runtime; "
             "assert not any(m == 'onnx' or m.startswith('onnx.') for m in sys.modules), "
             "[m for m in sys.modules if m.startswith('onnx')]")
     out = subprocess.run([PY, "-c", code], env=python_env(), capture_output=True, text=True,

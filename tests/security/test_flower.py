@@ -9,9 +9,9 @@ import pytest
 
 from tests.conftest import ROOT, _need_redis
 from tests.security.support import http_get, wait_http
-from workers import stack as stack_module
-from workers.redisproc import RedisServer
-from workers.stack import FlowerConfigError, LocalStack, is_loopback
+from workers.launch import stack as stack_module
+from workers.launch.redisproc import RedisServer
+from workers.launch.stack import FlowerConfigError, LocalStack, is_loopback
 
 NON_LOOPBACK = ["0.0.0.0", "::", "10.1.2.3", "192.168.0.7", "2001:db8::1", "flower.example.com",
                 "localhost.example.com", "127.0.0.1.nip.io"]

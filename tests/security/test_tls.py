@@ -21,7 +21,8 @@ from producer import InferenceClient, Unavailable
 from tests.conftest import WorkerProcess, _need_redis
 from tests.security.support import Certs, SecureRedis, describe_acl_log, make_certs
 from workers.app import make_app
-from workers.settings import Settings, SettingsError
+from workers.errors import SettingsError
+from workers.settings import Settings
 
 pytestmark = pytest.mark.integration
 

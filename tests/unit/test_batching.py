@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from workers.batching import BatchPolicy, collate, split, take
+from workers.serving.batching import BatchPolicy, collate, split, take
 
 POLICY = BatchPolicy(max_rows=8, max_wait_s=0.01)
 

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 import producer.client
-from producer import contract
+from producer import wire
 from producer.client import InferenceClient, ModelInfo
 from producer.errors import (
     InternalError,
@@ -28,7 +28,7 @@ from producer.errors import (
 )
 from producer.jobs import JobHandle, JobResult, JobStatus
 
-QUEUE = contract.queue_name("digits")
+QUEUE = wire.queue_name("digits")
 SIGNATURE = {
     "description": "digits",
     "versions": [1, 2],
@@ -86,26 +86,26 @@ def client(make_client: Any) -> InferenceClient:
 
 
 def advertise(r: fakeredis.FakeRedis, model: str = "digits", **changes: Any) -> None:
-    r.hset(contract.MODELS_KEY, model, json.dumps({**SIGNATURE, **changes}))
+    r.hset(wire.MODELS_KEY, model, json.dumps({**SIGNATURE, **changes}))
 
 
-def queued(r: fakeredis.FakeRedis, queue: str = QUEUE) -> list[contract.Delivery]:
+def queued(r: fakeredis.FakeRedis, queue: str = QUEUE) -> list[wire.Delivery]:
     """Messages on ``queue``, oldest first (the order a worker pops them in), parsed, with
     the entries of bulk messages read from their blob as a worker does."""
-    out = [contract.parse_message(raw, queue) for raw in reversed(r.lrange(queue, 0, -1))]
+    out = [wire.parse_message(raw, queue) for raw in reversed(r.lrange(queue, 0, -1))]
     for delivery in out:
         if delivery.entries_ref is not None:
-            contract.attach_entries(delivery, r.get(delivery.entries_ref))
+            wire.attach_entries(delivery, r.get(delivery.entries_ref))
     return out
 
 
 def success(job_id: str, label: list[int]) -> bytes:
     probs = np.zeros((len(label), 10), np.float32)
     probs[np.arange(len(label)), label] = 1.0
-    return contract.success_document(job_id, {
+    return wire.success_document(job_id, {
         "outputs": {
-            "label": contract.encode_tensor(np.array(label, np.int64), text=True),
-            "probabilities": contract.encode_tensor(probs, text=True),
+            "label": wire.encode_tensor(np.array(label, np.int64), text=True),
+            "probabilities": wire.encode_tensor(probs, text=True),
         },
         "model": "digits",
         "version": 2,
@@ -125,7 +125,7 @@ def test_submit_one_job(
     advertise(r)
     client = make_client(serializer=serializer)
     x = np.arange(64, dtype=np.float32)
-    before = contract.now()
+    before = wire.now()
     handle = client.submit("digits", {"pixels": x}, version=2, deadline=30)
 
     assert r.llen(QUEUE) == 1
@@ -134,13 +134,13 @@ def test_submit_one_job(
     assert delivery.notify == client.client_id
     [job] = delivery.jobs
     assert (job.id, job.model, job.version) == (handle.id, "digits", 2)
-    assert job.enqueued_at is not None and before <= job.enqueued_at <= contract.now()
+    assert job.enqueued_at is not None and before <= job.enqueued_at <= wire.now()
     assert job.deadline is not None and 29 < job.deadline - before < 31
-    arr = contract.decode_tensor(job.inputs["pixels"])
+    arr = wire.decode_tensor(job.inputs["pixels"])
     assert arr.shape == (1, 64), "a single example gains the batch axis"
     np.testing.assert_array_equal(arr[0], x)
     envelope = json.loads(r.lindex(QUEUE, 0))
-    assert envelope["content-type"] == contract.CONTENT_TYPES[serializer]
+    assert envelope["content-type"] == wire.CONTENT_TYPES[serializer]
     assert envelope["properties"]["reply_to"] == client.client_id
     assert isinstance(handle, JobHandle) and handle.model == "digits"
 
@@ -162,7 +162,7 @@ def test_submit_keeps_an_existing_batch_axis(client: InferenceClient, r: Any) ->
     advertise(r)
     client.submit("digits", {"pixels": np.ones((5, 64), np.float32)})
     [delivery] = queued(r)
-    assert contract.decode_tensor(delivery.jobs[0].inputs["pixels"]).shape == (5, 64)
+    assert wire.decode_tensor(delivery.jobs[0].inputs["pixels"]).shape == (5, 64)
     assert delivery.jobs[0].version is None
     assert delivery.jobs[0].deadline is None
 
@@ -182,7 +182,7 @@ def test_submit_many_chunks_messages_and_keeps_order(client: InferenceClient, r:
     assert all(d.failed == [] and d.notify == client.client_id for d in deliveries)
     for i, job in enumerate(jobs):
         assert job.version == 1
-        arr = contract.decode_tensor(job.inputs["pixels"])
+        arr = wire.decode_tensor(job.inputs["pixels"])
         assert arr.shape == (1, 64) and float(arr[0, 0]) == i
 
 
@@ -250,7 +250,7 @@ def test_no_validation_without_signatures(client: InferenceClient, r: Any) -> No
     [delivery] = queued(r)
     [job] = delivery.jobs
     assert (job.id, job.version) == (handle.id, 7)
-    arr = contract.decode_tensor(job.inputs["anything"])
+    arr = wire.decode_tensor(job.inputs["anything"])
     assert arr.shape == (3,) and arr.dtype == np.float64  # passed on exactly as given
 
 
@@ -308,8 +308,8 @@ def test_model_info_reads_what_workers_advertise() -> None:
 
 
 def test_outcomes_and_results(client: InferenceClient, r: Any) -> None:
-    r.set(contract.result_key("ok"), success("ok", [3, 1]))
-    r.set(contract.result_key("bad"), contract.failure_document(
+    r.set(wire.result_key("ok"), success("ok", [3, 1]))
+    r.set(wire.result_key("bad"), wire.failure_document(
         "bad", InvalidInput("input 'pixels': expected float32, got float64")))
 
     ok, bad = client.outcomes(["ok", "bad"], timeout=1)
@@ -334,7 +334,7 @@ def test_outcomes_and_results(client: InferenceClient, r: Any) -> None:
 
 def test_outcomes_keep_the_callers_order_and_duplicates(client: InferenceClient, r: Any) -> None:
     for i in range(5):
-        r.set(contract.result_key(f"j{i}"), success(f"j{i}", [i]))
+        r.set(wire.result_key(f"j{i}"), success(f"j{i}", [i]))
     ids = ["j3", "j0", "j4", "j3", "j1", "j2"]
     got = client.results(ids, timeout=1)
     assert [res.id for res in got] == ids
@@ -344,14 +344,14 @@ def test_outcomes_keep_the_callers_order_and_duplicates(client: InferenceClient,
 def test_plain_celery_failure_is_internal(client: InferenceClient, r: Any) -> None:
     doc = {"status": "FAILURE", "task_id": "x",
            "result": {"exc_type": "ZeroDivisionError", "exc_message": ["division by zero"]}}
-    r.set(contract.result_key("x"), json.dumps(doc))
+    r.set(wire.result_key("x"), json.dumps(doc))
     [failed] = client.outcomes(["x"], timeout=1)
     assert isinstance(failed, JobFailed) and failed.code == InternalError.code
     assert "ZeroDivisionError" in failed.message
 
 
 def test_timeout_when_nothing_arrives(client: InferenceClient, r: Any) -> None:
-    r.set(contract.result_key("done"), success("done", [1]))
+    r.set(wire.result_key("done"), success("done", [1]))
     started = time.monotonic()
     with pytest.raises(JobTimeout, match=r"1 of 2 jobs have no result after 0.2s"):
         client.outcomes(["done", "never"], timeout=0.2)
@@ -359,7 +359,7 @@ def test_timeout_when_nothing_arrives(client: InferenceClient, r: Any) -> None:
 
 
 def test_as_completed_yields_each_job_once(client: InferenceClient, r: Any) -> None:
-    r.set(contract.result_key("a"), success("a", [1]))
+    r.set(wire.result_key("a"), success("a", [1]))
     got: list[str] = []
     with pytest.raises(JobTimeout, match="1 of 2 jobs"):
         for job_id, outcome in client.as_completed(["a", "b", "a"], timeout=0.2):
@@ -370,8 +370,8 @@ def test_as_completed_yields_each_job_once(client: InferenceClient, r: Any) -> N
 
 def test_result_written_while_waiting_is_picked_up(client: InferenceClient, r: Any) -> None:
     def worker() -> None:
-        r.set(contract.result_key("late"), success("late", [9]))
-        r.rpush(contract.NOTIFY_KEY_PREFIX + client.client_id, "late")
+        r.set(wire.result_key("late"), success("late", [9]))
+        r.rpush(wire.NOTIFY_KEY_PREFIX + client.client_id, "late")
 
     timer = threading.Timer(0.05, worker)
     timer.start()
@@ -388,16 +388,16 @@ def test_result_written_while_waiting_is_picked_up(client: InferenceClient, r: A
 def test_status(client: InferenceClient, r: Any) -> None:
     assert client.status("j") is JobStatus.PENDING
     assert JobHandle(client, "j", "digits").status() is JobStatus.PENDING
-    r.set(contract.result_key("j"), success("j", [1]))
+    r.set(wire.result_key("j"), success("j", [1]))
     assert client.status("j") is JobStatus.SUCCESS
-    r.set(contract.result_key("f"), contract.failure_document("f", InvalidInput("no")))
+    r.set(wire.result_key("f"), wire.failure_document("f", InvalidInput("no")))
     assert client.status("f") is JobStatus.FAILURE
 
 
 def test_separate_result_redis(make_client: Any, r: Any) -> None:
     client = make_client(broker_url="redis://a:1/0", result_url="redis://b:2/0")
     assert client._results is not client._broker
-    r.set(contract.result_key("j"), success("j", [1]))
+    r.set(wire.result_key("j"), success("j", [1]))
     assert client.status("j") is JobStatus.SUCCESS
 
 
@@ -436,41 +436,41 @@ def test_timeouts_become_unavailable(client: InferenceClient, monkeypatch: Any) 
 
 
 def test_result_store_with_nothing_to_store(r: fakeredis.FakeRedis) -> None:
-    from workers.results import ResultStore
+    from workers.serving.writer import ResultStore
 
     assert ResultStore(r, 60).store([]) == 0
 
 
 @needs_lua
 def test_result_store_first_write_wins(r: fakeredis.FakeRedis) -> None:
-    from workers.results import ResultStore
+    from workers.serving.writer import ResultStore
 
     store = ResultStore(r, 60)
     first = success("a", [1])
     assert store.store([("a", first, None), ("b", success("b", [2]), None)]) == 2
     assert store.store([("a", success("a", [7]), None)]) == 0
-    assert r.get(contract.result_key("a")) == first
-    assert 0 < r.ttl(contract.result_key("a")) <= 60
-    assert 0 < r.ttl(contract.result_key("b")) <= 60
+    assert r.get(wire.result_key("a")) == first
+    assert 0 < r.ttl(wire.result_key("a")) <= 60
+    assert 0 < r.ttl(wire.result_key("b")) <= 60
 
 
 @needs_lua
 def test_result_store_notifies_each_client(r: fakeredis.FakeRedis) -> None:
-    from workers.results import ResultStore
+    from workers.serving.writer import ResultStore
 
     store = ResultStore(r, 30)
     docs = [("a", success("a", [1]), "c1"), ("b", success("b", [2]), "c2"),
             ("c", success("c", [3]), "c1"), ("d", success("d", [4]), None)]
     assert store.store(docs) == 4
-    assert r.lrange(contract.NOTIFY_KEY_PREFIX + "c1", 0, -1) == [b"a", b"c"]
-    assert r.lrange(contract.NOTIFY_KEY_PREFIX + "c2", 0, -1) == [b"b"]
-    assert 0 < r.ttl(contract.NOTIFY_KEY_PREFIX + "c1") <= 30
+    assert r.lrange(wire.NOTIFY_KEY_PREFIX + "c1", 0, -1) == [b"a", b"c"]
+    assert r.lrange(wire.NOTIFY_KEY_PREFIX + "c2", 0, -1) == [b"b"]
+    assert 0 < r.ttl(wire.NOTIFY_KEY_PREFIX + "c1") <= 30
 
 
 @needs_lua
 def test_result_store_acks_in_the_same_script(r: fakeredis.FakeRedis) -> None:
-    from workers.consumer import UNACKED, UNACKED_INDEX
-    from workers.results import ResultStore
+    from producer.wire import UNACKED, UNACKED_INDEX
+    from workers.serving.writer import ResultStore
 
     for tag in ("t1", "t2", "keep"):
         r.hset(UNACKED, tag, "[]")
@@ -480,8 +480,8 @@ def test_result_store_acks_in_the_same_script(r: fakeredis.FakeRedis) -> None:
     store = ResultStore(r, 60)
     assert store.store([("a", success("a", [1]), "c1")], ["t1", "t2"],
                        ["inferq:blob:a:x", "inferq:blob:b:x"]) == 1
-    assert r.get(contract.result_key("a")) is not None
-    assert r.lrange(contract.NOTIFY_KEY_PREFIX + "c1", 0, -1) == [b"a"]
+    assert r.get(wire.result_key("a")) is not None
+    assert r.lrange(wire.NOTIFY_KEY_PREFIX + "c1", 0, -1) == [b"a"]
     assert r.hkeys(UNACKED) == [b"keep"] and r.zrange(UNACKED_INDEX, 0, -1) == [b"keep"]
     assert not r.exists("inferq:blob:a:x", "inferq:blob:b:x")
     # A message whose jobs were all stored earlier is acked on its own.
@@ -493,7 +493,7 @@ def test_result_store_acks_in_the_same_script(r: fakeredis.FakeRedis) -> None:
 def test_client_reads_what_the_result_store_wrote(
     client: InferenceClient, r: fakeredis.FakeRedis
 ) -> None:
-    from workers.results import ResultStore
+    from workers.serving.writer import ResultStore
 
     ResultStore(r, 60).store([("j", success("j", [5]), client.client_id)])
     [result] = client.results(["j"], timeout=1)
@@ -503,6 +503,6 @@ def test_client_reads_what_the_result_store_wrote(
 def test_nested_lists_take_the_model_dtype(client: InferenceClient, r: Any) -> None:
     advertise(r)
     client.submit("digits", {"pixels": [[1.0] * 64]})
-    job = contract.parse_message(r.rpop(QUEUE), QUEUE).jobs[0]
-    arr = contract.decode_tensor(job.inputs["pixels"])
+    job = wire.parse_message(r.rpop(QUEUE), QUEUE).jobs[0]
+    arr = wire.decode_tensor(job.inputs["pixels"])
     assert arr.dtype == np.float32 and arr.shape == (1, 64)

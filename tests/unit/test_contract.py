@@ -24,17 +24,18 @@ import numpy as np
 import pytest
 from celery import Celery
 
-from producer import contract
-from producer.contract import Delivery, TensorSpec
+from producer import wire
 from producer.errors import InvalidInput, JobFailed
-from producer.jobs import JobResult, parse_result
+from producer.wire import JobResult
+from producer.wire import read_result as parse_result
+from producer.wire import Delivery, TensorSpec
 
 GOLDEN = pathlib.Path(__file__).resolve().parents[1] / "golden"
 REGEN = os.environ.get("INFERQ_REGEN_GOLDEN") == "1"
-QUEUE = contract.queue_name("digits")
+QUEUE = wire.queue_name("digits")
 FIXED_TAG = "00000000-0000-0000-0000-000000000000"
 FIXED_DATE = "2000-01-01T00:00:00+00:00"
-ALL_DTYPES = sorted(contract.DTYPES)
+ALL_DTYPES = sorted(wire.DTYPES)
 SHAPES: list[tuple[int, ...]] = [(2, 3), (), (0,), (3, 0, 2), (5,), (1,) * 7 + (2,)]
 
 
@@ -63,8 +64,8 @@ def same(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> bool:
 def envelope(
     body: bytes,
     *,
-    content_type: str = contract.CONTENT_TYPES["json"],
-    task: str = contract.TASK_NAME,
+    content_type: str = wire.CONTENT_TYPES["json"],
+    task: str = wire.TASK_NAME,
     job_id: str = "job-1",
     headers: dict[str, Any] | None = None,
 ) -> bytes:
@@ -82,18 +83,18 @@ def json_body(args: list[Any], kwargs: dict[str, Any] | None = None) -> bytes:
     return json.dumps([args, kwargs or {}, {}]).encode()
 
 
-def pixels(rows: int = 1, *, text: bool = True) -> contract.Tensor:
-    return contract.encode_tensor(np.ones((rows, 4), np.float32), text=text)
+def pixels(rows: int = 1, *, text: bool = True) -> wire.Tensor:
+    return wire.encode_tensor(np.ones((rows, 4), np.float32), text=text)
 
 
 def bulk_message(ids: list[str], entries: list[Any], serializer: str = "json") -> bytes:
-    body = contract.pack_body([["digits", entries], {}, {}], serializer)
+    body = wire.pack_body([["digits", entries], {}, {}], serializer)
     return envelope(
         body,
-        content_type=contract.CONTENT_TYPES[serializer],
-        task=contract.BULK_TASK_NAME,
+        content_type=wire.CONTENT_TYPES[serializer],
+        task=wire.BULK_TASK_NAME,
         job_id="message-1",
-        headers={contract.HEADER_JOB_IDS: ids},
+        headers={wire.HEADER_JOB_IDS: ids},
     )
 
 
@@ -111,7 +112,7 @@ def failed_codes(delivery: Delivery) -> dict[str, str]:
 def test_tensor_round_trip(dtype: str, text: bool, byteorder: str, shape: tuple[int, ...]) -> None:
     original = sample(dtype, shape)
     arr = original.astype(original.dtype.newbyteorder(byteorder))
-    encoded = contract.encode_tensor(arr, text=text)
+    encoded = wire.encode_tensor(arr, text=text)
 
     assert encoded["dtype"] == dtype
     assert encoded["shape"] == list(shape)
@@ -119,7 +120,7 @@ def test_tensor_round_trip(dtype: str, text: bool, byteorder: str, shape: tuple[
     raw = base64.b64decode(encoded["data"]) if text else encoded["data"]
     assert raw == original.astype(original.dtype.newbyteorder("<")).tobytes()
 
-    decoded = contract.decode_tensor(encoded)
+    decoded = wire.decode_tensor(encoded)
     assert decoded.dtype.str[0] in "<|", "decoded arrays must be little-endian"
     assert decoded.dtype.name == dtype
     assert same(decoded, original)
@@ -129,7 +130,7 @@ def test_tensor_round_trip(dtype: str, text: bool, byteorder: str, shape: tuple[
 def test_round_trip_of_non_contiguous_views() -> None:
     base = np.arange(24, dtype=">i4").reshape(4, 6)
     for view in (base.T, base[:, ::2], base[::-1]):
-        decoded = contract.decode_tensor(contract.encode_tensor(view))
+        decoded = wire.decode_tensor(wire.encode_tensor(view))
         assert same(decoded, np.asarray(view))
 
 
@@ -147,7 +148,7 @@ def test_round_trip_of_non_contiguous_views() -> None:
 )
 def test_encode_refuses_unsupported_dtypes(arr: np.ndarray[Any, Any]) -> None:
     with pytest.raises(InvalidInput, match="not supported"):
-        contract.encode_tensor(arr)
+        wire.encode_tensor(arr)
 
 
 GOOD = {"dtype": "float32", "shape": [2, 2], "data": bytes(16)}
@@ -170,8 +171,8 @@ GOOD = {"dtype": "float32", "shape": [2, 2], "data": bytes(16)}
         ({"shape": [2, -2]}, "ints in \\[0, "),
         ({"shape": [True, 4]}, "ints in \\[0, "),
         ({"shape": [2.0, 2]}, "ints in \\[0, "),
-        ({"shape": [1] * (contract.MAX_RANK + 1), "data": bytes(4)},
-         f"at most {contract.MAX_RANK}"),
+        ({"shape": [1] * (wire.MAX_RANK + 1), "data": bytes(4)},
+         f"at most {wire.MAX_RANK}"),
         ({"data": bytes(15)}, r"needs 16 bytes, got 15"),
         ({"data": bytes(17)}, r"needs 16 bytes, got 17"),
         ({"shape": [0, 2]}, r"needs 0 bytes, got 16"),
@@ -189,26 +190,26 @@ GOOD = {"dtype": "float32", "shape": [2, 2], "data": bytes(16)}
 )
 def test_decode_rejects(changes: dict[str, Any], match: str) -> None:
     with pytest.raises(InvalidInput, match=match):
-        contract.decode_tensor({**GOOD, **changes}, "input 'pixels'")
+        wire.decode_tensor({**GOOD, **changes}, "input 'pixels'")
 
 
 @pytest.mark.parametrize("key", ["dtype", "shape", "data"])
 def test_decode_rejects_missing_field(key: str) -> None:
     obj = {k: v for k, v in GOOD.items() if k != key}
     with pytest.raises(InvalidInput):
-        contract.decode_tensor(obj)
+        wire.decode_tensor(obj)
 
 
 @pytest.mark.parametrize("obj", [None, [1, 2], "tensor", b"\x00" * 16])
 def test_decode_rejects_non_mapping(obj: Any) -> None:
     with pytest.raises(InvalidInput, match="input 'x': expected a mapping"):
-        contract.decode_tensor(obj, "input 'x'")
+        wire.decode_tensor(obj, "input 'x'")
 
 
 @pytest.mark.parametrize("changes", [{"dtype": "object"}, {"shape": [-1]}, {"data": bytes(3)}])
 def test_decode_errors_name_the_tensor(changes: dict[str, Any]) -> None:
     with pytest.raises(InvalidInput, match="input 'pixels'") as info:
-        contract.decode_tensor({**GOOD, **changes}, "input 'pixels'")
+        wire.decode_tensor({**GOOD, **changes}, "input 'pixels'")
     assert info.value.code == "INVALID_ARGUMENT"
 
 
@@ -220,16 +221,16 @@ def test_decode_errors_name_the_tensor(changes: dict[str, Any]) -> None:
     ],
 )
 def test_decode_accepts_kombu_json_bytes_forms(arr: np.ndarray[Any, Any], form: str) -> None:
-    _, _, text = kombu.serialization.dumps(contract.encode_tensor(arr), serializer="json")
+    _, _, text = kombu.serialization.dumps(wire.encode_tensor(arr), serializer="json")
     plain = json.loads(text)  # what a worker sees: the standard library, no kombu hooks
     assert plain["data"]["__type__"] == form
-    assert same(contract.decode_tensor(plain), arr)
+    assert same(wire.decode_tensor(plain), arr)
 
 
 def test_decode_accepts_zero_dim_and_empty() -> None:
-    scalar = contract.decode_tensor({"dtype": "int64", "shape": [], "data": bytes(8)})
+    scalar = wire.decode_tensor({"dtype": "int64", "shape": [], "data": bytes(8)})
     assert scalar.shape == () and scalar == 0
-    empty = contract.decode_tensor({"dtype": "float64", "shape": [0, 5], "data": b""})
+    empty = wire.decode_tensor({"dtype": "float64", "shape": [0, 5], "data": b""})
     assert empty.shape == (0, 5)
 
 
@@ -265,16 +266,16 @@ def _normalised_result(raw: bytes) -> dict[str, Any]:
 
 def golden_single(serializer: str) -> bytes:
     text = serializer == "json"
-    tensors = {"pixels": contract.encode_tensor(np.arange(8, dtype=np.float32).reshape(2, 4) / 4,
+    tensors = {"pixels": wire.encode_tensor(np.arange(8, dtype=np.float32).reshape(2, 4) / 4,
                                                 text=text)}
-    return contract.build_message(
-        task=contract.TASK_NAME,
+    return wire.build_message(
+        task=wire.TASK_NAME,
         task_id="job-0001",
         args=["digits", tensors],
         kwargs={"version": 2},
         queue=QUEUE,
         serializer=serializer,
-        headers={contract.HEADER_ENQUEUED_AT: 1700000000.25, contract.HEADER_NOTIFY: "client-1"},
+        headers={wire.HEADER_ENQUEUED_AT: 1700000000.25, wire.HEADER_NOTIFY: "client-1"},
         reply_to="client-1",
         expires=datetime(2030, 1, 1, tzinfo=timezone.utc),
         argsrepr="('digits', <1 tensors>)",
@@ -284,29 +285,29 @@ def golden_single(serializer: str) -> bytes:
 def golden_bulk() -> bytes:
     ids = ["job-0002", "job-0003"]
     entries = [
-        {"id": job_id, "inputs": {"pixels": contract.encode_tensor(
+        {"id": job_id, "inputs": {"pixels": wire.encode_tensor(
             np.full((1, 4), i, np.float32), text=True)}, "version": None}
         for i, job_id in enumerate(ids)
     ]
-    return contract.build_message(
-        task=contract.BULK_TASK_NAME,
+    return wire.build_message(
+        task=wire.BULK_TASK_NAME,
         task_id="message-0001",
         args=["digits", entries],
         kwargs={},
         queue=QUEUE,
         serializer="json",
-        headers={contract.HEADER_ENQUEUED_AT: 1700000000.5, contract.HEADER_NOTIFY: "client-1",
-                 contract.HEADER_JOB_IDS: ids},
+        headers={wire.HEADER_ENQUEUED_AT: 1700000000.5, wire.HEADER_NOTIFY: "client-1",
+                 wire.HEADER_JOB_IDS: ids},
         reply_to="client-1",
         argsrepr="('digits', <2 jobs>)",
     )
 
 
 def golden_success() -> bytes:
-    return contract.success_document("job-0001", {
+    return wire.success_document("job-0001", {
         "outputs": {
-            "label": contract.encode_tensor(np.array([7, 3], np.int64), text=True),
-            "probabilities": contract.encode_tensor(np.eye(2, 3, dtype=np.float32), text=True),
+            "label": wire.encode_tensor(np.array([7, 3], np.int64), text=True),
+            "probabilities": wire.encode_tensor(np.eye(2, 3, dtype=np.float32), text=True),
         },
         "model": "digits",
         "version": 2,
@@ -317,7 +318,7 @@ def golden_success() -> bytes:
 
 
 def golden_failure() -> bytes:
-    return contract.failure_document(
+    return wire.failure_document(
         "job-0002", InvalidInput("input 'pixels': expected float32, got float64"))
 
 
@@ -327,23 +328,23 @@ def test_golden_single_message(serializer: str) -> None:
     _golden(f"message_{serializer}.json", _normalised_message(raw))
     # ... and what the golden file holds still parses into the same job.
     stored = json.dumps(json.loads((GOLDEN / f"message_{serializer}.json").read_text()))
-    delivery = contract.parse_message(stored, QUEUE)
+    delivery = wire.parse_message(stored, QUEUE)
     assert delivery.failed == []
     [job] = delivery.jobs
     assert (job.id, job.model, job.version) == ("job-0001", "digits", 2)
     assert job.enqueued_at == 1700000000.25
     assert job.deadline == datetime(2030, 1, 1, tzinfo=timezone.utc).timestamp()
     assert delivery.notify == "client-1"
-    arr = contract.decode_tensor(job.inputs["pixels"])
+    arr = wire.decode_tensor(job.inputs["pixels"])
     assert same(arr, np.arange(8, dtype=np.float32).reshape(2, 4) / 4)
 
 
 def test_golden_bulk_message() -> None:
     _golden("message_bulk_json.json", _normalised_message(golden_bulk()))
     stored = (GOLDEN / "message_bulk_json.json").read_bytes()
-    delivery = contract.parse_message(stored, QUEUE)
+    delivery = wire.parse_message(stored, QUEUE)
     assert [j.id for j in delivery.jobs] == ["job-0002", "job-0003"]
-    assert [float(contract.decode_tensor(j.inputs["pixels"])[0, 0]) for j in delivery.jobs] == [
+    assert [float(wire.decode_tensor(j.inputs["pixels"])[0, 0]) for j in delivery.jobs] == [
         0.0, 1.0]
 
 
@@ -379,7 +380,7 @@ def celery_message(serializer: str, inputs: dict[str, Any], **options: Any) -> b
     """A message built the way Celery builds it, stored the way kombu's Redis transport does."""
     app = Celery(broker="memory://")
     headers, properties, body, _ = app.amqp.as_task_v2(
-        "celery-job-1", contract.TASK_NAME, ["digits", inputs], {"version": 2}, **options)
+        "celery-job-1", wire.TASK_NAME, ["digits", inputs], {"version": 2}, **options)
     content_type, encoding, payload = kombu.serialization.dumps(body, serializer=serializer)
     data = payload.encode("utf-8") if isinstance(payload, str) else payload
     return json.dumps({
@@ -402,13 +403,13 @@ def celery_message(serializer: str, inputs: dict[str, Any], **options: Any) -> b
 def test_message_from_a_real_celery_client(serializer: str) -> None:
     pix = np.arange(128, dtype=np.float32).reshape(2, 64) / 3
     mask = np.arange(2, dtype=np.uint8)
-    inputs = {"pixels": contract.encode_tensor(pix), "mask": contract.encode_tensor(mask)}
+    inputs = {"pixels": wire.encode_tensor(pix), "mask": wire.encode_tensor(mask)}
     raw = celery_message(serializer, inputs)
     if serializer == "json":  # both of kombu's bytes forms really occur in this message
         body = base64.b64decode(json.loads(raw)["body"]).decode()
         assert '"__type__": "bytes"' in body and '"__type__": "base64"' in body
 
-    delivery = contract.parse_message(raw, QUEUE)
+    delivery = wire.parse_message(raw, QUEUE)
     assert delivery.failed == []
     [job] = delivery.jobs
     assert (job.id, job.model, job.version) == ("celery-job-1", "digits", 2)
@@ -416,14 +417,14 @@ def test_message_from_a_real_celery_client(serializer: str) -> None:
     assert job.deadline is None
     assert delivery.notify is None
     assert not delivery.redelivered
-    assert same(contract.decode_tensor(job.inputs["pixels"]), pix)
-    assert same(contract.decode_tensor(job.inputs["mask"]), mask)
+    assert same(wire.decode_tensor(job.inputs["pixels"]), pix)
+    assert same(wire.decode_tensor(job.inputs["mask"]), mask)
 
 
 def test_celery_expires_becomes_the_deadline() -> None:
     expires = datetime(2031, 5, 6, 7, 8, 9, tzinfo=timezone.utc)
     raw = celery_message("json", {"pixels": pixels(text=False)}, expires=expires)
-    [job] = contract.parse_message(raw, QUEUE).jobs
+    [job] = wire.parse_message(raw, QUEUE).jobs
     assert job.deadline == expires.timestamp()
 
 
@@ -431,35 +432,35 @@ def test_minimal_message_parses() -> None:
     raw = json.dumps({
         "body": base64.b64encode(json_body(["digits", {"pixels": pixels()}])).decode(),
         "content-type": "application/json",
-        "headers": {"lang": "py", "task": contract.TASK_NAME, "id": "min-1"},
+        "headers": {"lang": "py", "task": wire.TASK_NAME, "id": "min-1"},
         "properties": {"body_encoding": "base64"},
     })
-    delivery = contract.parse_message(raw, QUEUE)
+    delivery = wire.parse_message(raw, QUEUE)
     assert delivery.failed == []
     [job] = delivery.jobs
     assert (job.id, job.model, job.version, job.enqueued_at, job.deadline) == (
         "min-1", "digits", None, None, None)
-    assert contract.decode_tensor(job.inputs["pixels"]).shape == (1, 4)
+    assert wire.decode_tensor(job.inputs["pixels"]).shape == (1, 4)
 
 
 def test_plain_text_body_without_body_encoding_parses() -> None:
     raw = json.dumps({
         "body": json_body(["digits", {"pixels": pixels()}]).decode(),
         "content-type": "application/json",
-        "headers": {"task": contract.TASK_NAME, "id": "plain-1"},
+        "headers": {"task": wire.TASK_NAME, "id": "plain-1"},
     })
-    [job] = contract.parse_message(raw, QUEUE).jobs
+    [job] = wire.parse_message(raw, QUEUE).jobs
     assert job.id == "plain-1"
 
 
 def test_header_stamps_and_redelivery() -> None:
     raw = json.loads(envelope(
         json_body(["digits", {"pixels": pixels()}]),
-        headers={contract.HEADER_ENQUEUED_AT: 12.5, contract.HEADER_NOTIFY: "client-9",
+        headers={wire.HEADER_ENQUEUED_AT: 12.5, wire.HEADER_NOTIFY: "client-9",
                  "expires": "2030-01-01T00:00:00"},
     ))
     raw["properties"]["redelivered"] = True
-    delivery = contract.parse_message(json.dumps(raw), QUEUE)
+    delivery = wire.parse_message(json.dumps(raw), QUEUE)
     [job] = delivery.jobs
     assert job.enqueued_at == 12.5
     # A naive ISO time is UTC.
@@ -473,10 +474,10 @@ def test_header_stamps_and_redelivery() -> None:
 
 
 def test_bulk_message_with_garbage_body_fails_every_job() -> None:
-    raw = envelope(b"\xc1\xc1 not msgpack", content_type=contract.CONTENT_TYPES["msgpack"],
-                   task=contract.BULK_TASK_NAME,
-                   headers={contract.HEADER_JOB_IDS: ["a", "b", "c"]})
-    delivery = contract.parse_message(raw, QUEUE)
+    raw = envelope(b"\xc1\xc1 not msgpack", content_type=wire.CONTENT_TYPES["msgpack"],
+                   task=wire.BULK_TASK_NAME,
+                   headers={wire.HEADER_JOB_IDS: ["a", "b", "c"]})
+    delivery = wire.parse_message(raw, QUEUE)
     assert delivery.jobs == []
     assert [i for i, _ in delivery.failed] == ["a", "b", "c"]
     assert all(isinstance(e, InvalidInput) for _, e in delivery.failed)
@@ -502,11 +503,11 @@ def test_canary_really_writes_when_unpickled(tmp_path: pathlib.Path) -> None:
 def test_pickle_is_refused_and_never_loaded(tmp_path: pathlib.Path, bulk: bool) -> None:
     canary = tmp_path / "canary"
     payload = pickle.dumps((("digits", Canary(canary)), {}, {}))
-    ids: dict[str, Any] = {contract.HEADER_JOB_IDS: ["p1", "p2"]} if bulk else {}
+    ids: dict[str, Any] = {wire.HEADER_JOB_IDS: ["p1", "p2"]} if bulk else {}
     raw = envelope(payload, content_type="application/x-python-serialize",
-                   task=contract.BULK_TASK_NAME if bulk else contract.TASK_NAME,
+                   task=wire.BULK_TASK_NAME if bulk else wire.TASK_NAME,
                    job_id="p1", headers=ids)
-    delivery = contract.parse_message(raw, QUEUE)
+    delivery = wire.parse_message(raw, QUEUE)
     assert delivery.jobs == []
     assert failed_codes(delivery) == dict.fromkeys(["p1", "p2"] if bulk else ["p1"],
                                                    "INVALID_ARGUMENT")
@@ -517,7 +518,7 @@ def test_pickle_is_refused_and_never_loaded(tmp_path: pathlib.Path, bulk: bool) 
 def test_yaml_is_refused(tmp_path: pathlib.Path) -> None:
     canary = tmp_path / "canary"
     payload = f"!!python/object/apply:pathlib.Path.write_text ['{canary}', 'x']".encode()
-    delivery = contract.parse_message(envelope(payload, content_type="application/x-yaml"), QUEUE)
+    delivery = wire.parse_message(envelope(payload, content_type="application/x-yaml"), QUEUE)
     assert delivery.jobs == []
     [(job_id, error)] = delivery.failed
     assert job_id == "job-1" and isinstance(error, InvalidInput)
@@ -527,7 +528,7 @@ def test_yaml_is_refused(tmp_path: pathlib.Path) -> None:
 
 def test_unknown_task_fails_the_job() -> None:
     raw = envelope(json_body(["digits", {"pixels": pixels()}]), task="proj.tasks.add")
-    delivery = contract.parse_message(raw, QUEUE)
+    delivery = wire.parse_message(raw, QUEUE)
     assert delivery.jobs == []
     [(job_id, error)] = delivery.failed
     assert job_id == "job-1"
@@ -547,11 +548,11 @@ def test_unknown_task_fails_the_job() -> None:
 )
 def test_msgpack_bomb_fails_fast_and_small(bomb: bytes) -> None:
     body = (bomb + b"\x00" * 20)[:20]
-    raw = envelope(body, content_type=contract.CONTENT_TYPES["msgpack"])
+    raw = envelope(body, content_type=wire.CONTENT_TYPES["msgpack"])
     tracemalloc.start()
     started = time.perf_counter()
     try:
-        delivery = contract.parse_message(raw, QUEUE)
+        delivery = wire.parse_message(raw, QUEUE)
         elapsed = time.perf_counter() - started
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -568,7 +569,7 @@ def test_bulk_entry_with_wrong_id_fails_alone() -> None:
         {"id": "not-b", "inputs": {"pixels": pixels()}, "version": 1},
         {"id": "c", "inputs": {"pixels": pixels(3)}, "version": None},
     ]
-    delivery = contract.parse_message(bulk_message(["a", "b", "c"], entries), QUEUE)
+    delivery = wire.parse_message(bulk_message(["a", "b", "c"], entries), QUEUE)
     assert [(j.id, j.version) for j in delivery.jobs] == [("a", 1), ("c", None)]
     assert failed_codes(delivery) == {"b": "INVALID_ARGUMENT"}
     assert "does not match its job id" in delivery.failed[0][1].message
@@ -586,7 +587,7 @@ def test_bulk_entry_with_wrong_id_fails_alone() -> None:
 )
 def test_one_bad_bulk_entry_fails_alone(entry: Any, match: str) -> None:
     good = {"id": "a", "inputs": {"pixels": pixels()}}
-    delivery = contract.parse_message(bulk_message(["a", "b"], [good, entry]), QUEUE)
+    delivery = wire.parse_message(bulk_message(["a", "b"], [good, entry]), QUEUE)
     assert [j.id for j in delivery.jobs] == ["a"]
     [(job_id, error)] = delivery.failed
     assert job_id == "b" and isinstance(error, InvalidInput)
@@ -595,7 +596,7 @@ def test_one_bad_bulk_entry_fails_alone(entry: Any, match: str) -> None:
 
 def test_bulk_entries_count_mismatch_fails_every_job() -> None:
     entries = [{"id": "a", "inputs": {}}]
-    delivery = contract.parse_message(bulk_message(["a", "b"], entries), QUEUE)
+    delivery = wire.parse_message(bulk_message(["a", "b"], entries), QUEUE)
     assert delivery.jobs == []
     assert failed_codes(delivery) == {"a": "INVALID_ARGUMENT", "b": "INVALID_ARGUMENT"}
 
@@ -603,8 +604,8 @@ def test_bulk_entries_count_mismatch_fails_every_job() -> None:
 def test_bulk_entries_keep_their_own_enqueued_at() -> None:
     entries = [{"id": "a", "inputs": {}, "enqueued_at": 5.0}, {"id": "b", "inputs": {}}]
     raw = json.loads(bulk_message(["a", "b"], entries))
-    raw["headers"][contract.HEADER_ENQUEUED_AT] = 9.0
-    delivery = contract.parse_message(json.dumps(raw), QUEUE)
+    raw["headers"][wire.HEADER_ENQUEUED_AT] = 9.0
+    delivery = wire.parse_message(json.dumps(raw), QUEUE)
     assert [j.enqueued_at for j in delivery.jobs] == [5.0, 9.0]
 
 
@@ -612,19 +613,19 @@ def test_json_body_with_kombu_bytes_forms() -> None:
     text_arr = np.arange(64, dtype=np.uint8).reshape(1, 64)  # UTF-8-decodable -> "bytes"
     bin_arr = np.array([[0.5, -1.0, 2.0, 3.5]], np.float32)  # not UTF-8 -> "base64"
     entries = [
-        {"id": "a", "inputs": {"x": contract.encode_tensor(text_arr)}},
-        {"id": "b", "inputs": {"x": contract.encode_tensor(bin_arr)}},
+        {"id": "a", "inputs": {"x": wire.encode_tensor(text_arr)}},
+        {"id": "b", "inputs": {"x": wire.encode_tensor(bin_arr)}},
     ]
     _, _, payload = kombu.serialization.dumps(
         [["digits", entries], {}, {}], serializer="json")
     assert '"__type__": "bytes"' in payload and '"__type__": "base64"' in payload
-    raw = envelope(payload.encode(), task=contract.BULK_TASK_NAME,
-                   headers={contract.HEADER_JOB_IDS: ["a", "b"]})
-    delivery = contract.parse_message(raw, QUEUE)
+    raw = envelope(payload.encode(), task=wire.BULK_TASK_NAME,
+                   headers={wire.HEADER_JOB_IDS: ["a", "b"]})
+    delivery = wire.parse_message(raw, QUEUE)
     assert delivery.failed == []
     a, b = delivery.jobs
-    assert same(contract.decode_tensor(a.inputs["x"]), text_arr)
-    assert same(contract.decode_tensor(b.inputs["x"]), bin_arr)
+    assert same(wire.decode_tensor(a.inputs["x"]), text_arr)
+    assert same(wire.decode_tensor(b.inputs["x"]), bin_arr)
 
 
 @pytest.mark.parametrize(
@@ -639,7 +640,7 @@ def test_json_body_with_kombu_bytes_forms() -> None:
     ],
 )
 def test_malformed_bodies_fail_the_job(body: bytes, match: str) -> None:
-    delivery = contract.parse_message(envelope(body), QUEUE)
+    delivery = wire.parse_message(envelope(body), QUEUE)
     assert delivery.jobs == []
     [(job_id, error)] = delivery.failed
     assert job_id == "job-1" and isinstance(error, InvalidInput)
@@ -648,30 +649,30 @@ def test_malformed_bodies_fail_the_job(body: bytes, match: str) -> None:
 
 def test_msgpack_with_non_string_map_keys_fails_the_job() -> None:
     body = msgpack.packb([["digits", {1: 2}], {}, {}])
-    raw = envelope(body, content_type=contract.CONTENT_TYPES["msgpack"])
-    assert failed_codes(contract.parse_message(raw, QUEUE)) == {"job-1": "INVALID_ARGUMENT"}
+    raw = envelope(body, content_type=wire.CONTENT_TYPES["msgpack"])
+    assert failed_codes(wire.parse_message(raw, QUEUE)) == {"job-1": "INVALID_ARGUMENT"}
 
 
 def test_bad_expires_fails_the_job() -> None:
     raw = envelope(json_body(["digits", {}]), headers={"expires": "next tuesday"})
-    assert failed_codes(contract.parse_message(raw, QUEUE)) == {"job-1": "INVALID_ARGUMENT"}
+    assert failed_codes(wire.parse_message(raw, QUEUE)) == {"job-1": "INVALID_ARGUMENT"}
 
 
 @pytest.mark.parametrize(
     "headers",
     [
-        {"task": contract.TASK_NAME},
-        {"task": contract.TASK_NAME, "id": ""},
-        {"task": contract.TASK_NAME, "id": 7},
-        {"task": contract.BULK_TASK_NAME, "id": "m"},
-        {"task": contract.BULK_TASK_NAME, "id": "m", contract.HEADER_JOB_IDS: "a,b"},
-        {"task": contract.BULK_TASK_NAME, "id": "m", contract.HEADER_JOB_IDS: ["a", ""]},
+        {"task": wire.TASK_NAME},
+        {"task": wire.TASK_NAME, "id": ""},
+        {"task": wire.TASK_NAME, "id": 7},
+        {"task": wire.BULK_TASK_NAME, "id": "m"},
+        {"task": wire.BULK_TASK_NAME, "id": "m", wire.HEADER_JOB_IDS: "a,b"},
+        {"task": wire.BULK_TASK_NAME, "id": "m", wire.HEADER_JOB_IDS: ["a", ""]},
     ],
 )
 def test_message_without_usable_job_id_raises(headers: dict[str, Any]) -> None:
     raw = json.dumps({"body": "", "content-type": "application/json", "headers": headers})
     with pytest.raises(InvalidInput, match="no usable job id"):
-        contract.parse_message(raw, QUEUE)
+        wire.parse_message(raw, QUEUE)
 
 
 # Hostile and malformed input: each fails as InvalidInput, never as a stray exception.
@@ -680,24 +681,24 @@ def test_message_without_usable_job_id_raises(headers: dict[str, Any]) -> None:
 @pytest.mark.parametrize("raw", [b"[]", b'"text"', b'{"headers": "x"}', b"5"])
 def test_non_object_envelope_raises_invalid_input(raw: bytes) -> None:
     with pytest.raises(InvalidInput):
-        contract.parse_message(raw, QUEUE)
+        wire.parse_message(raw, QUEUE)
 
 
 def test_deeply_nested_json_body_fails_the_job() -> None:
     raw = envelope(b"[" * 100_000 + b"]" * 100_000)
-    assert failed_codes(contract.parse_message(raw, QUEUE)) == {"job-1": "INVALID_ARGUMENT"}
+    assert failed_codes(wire.parse_message(raw, QUEUE)) == {"job-1": "INVALID_ARGUMENT"}
 
 
 def test_non_string_notify_header_is_not_passed_on() -> None:
-    raw = envelope(json_body(["digits", {}]), headers={contract.HEADER_NOTIFY: 5})
-    delivery = contract.parse_message(raw, QUEUE)
+    raw = envelope(json_body(["digits", {}]), headers={wire.HEADER_NOTIFY: 5})
+    delivery = wire.parse_message(raw, QUEUE)
     assert delivery.notify is None or isinstance(delivery.notify, str)
 
 
 @pytest.mark.parametrize("shape", [[0, 2**63], [0, 2**40, 2**40]])
 def test_zero_size_tensor_with_huge_dims_is_invalid_input(shape: list[int]) -> None:
     with pytest.raises(InvalidInput):
-        contract.decode_tensor({"dtype": "float32", "shape": shape, "data": b""})
+        wire.decode_tensor({"dtype": "float32", "shape": shape, "data": b""})
 
 
 # --- check_inputs --------------------------------------------------------------------------
@@ -711,8 +712,8 @@ def inputs(rows: int = 3, **changes: Any) -> dict[str, Any]:
 
 
 def test_check_inputs_returns_rows() -> None:
-    assert contract.check_inputs(SPECS, inputs(3)) == 3
-    assert contract.check_inputs(SPECS, inputs(1)) == 1
+    assert wire.check_inputs(SPECS, inputs(3)) == 3
+    assert wire.check_inputs(SPECS, inputs(1)) == 1
 
 
 @pytest.mark.parametrize(
@@ -731,14 +732,14 @@ def test_check_inputs_returns_rows() -> None:
 )
 def test_check_inputs_rejects(arrays: dict[str, Any], match: str) -> None:
     with pytest.raises(InvalidInput, match=match):
-        contract.check_inputs(SPECS, arrays)
+        wire.check_inputs(SPECS, arrays)
 
 
 def test_check_inputs_without_batch_axis_counts_one_row() -> None:
     specs = [TensorSpec("image", "uint8", (2, 3))]
-    assert contract.check_inputs(specs, {"image": np.zeros((2, 3), np.uint8)}) == 1
+    assert wire.check_inputs(specs, {"image": np.zeros((2, 3), np.uint8)}) == 1
     with pytest.raises(InvalidInput, match="dimension 0 must be 2"):
-        contract.check_inputs(specs, {"image": np.zeros((3, 3), np.uint8)})
+        wire.check_inputs(specs, {"image": np.zeros((3, 3), np.uint8)})
 
 
 def test_tensor_spec_json_round_trip() -> None:
@@ -748,26 +749,26 @@ def test_tensor_spec_json_round_trip() -> None:
 
 
 def test_names_and_keys() -> None:
-    assert contract.queue_name("digits") == "inferq.digits"
-    assert contract.result_key("abc") == "celery-task-meta-abc"
+    assert wire.queue_name("digits") == "inferq.digits"
+    assert wire.result_key("abc") == "celery-task-meta-abc"
 
 
 def test_bulk_entries_by_reference() -> None:
-    entries = [{"id": i, "inputs": {"x": contract.encode_tensor(np.ones((1, 2), np.float32))},
+    entries = [{"id": i, "inputs": {"x": wire.encode_tensor(np.ones((1, 2), np.float32))},
                 "version": None} for i in ("a", "b")]
-    raw = contract.build_message(
-        task=contract.BULK_TASK_NAME, task_id="m", args=["digits", {"ref": "inferq:blob:m:e"}],
-        kwargs={}, queue=QUEUE, headers={contract.HEADER_JOB_IDS: ["a", "b"]})
-    delivery = contract.parse_message(raw, QUEUE)
+    raw = wire.build_message(
+        task=wire.BULK_TASK_NAME, task_id="m", args=["digits", {"ref": "inferq:blob:m:e"}],
+        kwargs={}, queue=QUEUE, headers={wire.HEADER_JOB_IDS: ["a", "b"]})
+    delivery = wire.parse_message(raw, QUEUE)
     assert delivery.entries_ref == "inferq:blob:m:e" and delivery.jobs == []
-    contract.attach_entries(delivery, contract.pack_body(entries, "msgpack"))
+    wire.attach_entries(delivery, wire.pack_body(entries, "msgpack"))
     assert [j.id for j in delivery.jobs] == ["a", "b"] and delivery.failed == []
-    gone = contract.parse_message(raw, QUEUE)
-    contract.attach_entries(gone, None)
+    gone = wire.parse_message(raw, QUEUE)
+    wire.attach_entries(gone, None)
     assert [(i, e.code) for i, e in gone.failed] == [("a", "INVALID_ARGUMENT"),
                                                      ("b", "INVALID_ARGUMENT")]
-    outside = contract.build_message(
-        task=contract.BULK_TASK_NAME, task_id="m", args=["digits", {"ref": "celery-task-meta-x"}],
-        kwargs={}, queue=QUEUE, headers={contract.HEADER_JOB_IDS: ["a"]})
-    refused = contract.parse_message(outside, QUEUE)
+    outside = wire.build_message(
+        task=wire.BULK_TASK_NAME, task_id="m", args=["digits", {"ref": "celery-task-meta-x"}],
+        kwargs={}, queue=QUEUE, headers={wire.HEADER_JOB_IDS: ["a"]})
+    refused = wire.parse_message(outside, QUEUE)
     assert refused.entries_ref is None and [i for i, _ in refused.failed] == ["a"]

@@ -13,7 +13,7 @@ FORBIDDEN = ("workers", "onnxruntime", "celery")
 PROBE = """
 import json, sys
 import producer
-from producer import client, contract, errors, jobs
+from producer import client, wire, errors, jobs
 print(json.dumps(sorted(sys.modules)))
 """
 

@@ -18,10 +18,14 @@ import redis
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from producer import contract
-from workers import metrics
-from workers.metrics import DLQ_KEY, QueueExporter, WorkerMetrics, metrics_port, port_from_env
-from workers.redisproc import free_port
+from producer import wire
+from workers.launch.redisproc import free_port
+from workers.ops import metrics
+from producer.wire import DLQ_KEY
+from workers.ops import exporter as exporter_module
+from workers.ops import gpu, queues
+from workers.ops.exporter import QueueExporter
+from workers.ops.metrics import WorkerMetrics, metrics_port, port_from_env
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -46,14 +50,14 @@ def scrape(port: int) -> str:
 
 
 def message(enqueued_at: Any = None, *, bulk: bool = False) -> bytes:
-    job_id = contract.new_id()
+    job_id = wire.new_id()
     headers: dict[str, Any] = {}
     if enqueued_at is not None:
-        headers[contract.HEADER_ENQUEUED_AT] = enqueued_at
+        headers[wire.HEADER_ENQUEUED_AT] = enqueued_at
     if bulk:
-        headers[contract.HEADER_JOB_IDS] = [job_id]
-    return contract.build_message(
-        task=contract.BULK_TASK_NAME if bulk else contract.TASK_NAME, task_id=job_id,
+        headers[wire.HEADER_JOB_IDS] = [job_id]
+    return wire.build_message(
+        task=wire.BULK_TASK_NAME if bulk else wire.TASK_NAME, task_id=job_id,
         args=["digits", {}], kwargs={"version": None}, queue="inferq.digits", headers=headers)
 
 
@@ -88,12 +92,6 @@ def test_port_from_env() -> None:
     assert port_from_env({"INFERQ_METRICS_PORT": "off"}) is None
     with pytest.raises(ValueError, match="INFERQ_METRICS_PORT"):
         port_from_env({"INFERQ_METRICS_PORT": "http"})
-
-
-def test_dlq_key_is_the_dead_letter_list() -> None:
-    from workers import deadletter
-
-    assert metrics.DLQ_KEY == deadletter.DLQ_KEY
 
 
 # --- the worker registry over HTTP ---------------------------------------------------------
@@ -173,14 +171,14 @@ def test_start_http_on_a_taken_port_raises(worker_metrics: WorkerMetrics) -> Non
 
 def test_queue_stats_counts_priority_lists_and_oldest_age(client: fakeredis.FakeRedis) -> None:
     now = 1_700_000_100.0
-    queue = contract.queue_name("digits")
+    queue = wire.queue_name("digits")
     client.lpush(queue, message(now - 30))  # oldest: pushed first, popped from the right
     client.lpush(queue, message(now - 5))
     client.lpush(queue, message())  # no header
     client.lpush(queue + "\x06\x166", message(now - 50, bulk=True))
     client.lpush(queue + "\x06\x169", b"not json")
-    client.lpush(contract.queue_name("mlp"), message())
-    stats = metrics.queue_stats(client, ["digits", "mlp", "idle"], now=now)
+    client.lpush(wire.queue_name("mlp"), message())
+    stats = queues.queue_stats(client, ["digits", "mlp", "idle"], now=now)
     assert stats["digits"][0] == 5
     assert stats["digits"][1] == pytest.approx(50.0)
     assert stats["mlp"] == (1, 0.0)  # unstamped: age unknown -> 0
@@ -188,18 +186,18 @@ def test_queue_stats_counts_priority_lists_and_oldest_age(client: fakeredis.Fake
 
 
 def test_enqueued_at_forms() -> None:
-    assert metrics._enqueued_at(message(12.5)) == 12.5
-    assert metrics._enqueued_at(message("1970-01-01T00:01:00+00:00")) == 60.0
-    assert metrics._enqueued_at(message("1970-01-01T00:01:00")) == 60.0  # naive: UTC
+    assert queues._enqueued_at(message(12.5)) == 12.5
+    assert queues._enqueued_at(message("1970-01-01T00:01:00+00:00")) == 60.0
+    assert queues._enqueued_at(message("1970-01-01T00:01:00")) == 60.0  # naive: UTC
     for raw in (message(), message(True), message("soon"), b"[]", b"{", None):
-        assert metrics._enqueued_at(raw) is None
+        assert queues._enqueued_at(raw) is None
 
 
 def test_sampler_thread_sets_queue_gauges(client: fakeredis.FakeRedis,
                                           worker_metrics: WorkerMetrics,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no NVML on a CPU worker
-    client.lpush(contract.queue_name("digits"), message(time.time() - 2))
+    client.lpush(wire.queue_name("digits"), message(time.time() - 2))
     stop = threading.Event()
     thread = worker_metrics.start_sampler(client, ["digits"], interval_s=0.05, stop=stop)
     deadline = time.monotonic() + 5
@@ -211,7 +209,7 @@ def test_sampler_thread_sets_queue_gauges(client: fakeredis.FakeRedis,
     assert value(s, "inferq_queue_depth", model="digits") == 1
     assert 1.5 < value(s, "inferq_queue_oldest_age_seconds", model="digits") < 30
     assert "inferq_gpu_utilization_ratio" not in text
-    client.delete(contract.queue_name("digits"))
+    client.delete(wire.queue_name("digits"))
     deadline = time.monotonic() + 5
     while value(s, "inferq_queue_depth", model="digits") != 0:
         assert time.monotonic() < deadline, "sampler never saw the queue empty"
@@ -267,7 +265,7 @@ def test_gpu_gauges_follow_cuda_visible_devices(
     gpus: list[str],
 ) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml())
-    nvml = metrics._Nvml.open(mask)
+    nvml = gpu.Nvml.open(mask)
     assert nvml is not None
     m = WorkerMetrics()
     m.sample(client, ["digits"], nvml)
@@ -282,11 +280,11 @@ def test_gpu_gauges_follow_cuda_visible_devices(
 
 def test_gpu_gauges_absent_without_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails
-    assert metrics._Nvml.open(None) is None
+    assert gpu.Nvml.open(None) is None
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(fail_init=True))
-    assert metrics._Nvml.open("0") is None
+    assert gpu.Nvml.open("0") is None
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml())
-    assert metrics._Nvml.open("") is None  # an empty mask hides every GPU
+    assert gpu.Nvml.open("") is None  # an empty mask hides every GPU
 
 
 def test_sampler_reports_gpus_and_shuts_nvml_down(
@@ -309,11 +307,11 @@ def test_sampler_reports_gpus_and_shuts_nvml_down(
 
 
 def seed(client: fakeredis.FakeRedis, now: float) -> None:
-    client.hset(contract.MODELS_KEY, mapping={"digits": "{}", "mlp": "{}"})
-    client.set(contract.WORKER_KEY_PREFIX + "gpu0@a", json.dumps({"models": ["digits", "mlp"]}))
-    client.set(contract.WORKER_KEY_PREFIX + "gpu1@a", json.dumps({"models": ["digits"]}))
-    client.set(contract.WORKER_KEY_PREFIX + "broken@a", b"{")
-    client.lpush(contract.queue_name("mlp"), message(now - 90), message(now - 10))
+    client.hset(wire.MODELS_KEY, mapping={"digits": "{}", "mlp": "{}"})
+    client.set(wire.WORKER_KEY_PREFIX + "gpu0@a", json.dumps({"models": ["digits", "mlp"]}))
+    client.set(wire.WORKER_KEY_PREFIX + "gpu1@a", json.dumps({"models": ["digits"]}))
+    client.set(wire.WORKER_KEY_PREFIX + "broken@a", b"{")
+    client.lpush(wire.queue_name("mlp"), message(now - 90), message(now - 10))
     client.lpush(DLQ_KEY, b"a", b"b", b"c")
 
 
@@ -334,7 +332,7 @@ def test_exporter_reports_queues_consumers_and_dead_letters(client: fakeredis.Fa
     assert value(s, "inferq_dead_letter_jobs") == 3
 
     # The only worker serving mlp dies: its heartbeat key expires, the jobs stay waiting.
-    client.delete(contract.WORKER_KEY_PREFIX + "gpu0@a")
+    client.delete(wire.WORKER_KEY_PREFIX + "gpu0@a")
     exporter.sample(now=now + 60)
     s = parse(generate_latest(registry).decode())
     assert value(s, "inferq_queue_consumers", model="mlp") == 0
@@ -358,9 +356,9 @@ def test_exporter_forgets_everything_when_redis_fails() -> None:
 def test_run_exporter_serves_http(client: fakeredis.FakeRedis,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     seed(client, time.time())
-    monkeypatch.setattr(metrics, "_connect", lambda url: client)
+    monkeypatch.setattr(exporter_module, "connect", lambda url, **kw: client)
     port, stop = free_port(), threading.Event()
-    thread = threading.Thread(target=metrics.run_exporter,
+    thread = threading.Thread(target=exporter_module.run_exporter,
                               args=("redis://unused:6379/0", port, 0.05),
                               kwargs={"stop": stop, "addr": "127.0.0.1"}, daemon=True)
     thread.start()

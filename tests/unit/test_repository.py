@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from producer import contract
-from workers import repository, runtime
+from producer import wire
+from workers import repository
 from workers.repository import ManifestError
+from workers.serving import runtime
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "models" / "digits"
@@ -240,7 +241,7 @@ def test_check_graph_rejects(
 
 def test_check_graph_maps_every_ort_type(tmp_path: Path) -> None:
     ort_name = {"bool": "bool", "float32": "float", "float64": "double"}
-    for dtype in sorted(contract.DTYPES):
+    for dtype in sorted(wire.DTYPES):
         folder = write_model(
             tmp_path / dtype,
             inputs=[{"name": "x", "dtype": dtype, "shape": [-1]}],

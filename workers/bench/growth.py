@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import redis
 
-from producer import InferenceClient, contract
+from producer import InferenceClient, wire
 from workers.bench import measure
 from workers.bench.refmodels import _finish, _onnx, write_model
-from workers.demo import percentiles
+from workers.launch.demo import percentiles
 from workers.repository import load_manifest
 
 #: Row sizes for the payload sweep: 4 KB, 48 KB and 1 MB of float32.
@@ -48,7 +48,7 @@ def redis_bytes_per_job(url: str, model_dir: Path, model: str, jobs: int = 2000,
     manifest = load_manifest(model_dir / model)
     inputs = measure.make_inputs(manifest, 64)
     tensor_bytes = sum(a.nbytes for a in inputs[0].values())
-    queue = contract.queue_name(model)
+    queue = wire.queue_name(model)
     with InferenceClient(url, validate=False) as producer:
         client.delete(queue)
         before = int(client.info("memory")["used_memory"])
@@ -60,7 +60,7 @@ def redis_bytes_per_job(url: str, model_dir: Path, model: str, jobs: int = 2000,
                 producer.submit(model, item)
         after = int(client.info("memory")["used_memory"])
     client.delete(queue)
-    for key in client.scan_iter(contract.BLOB_KEY_PREFIX + "*", count=1000):
+    for key in client.scan_iter(wire.BLOB_KEY_PREFIX + "*", count=1000):
         client.unlink(key)
     per_job = (after - before) / jobs
     return {"tensor_bytes": tensor_bytes, "redis_bytes_per_job": round(per_job, 1),

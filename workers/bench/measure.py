@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from producer import InferenceClient, JobFailed, JobResult, contract
-from workers import runtime
+from producer import InferenceClient, JobFailed, JobResult, wire
 from workers.bench.naive import TASK as NAIVE_TASK
-from workers.demo import percentiles
+from workers.launch.demo import percentiles
 from workers.repository import Manifest
+from workers.serving import runtime
 
 Progress = Callable[[int], None]
 
@@ -161,7 +161,7 @@ def inferq_one_at_a_time(client: InferenceClient, model: str,
 
 
 def _naive_args(model: str, item: dict[str, np.ndarray[Any, Any]]) -> list[Any]:
-    return [model, {k: contract.encode_tensor(v) for k, v in item.items()}]
+    return [model, {k: wire.encode_tensor(v) for k, v in item.items()}]
 
 
 def naive_saturation(app: Any, model: str, inputs: Sequence[dict[str, Any]], jobs: int,

@@ -12,15 +12,17 @@ from typing import Any
 
 from celery import Celery
 
-from producer import contract
-from workers import repository, runtime
+from producer import wire
+from producer.wire.connect import broker_url, result_url
+from workers import repository
+from workers.serving import runtime
 
 TASK = "bench.naive_infer"
 
 app = Celery(
     "naive",
-    broker=os.environ.get("INFERQ_BROKER_URL", "redis://localhost:6379/0"),
-    backend=os.environ.get("INFERQ_RESULT_URL") or os.environ.get("INFERQ_BROKER_URL"),
+    broker=broker_url(),
+    backend=result_url(),
 )
 app.conf.update(
     task_serializer="msgpack",
@@ -49,6 +51,6 @@ def _model(name: str) -> runtime.LoadedModel:
 def infer(model: str, inputs: dict[str, Any]) -> dict[str, Any]:
     """Decode, run and encode one job."""
     loaded = _model(model)
-    feeds = {name: contract.decode_tensor(t, name) for name, t in inputs.items()}
+    feeds = {name: wire.decode_tensor(t, name) for name, t in inputs.items()}
     outputs = loaded.run(feeds)
-    return {"outputs": {k: contract.encode_tensor(v, text=True) for k, v in outputs.items()}}
+    return {"outputs": {k: wire.encode_tensor(v, text=True) for k, v in outputs.items()}}

@@ -18,12 +18,12 @@ from typing import Any
 
 import redis
 
-from producer import InferenceClient, contract
+from producer import InferenceClient, wire
 from workers.bench import growth, measure
 from workers.bench.refmodels import write_repository
-from workers.demo import percentiles
-from workers.launcher import Supervisor, plan
-from workers.redisproc import RedisServer
+from workers.launch.demo import percentiles
+from workers.launch.launcher import Supervisor, plan
+from workers.launch.redisproc import RedisServer
 from workers.repository import load_manifest
 from workers.settings import default_model_dir
 
@@ -93,7 +93,7 @@ def inferq_workers(url: str, model_dir: Path, model: str, workers: int,
         sup.start()
     try:
         for s in specs:
-            _wait_key(url, contract.WORKER_KEY_PREFIX + s.hostname, sup.procs[s.hostname])
+            _wait_key(url, wire.WORKER_KEY_PREFIX + s.hostname, sup.procs[s.hostname])
         yield [p.pid for p in sup.procs.values()]
     finally:
         sup.stop()

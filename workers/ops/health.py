@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import redis
 import structlog
 
-from producer import contract
+from producer import wire
 from workers.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -91,7 +91,7 @@ class Monitor:
                 next_beat = time.monotonic() + HEARTBEAT_S
         self._beat(ready=False)
         with contextlib.suppress(redis.exceptions.RedisError):
-            self.client.delete(contract.WORKER_KEY_PREFIX + self.hostname)
+            self.client.delete(wire.worker_key(self.hostname))
         self.path.unlink(missing_ok=True)
 
     def _watch_batches(self) -> None:
@@ -132,8 +132,8 @@ class Monitor:
             try:
                 pipe = self.client.pipeline(transaction=False)
                 if self.signatures:
-                    pipe.hset(contract.MODELS_KEY, mapping=self.signatures)
-                pipe.set(contract.WORKER_KEY_PREFIX + self.hostname, json.dumps(doc),
+                    pipe.hset(wire.MODELS_KEY, mapping=self.signatures)
+                pipe.set(wire.worker_key(self.hostname), json.dumps(doc),
                          ex=int(HEARTBEAT_S * 3))
                 pipe.execute()
             except redis.exceptions.RedisError as exc:

@@ -20,14 +20,11 @@ from typing import IO
 
 import structlog
 
-from workers.metrics import DEFAULT_PORT, metrics_port
-from workers.settings import CONTROL_QUEUE
+from producer.wire import CONTROL_QUEUE
+from workers.errors import LaunchError
+from workers.ops.metrics import DEFAULT_PORT, metrics_port
 
 log = structlog.get_logger(__name__)
-
-
-class LaunchError(RuntimeError):
-    """The requested devices cannot be used."""
 
 
 @dataclass(frozen=True)

@@ -1,28 +1,21 @@
-"""Reading a model's queue from Redis: many messages per round trip, acked after results.
+"""Reading a model's queue from Redis: many messages per round trip.
 
 Messages stay in the format of kombu's Redis transport: a popped message is recorded in
 kombu's ``unacked`` hash and ``unacked_index`` sorted set in the same atomic step, so the
 sweep every Celery worker runs puts it back on its queue if this process dies before the
 ack. Unlike kombu, the pop and the record are one Lua script, so no crash window loses a
-message between them.
+message between them. Acks are the result writer's (:mod:`workers.serving.writer`).
 """
 
 from __future__ import annotations
 
 import itertools
-import time
 import uuid
 from typing import Any
 
 import redis
 
-from workers import deadletter
-
-UNACKED = "unacked"
-UNACKED_INDEX = "unacked_index"
-#: kombu's priority sub-queues (steps 3, 6, 9); priority 0 is the plain list.
-_PRIORITY_SEP = "\x06\x16"
-_PRIORITY_STEPS = (3, 6, 9)
+from producer.wire import UNACKED, UNACKED_INDEX, now, priority_queues
 
 # KEYS: unacked, unacked_index, queue lists in priority order.
 # ARGV: max messages, now, tag prefix, queue name.
@@ -53,14 +46,12 @@ return out
 
 
 class QueueReader:
-    """Drains one Celery queue in bulk and acknowledges messages by tag."""
+    """Drains one Celery queue in bulk, recording what it takes as in flight."""
 
     def __init__(self, client: redis.Redis, queue: str) -> None:
         self.client = client
         self.queue = queue
-        self._keys = [UNACKED, UNACKED_INDEX, queue] + [
-            f"{queue}{_PRIORITY_SEP}{p}" for p in _PRIORITY_STEPS
-        ]
+        self._keys = [UNACKED, UNACKED_INDEX, *priority_queues(queue)]
         self._drain = client.register_script(_DRAIN)
         self._prefix = f"inferq-{uuid.uuid4().hex[:12]}-"
         self._calls = itertools.count()
@@ -83,22 +74,7 @@ class QueueReader:
         """
         prefix = f"{self._prefix}{next(self._calls)}-"
         flat: list[Any] = self._drain(
-            keys=self._keys, args=[max(1, max_messages), time.time(), prefix, self.queue]
+            keys=self._keys, args=[max(1, max_messages), now(), prefix, self.queue]
         )
         left = int(flat.pop())
         return [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)], left
-
-    def dead_letter(self, tag: str, raw: bytes, reason: str) -> None:
-        """Move an unreadable message from in-flight to the dead-letter list."""
-        deadletter.add(self.client, deadletter.message_entry(tag, self.queue, raw, reason),
-                       ("zrem", UNACKED_INDEX, tag), ("hdel", UNACKED, tag))
-
-    def ack(self, tags: list[str], blobs: list[str] | None = None) -> None:
-        """Forget delivered messages whose jobs all have results, and their blobs."""
-        if tags:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.zrem(UNACKED_INDEX, *tags)
-            pipe.hdel(UNACKED, *tags)
-            if blobs:
-                pipe.unlink(*blobs)
-            pipe.execute()

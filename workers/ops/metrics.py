@@ -1,54 +1,44 @@
-"""Prometheus metrics of a worker process, and the queue exporter (``inferq exporter``).
+"""Prometheus metrics of a worker process, and the serving loop's metrics observer.
 
 One registry and one HTTP server per worker process (one process per GPU): worker ``i`` of
 a host listens on ``INFERQ_METRICS_PORT + i`` (:func:`metrics_port`). The per-job counter
 and histograms are numpy bucket arrays added to once per batch and rendered at scrape time,
 so the hot path costs well under a microsecond per job. Queue and GPU gauges are sampled by
-a background thread into a snapshot that a scrape reads as it is.
+a background thread into a snapshot that a scrape reads as it is. The queue exporter is
+:mod:`workers.ops.exporter`.
 """
 
 from __future__ import annotations
 
 import bisect
-import json
 import os
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 import redis
 import structlog
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
-from producer import contract
+from producer.errors import CODES as ERROR_CODES
+from producer.errors import JobFailed
+from workers.ops.gpu import Nvml
+from workers.ops.queues import queue_families, queue_stats
+from workers.serving.observers import Batch, Observer, Outcome
 
 log = structlog.get_logger(__name__)
 
 #: Port of worker 0 (``INFERQ_METRICS_PORT``); worker ``i`` of a host listens on base + i.
 DEFAULT_PORT = 9464
-#: Port of ``inferq exporter``.
-EXPORTER_PORT = 9460
-#: Dead-letter list of jobs that failed for good (``inferq dlq``).
-DLQ_KEY = "inferq:dlq"
 #: Codes a job ends with: OK, or the error code of its FAILURE result.
-CODES = ("OK", "INVALID_ARGUMENT", "NOT_FOUND", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED",
-         "UNAVAILABLE", "POISONED", "INTERNAL")
+CODES = ("OK", *sorted(ERROR_CODES))
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1.0, 2.5, 5.0, 10.0, 30.0)
 ROWS_BUCKETS = tuple(float(2**i) for i in range(11))  # 1, 2, 4, ... 1024
-# kombu's priority sub-queues of a Redis queue (as in workers.consumer).
-_PRIORITY_SEP = "\x06\x16"
-_PRIORITY_STEPS = (3, 6, 9)
 
 Values = Sequence[float] | np.ndarray[Any, Any]
 
@@ -159,119 +149,6 @@ class _Snapshot:
         return list(self.families)
 
 
-def _enqueued_at(raw: bytes | str | None) -> float | None:
-    """The ``inferq_enqueued_at`` header of a stored message (epoch seconds), if any."""
-    if raw is None:
-        return None
-    try:
-        value = json.loads(raw).get("headers", {}).get(contract.HEADER_ENQUEUED_AT)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            moment = datetime.fromisoformat(value)
-            if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=timezone.utc)
-            return moment.timestamp()
-    except (ValueError, TypeError, AttributeError, RecursionError):
-        pass
-    return None
-
-
-def queue_stats(client: redis.Redis, models: Sequence[str],
-                now: float | None = None) -> dict[str, tuple[int, float]]:
-    """Per model: messages waiting (all priority lists) and the oldest one's age in seconds
-    (0 when empty or unstamped), in one round trip."""
-    pipe = client.pipeline(transaction=False)
-    for model in models:
-        queue = contract.queue_name(model)
-        for key in [queue, *(f"{queue}{_PRIORITY_SEP}{p}" for p in _PRIORITY_STEPS)]:
-            pipe.llen(key)
-            pipe.lindex(key, -1)  # workers pop from the right: the oldest message
-    replies: list[Any] = pipe.execute()
-    now = time.time() if now is None else now
-    stats = {}
-    per_model = 2 * (1 + len(_PRIORITY_STEPS))
-    for i, model in enumerate(models):
-        part = replies[i * per_model:(i + 1) * per_model]
-        stamps = [t for t in map(_enqueued_at, part[1::2]) if t is not None]
-        stats[model] = (sum(int(n) for n in part[0::2]),
-                        max(0.0, now - min(stamps)) if stamps else 0.0)
-    return stats
-
-
-def _queue_families(stats: Mapping[str, tuple[int, float]]) -> list[Metric]:
-    depth = GaugeMetricFamily("inferq_queue_depth", "Messages waiting in the model's queue.",
-                              labels=("model",))
-    age = GaugeMetricFamily("inferq_queue_oldest_age_seconds",
-                            "Age of the oldest waiting message (0 when empty or unknown).",
-                            labels=("model",))
-    for model, (waiting, oldest) in sorted(stats.items()):
-        depth.add_metric((model,), waiting)
-        age.add_metric((model,), oldest)
-    return [depth, age]
-
-
-def _visible(index: int, uuid: str, mask: str) -> bool:
-    """Whether NVML device ``index`` is in a ``CUDA_VISIBLE_DEVICES`` list (indices or UUIDs)."""
-    for token in (t.strip() for t in mask.split(",")):
-        if token and (token == str(index) or (not token.isdigit() and uuid.startswith(token))):
-            return True
-    return False
-
-
-class _Nvml:
-    """GPU gauges through NVML, for the GPUs this process may use."""
-
-    def __init__(self, nvml: Any, handles: list[tuple[str, Any]]) -> None:
-        self.nvml, self.handles = nvml, handles
-
-    @classmethod
-    def open(cls, mask: str | None) -> _Nvml | None:
-        """None when NVML is missing or fails, or ``mask`` (CUDA_VISIBLE_DEVICES) is empty."""
-        if mask is not None and not mask.strip():
-            return None
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            handles = []
-            for index in range(pynvml.nvmlDeviceGetCount()):
-                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-                uuid = pynvml.nvmlDeviceGetUUID(handle)
-                uuid = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
-                if mask is None or _visible(index, uuid, mask):
-                    handles.append((str(index), handle))
-        except Exception as exc:  # ImportError, NVMLError, a driver that is not there
-            log.debug("nvml_unavailable", error=str(exc))
-            return None
-        return cls(pynvml, handles)
-
-    def families(self) -> list[Metric]:
-        util = GaugeMetricFamily("inferq_gpu_utilization_ratio",
-                                 "Share of the last sample period the GPU was busy.",
-                                 labels=("gpu",))
-        used = GaugeMetricFamily("inferq_gpu_memory_used_bytes", "GPU memory in use.",
-                                 labels=("gpu",))
-        total = GaugeMetricFamily("inferq_gpu_memory_total_bytes", "GPU memory.",
-                                  labels=("gpu",))
-        for label, handle in self.handles:
-            try:
-                rates = self.nvml.nvmlDeviceGetUtilizationRates(handle)
-                memory = self.nvml.nvmlDeviceGetMemoryInfo(handle)
-            except Exception as exc:
-                log.debug("nvml_sample_failed", gpu=label, error=str(exc))
-                continue
-            util.add_metric((label,), rates.gpu / 100.0)
-            used.add_metric((label,), memory.used)
-            total.add_metric((label,), memory.total)
-        return [util, used, total]
-
-    def close(self) -> None:
-        try:
-            self.nvml.nvmlShutdown()
-        except Exception as exc:
-            log.debug("nvml_shutdown_failed", error=str(exc))
-
 
 class WorkerMetrics:
     """Every metric of one worker process, in its own registry."""
@@ -358,9 +235,9 @@ class WorkerMetrics:
         return int(self._server.server_port)
 
     def sample(self, client: redis.Redis, models: Sequence[str],
-               gpus: _Nvml | None = None) -> None:
+               gpus: Nvml | None = None) -> None:
         """One pass of the sampler: queue depth and oldest age, and the GPU gauges."""
-        families = _queue_families(queue_stats(client, models))
+        families = queue_families(queue_stats(client, models))
         self._sampled.families = families + (gpus.families() if gpus is not None else [])
 
     def start_sampler(self, redis_client: redis.Redis, models: Sequence[str],
@@ -371,7 +248,7 @@ class WorkerMetrics:
         stop = self._stop if stop is None else stop
 
         def loop() -> None:
-            gpus = _Nvml.open(os.environ.get("CUDA_VISIBLE_DEVICES"))
+            gpus = Nvml.open(os.environ.get("CUDA_VISIBLE_DEVICES"))
             failing = ""  # warn once per distinct failure, not every interval
             try:
                 while not stop.is_set() and not self._stop.is_set():
@@ -407,78 +284,27 @@ class WorkerMetrics:
             self._server = None
 
 
-# --- exporter -------------------------------------------------------------------------
+class MetricsObserver(Observer):
+    """Feeds one model server's batches and failures into :class:`WorkerMetrics`."""
 
+    def __init__(self, metrics: WorkerMetrics, model: str) -> None:
+        self.metrics = metrics
+        self.model = model
 
-def consumers(client: redis.Redis) -> dict[str, int]:
-    """Live workers per model, from the heartbeat keys (they expire when a worker dies)."""
-    keys = list(client.scan_iter(match=contract.WORKER_KEY_PREFIX + "*", count=1000))
-    counts: dict[str, int] = {}
-    for raw in client.mget(keys) if keys else []:
-        try:
-            models = json.loads(raw)["models"] if raw is not None else []
-        except (ValueError, TypeError, KeyError):
-            continue
-        for model in models if isinstance(models, list) else []:
-            counts[str(model)] = counts.get(str(model), 0) + 1
-    return counts
+    def batch_done(self, batch: Batch, outcomes: Sequence[Outcome]) -> None:
+        self.metrics.batch_done(self.model, batch.version, batch.rows,
+                                batch.finished - batch.started)
+        ok = [p for p, o in zip(batch.jobs, outcomes, strict=True)
+              if not isinstance(o, JobFailed)]
+        if ok:
+            self.metrics.jobs_done_bulk(
+                self.model, batch.version, "OK",
+                queue_s=[p.picked_at - p.job.enqueued_at for p in ok
+                         if p.job.enqueued_at is not None],
+                batch_wait_s=[batch.started - p.picked_at for p in ok],
+                latency_s=[batch.stored - (p.picked_at if p.job.enqueued_at is None
+                                           else p.job.enqueued_at) for p in ok])
 
-
-class QueueExporter:
-    """What no worker can report: jobs waiting for a model nobody serves, dead letters."""
-
-    def __init__(self, client: redis.Redis, models: Sequence[str] = ()) -> None:
-        self.client = client
-        self.models = tuple(models)
-        self._families: list[Metric] = []
-
-    def sample(self, now: float | None = None) -> None:
-        """Read Redis and replace what the next scrape returns; clears it on a Redis error."""
-        try:
-            known = self.client.hkeys(contract.MODELS_KEY)
-            names = sorted({*(k.decode() if isinstance(k, bytes) else str(k) for k in known),
-                            *self.models})
-            stats = queue_stats(self.client, names, now)
-            live = consumers(self.client)
-            dead = int(self.client.llen(DLQ_KEY))
-        except redis.exceptions.RedisError:
-            self._families = []
-            raise
-        serving = GaugeMetricFamily("inferq_queue_consumers", "Live workers serving the model.",
-                                    labels=("model",))
-        for name in names:
-            serving.add_metric((name,), live.get(name, 0))
-        dlq = GaugeMetricFamily("inferq_dead_letter_jobs", f"Jobs in the {DLQ_KEY} list.",
-                                value=dead)
-        self._families = [*_queue_families(stats), serving, dlq]
-
-    def collect(self) -> Iterable[Metric]:
-        return list(self._families)
-
-
-def _connect(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
-
-
-def run_exporter(redis_url: str, port: int = EXPORTER_PORT, interval_s: float = 5.0, *,
-                 models: Sequence[str] = (), stop: threading.Event | None = None,
-                 addr: str = "0.0.0.0") -> None:
-    """Serve the queue exporter on ``port`` and sample Redis every ``interval_s`` until
-    ``stop`` is set (the body of ``inferq exporter``)."""
-    registry = CollectorRegistry()
-    exporter = QueueExporter(_connect(redis_url), models)
-    registry.register(exporter)
-    server, _ = start_http_server(port, addr=addr, registry=registry)
-    log.info("exporter_listening", port=server.server_port, interval_s=interval_s)
-    stop = threading.Event() if stop is None else stop
-    try:
-        while True:
-            try:
-                exporter.sample()
-            except redis.exceptions.RedisError as exc:
-                log.warning("exporter_sample_failed", error=str(exc))
-            if stop.wait(interval_s):
-                break
-    finally:
-        server.shutdown()
-        server.server_close()
+    def job_failed(self, job_id: str, error: JobFailed, version: int | None) -> None:
+        # The model label is the server's, never the client's: no unbounded labels.
+        self.metrics.job_done(self.model, version, error.code, None, None, None)

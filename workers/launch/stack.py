@@ -17,19 +17,16 @@ from typing import Any
 import redis
 import structlog
 
-from producer import contract
-from workers.launcher import LaunchError, Supervisor, detect_gpus, plan
-from workers.redisproc import RedisServer, free_port
+from producer import wire
+from producer.wire.connect import connect
+from workers.errors import FlowerConfigError, LaunchError
+from workers.launch.launcher import Supervisor, detect_gpus, plan
+from workers.launch.redisproc import RedisServer, free_port
 
 log = structlog.get_logger(__name__)
 
-LOCAL_URL = "redis://localhost:6379/0"
+LOCAL_URL = wire.DEFAULT_URL
 FLOWER_ADDRESS = "127.0.0.1"
-
-
-class FlowerConfigError(LaunchError):
-    """Flower would be reachable from other hosts without authentication, or the
-    credentials are malformed."""
 
 
 def is_loopback(address: str) -> bool:
@@ -63,7 +60,7 @@ def check_flower_auth(credentials: str) -> str:
 def answers(url: str, timeout: float = 0.5) -> bool:
     """True when a Redis server answers PING at ``url``."""
     try:
-        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        client = connect(url, timeout=timeout)
         return bool(client.ping())
     except redis.exceptions.RedisError:
         return False
@@ -168,8 +165,8 @@ class LocalStack:
     def wait_ready(self) -> None:
         """Block until every worker advertises its models (loaded, verified and warm)."""
         assert self.supervisor is not None
-        client = redis.Redis.from_url(self.broker_url, socket_timeout=5)
-        keys = [contract.WORKER_KEY_PREFIX + s.hostname for s in self.supervisor.specs]
+        client = connect(self.broker_url, timeout=5)
+        keys = [wire.worker_key(s.hostname) for s in self.supervisor.specs]
         deadline = time.monotonic() + self.ready_timeout_s
         while client.exists(*keys) < len(keys):
             for spec in self.supervisor.specs:

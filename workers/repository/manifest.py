@@ -1,21 +1,21 @@
 """The model repository: ``models/<name>/model.toml`` + ``models/<name>/<version>/model.onnx``.
 
-A version may keep tensors in external data files beside its ``model.onnx``; each one is
-declared with its sha256 in the manifest (``[versions.N] external_data = {"weights.bin" =
-"<sha256>"}``) and checked, like the model, before ONNX Runtime sees it.
+A manifest names a model's signature, batching limits and versions, each with the sha256 of
+its file; :mod:`workers.repository.integrity` checks the files against it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
-from producer.contract import DTYPES, TensorSpec
+from producer.wire import DTYPES, TensorSpec
+from workers.errors import ManifestError
+from workers.repository.integrity import external_data_table, external_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -23,12 +23,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-class ManifestError(ValueError):
-    """A model folder, manifest or ONNX file is malformed or disagrees with the manifest."""
-
 
 @dataclass(frozen=True)
 class ModelVersion:
@@ -118,10 +112,10 @@ def load_manifest(folder: Path) -> Manifest:
         onnx = folder / str(number) / "model.onnx"
         if not onnx.is_file():
             raise ManifestError(f"{path}: version {number} has no {onnx}")
-        external = _external_data(entry.get("external_data", {}), f"{path} [versions.{key}]")
+        external = external_data_table(entry.get("external_data", {}), f"{path} [versions.{key}]")
         versions[number] = ModelVersion(number, onnx, str(entry["sha256"]).lower(), external)
         for name in external:
-            _external_file(versions[number], name)  # present, and inside the version folder
+            external_file(versions[number], name)  # present, and inside the version folder
     if not versions:
         raise ManifestError(f"{path}: no [versions.N] entries")
     max_rows, max_wait = doc.get("max_batch_rows", 1), doc.get("max_wait_ms", 0.0)
@@ -165,171 +159,6 @@ def scan(root: Path, only: Sequence[str] = ()) -> dict[str, Manifest]:
     if missing:
         raise ManifestError(f"models {missing} not found in {root}")
     return found
-
-
-def verify_file(version: ModelVersion) -> bytes:
-    """Read a model file and check its sha256 against the manifest; return its bytes."""
-    data = version.path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != version.sha256:
-        raise ManifestError(
-            f"{version.path}: sha256 {digest} does not match the manifest's {version.sha256}"
-        )
-    return data
-
-
-# --- external data --------------------------------------------------------------------------
-
-
-def _clean_location(location: str, where: str) -> str:
-    """A relative path inside the version folder, normalised ("./a" -> "a"); else refused."""
-    if not location or "\x00" in location or "\\" in location:
-        raise ManifestError(f"{where}: external data path {location!r} is empty or malformed")
-    pure = PurePosixPath(location)
-    if pure.is_absolute() or re.match(r"^[A-Za-z]:", location):
-        raise ManifestError(f"{where}: external data path {location!r} is absolute")
-    if ".." in pure.parts:
-        raise ManifestError(f"{where}: external data path {location!r} leaves the version "
-                            "folder ('..')")
-    return str(pure)
-
-
-def _external_data(raw: Any, where: str) -> dict[str, str]:
-    if not isinstance(raw, dict):
-        raise ManifestError(f'{where}: external_data must be a table {{"file" = "<sha256>"}}')
-    files: dict[str, str] = {}
-    for name, digest in raw.items():
-        clean = _clean_location(str(name), where)
-        if not isinstance(digest, str) or not _SHA256.match(digest.lower()):
-            raise ManifestError(f"{where}: external_data {name!r} needs a sha256 (64 hex digits)")
-        if clean in files:
-            raise ManifestError(f"{where}: external_data {name!r} is declared twice")
-        files[clean] = digest.lower()
-    return files
-
-
-def _external_file(version: ModelVersion, name: str) -> Path:
-    """The regular file ``name`` names, checked to resolve inside the version folder."""
-    folder = version.path.parent.resolve()
-    try:
-        target = (folder / name).resolve(strict=True)
-    except (OSError, RuntimeError):
-        raise ManifestError(f"{version.path.parent}: external data file {name!r} is missing "
-                            "or unreadable") from None
-    if not target.is_relative_to(folder):
-        raise ManifestError(f"{version.path.parent}: external data file {name!r} resolves to "
-                            f"{target}, outside the version folder (symlink?)")
-    if not target.is_file():
-        raise ManifestError(f"{version.path.parent}: external data {name!r} is not a file")
-    return target
-
-
-# Protobuf field numbers (onnx.proto) of the messages that can hold a TensorProto.
-_MODEL, _GRAPH, _NODE, _ATTRIBUTE, _TENSOR, _SPARSE, _FUNCTION, _TRAINING, _ENTRY = range(9)
-_CHILDREN: dict[int, dict[int, int]] = {
-    _MODEL: {7: _GRAPH, 20: _TRAINING, 25: _FUNCTION},
-    _TRAINING: {1: _GRAPH, 2: _GRAPH},
-    _FUNCTION: {7: _NODE, 11: _ATTRIBUTE},
-    _GRAPH: {1: _NODE, 5: _TENSOR, 15: _SPARSE},
-    _NODE: {5: _ATTRIBUTE},
-    _ATTRIBUTE: {5: _TENSOR, 6: _GRAPH, 10: _TENSOR, 11: _GRAPH, 22: _SPARSE, 23: _SPARSE},
-    _SPARSE: {1: _TENSOR, 2: _TENSOR},
-    _TENSOR: {13: _ENTRY},
-}
-_MAX_DEPTH = 64
-_EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
-
-
-def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= end or shift > 63:
-            raise ManifestError("malformed ONNX protobuf (varint)")
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, pos
-
-
-def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int | tuple[int, int]]]:
-    """(field number, wire type, varint value or (start, end) of a length-delimited field)."""
-    while pos < end:
-        key, pos = _varint(buf, pos, end)
-        number, wire = key >> 3, key & 7
-        value: int | tuple[int, int]
-        if wire == 0:
-            value, pos = _varint(buf, pos, end)
-        elif wire == 2:
-            size, pos = _varint(buf, pos, end)
-            value, pos = (pos, pos + size), pos + size
-        elif wire in (1, 5):
-            value, pos = 0, pos + (8 if wire == 1 else 4)
-        else:
-            raise ManifestError(f"malformed ONNX protobuf (wire type {wire})")
-        if pos > end:
-            raise ManifestError("malformed ONNX protobuf (truncated field)")
-        yield number, wire, value
-
-
-def _walk(buf: bytes, start: int, end: int, kind: int, depth: int, out: list[str]) -> None:
-    if depth > _MAX_DEPTH:
-        raise ManifestError("ONNX model nests graphs too deeply")
-    location: str | None = None
-    external = False
-    for number, wire, value in _fields(buf, start, end):
-        if kind == _TENSOR and number == 14 and wire == 0:
-            external = value == _EXTERNAL
-        elif wire == 2 and isinstance(value, tuple):
-            child = _CHILDREN.get(kind, {}).get(number)
-            if child == _ENTRY:
-                entry = {n: buf[v[0]:v[1]] for n, w, v in _fields(buf, *value)
-                         if w == 2 and isinstance(v, tuple)}
-                if entry.get(1) == b"location":
-                    location = entry.get(2, b"").decode("utf-8", "replace")
-            elif child is not None:
-                _walk(buf, value[0], value[1], child, depth + 1, out)
-    if kind == _TENSOR and (external or location is not None):
-        out.append(location or "")
-
-
-def external_locations(model: bytes) -> list[str]:
-    """Every external data ``location`` an ONNX model's tensors name, in file order.
-
-    A minimal protobuf walk (no ``onnx`` package): initializers, sparse initializers and
-    tensors in node attributes, in the main graph, subgraphs, functions and training info.
-    """
-    out: list[str] = []
-    _walk(model, 0, len(model), _MODEL, 0, out)
-    return out
-
-
-def verify_external_data(version: ModelVersion, model: bytes) -> bool:
-    """Check the external data of a verified model; True when the manifest declares some
-    (then the session must be created from the model's path, so that ONNX Runtime finds
-    the files).
-
-    Every location the model names must be declared in the manifest (which keeps it inside
-    the version folder); every declared file must resolve inside the folder and match its
-    sha256.
-    """
-    where = str(version.path)
-    for location in external_locations(model):
-        clean = _clean_location(location, where)
-        if clean not in version.external_data:
-            declared = sorted(version.external_data) or "none"
-            raise ManifestError(f"{where}: the model reads external data {location!r}, which the "
-                                f"manifest does not declare (declared: {declared})")
-    for name, want in version.external_data.items():
-        digest = hashlib.sha256()
-        with _external_file(version, name).open("rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-        if digest.hexdigest() != want:
-            raise ManifestError(f"{where}: external data {name!r} has sha256 "
-                                f"{digest.hexdigest()}, the manifest says {want}")
-    return bool(version.external_data)
 
 
 _ORT_TYPES = {f"tensor({t})": t for t in DTYPES if t not in ("bool", "float32", "float64")}

@@ -1,4 +1,9 @@
-"""Per-job results, written for a whole batch in one round trip, and task events for Flower."""
+"""Storing results and acknowledging messages: one batch in one round trip, acks last.
+
+This module owns every ack of a served message: with broker and results on one Redis, the
+documents and the acks go in one script; otherwise the documents are stored first and the
+acks follow. Either way a message is forgotten only once every result it carries is stored.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,15 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 import structlog
 
-from producer import contract
-from workers.consumer import UNACKED, UNACKED_INDEX, QueueReader
+from producer import wire
+from producer.wire import UNACKED, UNACKED_INDEX
 
 log = structlog.get_logger(__name__)
 
@@ -57,12 +62,40 @@ return stored
 
 
 class ResultStore:
-    """Writes result documents with SET NX + PUBLISH (what Celery clients wait on)."""
+    """Writes result documents with SET NX + PUBLISH (what Celery clients wait on), and
+    acknowledges the messages that carried them.
 
-    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+    ``broker`` is the Redis holding the queues when it is not ``client``: then documents
+    and acks take two round trips instead of one script.
+    """
+
+    def __init__(self, client: redis.Redis, ttl_s: int, broker: redis.Redis | None = None
+                 ) -> None:
         self.client = client
         self.ttl_s = ttl_s
+        self.broker = broker
         self._store = client.register_script(_STORE)
+
+    def commit(self, docs: Sequence[tuple[str, bytes, str | None]], acks: Sequence[str],
+               blobs: Sequence[str]) -> None:
+        """Store ``docs``, then ack ``acks`` and delete ``blobs``; the acks only once the
+        documents are stored."""
+        if self.broker is None:
+            self.store(docs, acks, blobs)
+        else:
+            self.store(docs)
+            self.ack(acks, blobs)
+
+    def ack(self, tags: Sequence[str], blobs: Sequence[str] = ()) -> None:
+        """Forget delivered messages (kombu's unacked records) and delete their blobs."""
+        if tags or blobs:
+            pipe = (self.broker or self.client).pipeline(transaction=False)
+            if tags:
+                pipe.zrem(UNACKED_INDEX, *tags)
+                pipe.hdel(UNACKED, *tags)
+            if blobs:
+                pipe.unlink(*blobs)
+            pipe.execute()
 
     def store(self, docs: Sequence[tuple[str, bytes, str | None]],
               acks: Sequence[str] = (), blobs: Sequence[str] = ()) -> int:
@@ -73,95 +106,25 @@ class ResultStore:
         """
         if not docs and not acks and not blobs:
             return 0
-        keys = [contract.result_key(job_id) for job_id, _, _ in docs]
+        keys = [wire.result_key(job_id) for job_id, _, _ in docs]
         keys += [UNACKED, UNACKED_INDEX, *blobs]
         args: list[Any] = [self.ttl_s, len(docs), len(acks), *(doc for _, doc, _ in docs),
                            *acks]
         for job_id, _, notify in docs:
             if notify:
-                args += [contract.NOTIFY_KEY_PREFIX + notify, job_id]
+                args += [wire.notify_key(notify), job_id]
         return int(self._store(keys=keys, args=args))
-
-
-Event = tuple[str, dict[str, Any]]
-
-
-class TaskEvents:
-    """Celery task events per job, so Flower shows each job as an ``inferq.infer`` task.
-
-    Above ``max_rate`` jobs per second (0: no limit) only a sample of jobs gets events,
-    so monitoring never costs more than a fixed share of a busy worker. Events are
-    recorded by the model thread and sent, buffered, by the result writer.
-    """
-
-    def __init__(self, app: Any, hostname: str, enabled: bool, max_rate: float = 0.0) -> None:
-        self.enabled = enabled
-        self.max_rate = max_rate
-        self._tokens = max_rate
-        self._refilled = time.monotonic()
-        self._dispatcher: Any = None
-        if enabled:
-            self._connection = app.connection_for_write()
-            self._dispatcher = app.events.Dispatcher(
-                self._connection, hostname=hostname, buffer_group=["task"], buffer_limit=100_000
-            )
-
-    def admit(self) -> bool:
-        """Whether the next job gets events (token bucket of ``max_rate`` per second)."""
-        if not self.enabled:
-            return False
-        if self.max_rate <= 0:
-            return True
-        now = time.monotonic()
-        self._tokens = min(self.max_rate, self._tokens + (now - self._refilled) * self.max_rate)
-        self._refilled = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        return False
-
-    @staticmethod
-    def received(job_id: str, model: str, retries: int) -> Event:
-        return ("task-received", {
-            "uuid": job_id, "name": contract.TASK_NAME, "args": f"({model!r}, ...)",
-            "kwargs": "{}", "retries": retries, "eta": None, "expires": None,
-            "root_id": job_id, "parent_id": None,
-        })
-
-    @staticmethod
-    def started(job_id: str) -> Event:
-        return ("task-started", {"uuid": job_id})
-
-    @staticmethod
-    def succeeded(job_id: str, summary: str, runtime: float) -> Event:
-        return ("task-succeeded", {"uuid": job_id, "result": summary, "runtime": runtime})
-
-    @staticmethod
-    def failed(job_id: str, error: str) -> Event:
-        return ("task-failed", {"uuid": job_id, "exception": error, "traceback": None})
-
-    def send(self, events: Sequence[Event]) -> None:
-        """Send recorded events as one buffered publish."""
-        if self.enabled and events:
-            for kind, fields in events:
-                self._dispatcher.send(kind, **fields)
-            self._dispatcher.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self._dispatcher.close()
-            self._connection.release()
-
 
 
 @dataclass
 class Completed:
-    """What one batch hands to the writer: documents, then acks, then events."""
+    """What one batch hands to the writer: documents, then acks, then what runs after
+    they are stored (such as sending the batch's task events)."""
 
     docs: list[tuple[str, bytes, str | None]]
     acks: list[str]
     blobs: list[str]
-    events: list[Event]
+    after: list[Callable[[], None]] = field(default_factory=list)
 
 
 class ResultWriter:
@@ -172,11 +135,8 @@ class ResultWriter:
     A bounded queue turns a slow or absent Redis into backpressure on the model thread.
     """
 
-    def __init__(self, store: ResultStore, reader: QueueReader, events: TaskEvents,
-                 depth: int = 4, *, same_server: bool = False) -> None:
-        self.store, self.reader, self.events = store, reader, events
-        #: Broker and results on one Redis: store and ack in one script, one round trip.
-        self.same_server = same_server
+    def __init__(self, store: ResultStore, depth: int = 4) -> None:
+        self.store = store
         self._queue: queue.Queue[Completed | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         #: Items handed to the thread, and items it has finished: one writer thread each,
@@ -200,7 +160,6 @@ class ResultWriter:
         """Write everything submitted so far, then stop the thread."""
         self._queue.put(None)
         self._thread.join()
-        self.events.close()
 
     def write_if_idle(self, item: Completed) -> bool:
         """Write ``item`` on the calling thread if everything submitted before is written.
@@ -236,11 +195,7 @@ class ResultWriter:
         delay = 0.05
         while True:
             try:
-                if self.same_server:
-                    self.store.store(item.docs, item.acks, item.blobs)
-                else:
-                    self.store.store(item.docs)
-                    self.reader.ack(item.acks, item.blobs)
+                self.store.commit(item.docs, item.acks, item.blobs)
                 break
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                     redis.exceptions.OutOfMemoryError) as exc:
@@ -249,7 +204,8 @@ class ResultWriter:
                 log.warning("result_write_retry", error=str(exc), jobs=len(item.docs))
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
-        try:
-            self.events.send(item.events)
-        except Exception as exc:  # events are for monitoring: never block results on them
-            log.warning("events_not_sent", error=str(exc))
+        for after in item.after:
+            try:
+                after()
+            except Exception as exc:  # monitoring must never hold up results
+                log.warning("after_commit_failed", error=str(exc))

@@ -29,7 +29,8 @@ def main() -> None:
               help="CPU worker processes (with --cpu).")
 def worker(gpus: str | None, cpu: bool, cpu_workers: int) -> None:
     """Start and supervise worker processes until Ctrl-C."""
-    from workers.launcher import LaunchError, Supervisor, detect_gpus, parse_gpus, plan
+    from workers.errors import LaunchError
+    from workers.launch.launcher import Supervisor, detect_gpus, parse_gpus, plan
 
     try:
         if cpu and gpus:
@@ -51,8 +52,8 @@ def up(cpu_workers: int) -> None:
     import signal
     import threading
 
-    from workers.launcher import LaunchError
-    from workers.stack import LocalStack
+    from workers.errors import LaunchError
+    from workers.launch.stack import LocalStack
 
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -72,8 +73,8 @@ def up(cpu_workers: int) -> None:
 @main.command()
 def demo() -> None:
     """Classify the digits test set through the whole stack and print a summary."""
-    from workers import demo as demo_module
-    from workers.launcher import LaunchError
+    from workers.errors import LaunchError
+    from workers.launch import demo as demo_module
 
     try:
         sys.exit(demo_module.run(click.echo))
@@ -99,7 +100,8 @@ def bench(names: str, cpu_workers: int, gpus: str | None, quick: bool, json_path
           plot_path: Path | None, sweep: bool, payloads: bool, soak_jobs: int) -> None:
     """Measure direct ONNX Runtime, naive Celery and inferq in one run."""
     from workers.bench.run import run as run_bench
-    from workers.launcher import LaunchError, detect_gpus, parse_gpus
+    from workers.errors import LaunchError
+    from workers.launch.launcher import detect_gpus, parse_gpus
 
     try:
         indices = parse_gpus(gpus, detect_gpus()) if gpus else None
@@ -140,8 +142,8 @@ def check(hostname: str | None, path: Path | None) -> None:
     import os
     import socket
 
-    from workers.health import check as check_health
-    from workers.health import health_file
+    from workers.ops.health import check as check_health
+    from workers.ops.health import health_file
 
     name = hostname or os.environ.get("INFERQ_HOSTNAME") or f"cpu0@{socket.gethostname()}"
     ok, reason = check_health(path or health_file(name))
@@ -155,17 +157,16 @@ def check(hostname: str | None, path: Path | None) -> None:
 @click.option("--model", "models", multiple=True, help="Also report this model's queue.")
 def exporter(port: int, interval_s: float, models: tuple[str, ...]) -> None:
     """Queue depth, oldest age, consumers per model and dead letters, for Prometheus."""
-    import os
     import signal
     import threading
 
-    from producer.client import DEFAULT_URL
-    from workers.metrics import run_exporter
+    from producer.wire.connect import broker_url
+    from workers.ops.exporter import run_exporter
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # PID 1 in a container ignores SIGTERM
         signal.signal(sig, lambda *_: stop.set())
-    run_exporter(os.environ.get("INFERQ_BROKER_URL") or DEFAULT_URL, port, interval_s,
+    run_exporter(broker_url(), port, interval_s,
                  models=models, stop=stop)
 
 
@@ -175,14 +176,9 @@ def dlq() -> None:
 
 
 def _dlq_client() -> Any:
-    import os
+    from producer.wire.connect import broker_url, connect
 
-    import redis
-
-    from producer.client import DEFAULT_URL
-
-    return redis.Redis.from_url(os.environ.get("INFERQ_BROKER_URL") or DEFAULT_URL,
-                                socket_timeout=5)
+    return connect(broker_url(), timeout=5)
 
 
 @dlq.command("list")
@@ -191,7 +187,7 @@ def dlq_list(limit: int) -> None:
     """One line per entry: id, kind, model, code, age, reason."""
     import time
 
-    from workers import deadletter
+    from workers.ops import deadletter
 
     for e in deadletter.entries(_dlq_client(), limit):
         age = time.time() - float(e.get("at", 0))
@@ -203,7 +199,7 @@ def dlq_list(limit: int) -> None:
 @click.argument("entry_id")
 def dlq_show(entry_id: str) -> None:
     """Print one entry as JSON."""
-    from workers import deadletter
+    from workers.ops import deadletter
 
     doc = deadletter.show(_dlq_client(), entry_id)
     if doc is None:
@@ -216,7 +212,7 @@ def dlq_show(entry_id: str) -> None:
 @click.option("--all", "everything", is_flag=True, help="Requeue every entry.")
 def dlq_requeue(entry_ids: tuple[str, ...], everything: bool) -> None:
     """Put entries back on their queues (a requeued job gets a fresh result)."""
-    from workers import deadletter
+    from workers.ops import deadletter
 
     client = _dlq_client()
     ids = [e["id"] for e in deadletter.entries(client, 0)] if everything else list(entry_ids)
@@ -232,7 +228,7 @@ def dlq_requeue(entry_ids: tuple[str, ...], everything: bool) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask.")
 def dlq_purge(yes: bool) -> None:
     """Delete every entry."""
-    from workers import deadletter
+    from workers.ops import deadletter
 
     if not yes:
         click.confirm("Delete every dead-letter entry?", abort=True)

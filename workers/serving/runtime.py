@@ -11,11 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from workers.errors import DeviceUnavailable
 from workers.repository import Manifest, check_graph, verify_external_data, verify_file
-
-
-class DeviceUnavailable(RuntimeError):
-    """A GPU was asked for but ONNX Runtime cannot use one."""
 
 
 def _ort() -> Any:

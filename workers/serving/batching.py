@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -59,3 +59,52 @@ def split(outputs: Arrays, row_counts: Sequence[int]) -> list[Arrays]:
         {name: arr[bounds[i] : bounds[i + 1]] for name, arr in outputs.items()}
         for i in range(len(row_counts))
     ]
+
+
+# --- draining and picking ------------------------------------------------------------
+
+#: Most messages taken in one round trip, whatever their size.
+MAX_DRAIN = 256
+
+
+def drain_size(room_rows: int, rows_per_message: float, max_drain: int = MAX_DRAIN) -> int:
+    """Messages to take for ``room_rows`` of room in the next batch; 0 once it is full.
+
+    Taking more than the next batch needs would hoard messages that another instance or
+    worker is waiting for.
+    """
+    if room_rows <= 0:
+        return 0
+    return min(max_drain, max(1, int(room_rows / rows_per_message)))
+
+
+def rows_per_message(average: float, rows: int) -> float:
+    """The running average of rows per message, after a message of ``rows`` rows."""
+    return 0.8 * average + 0.2 * max(1, rows)
+
+
+class Waiting(Protocol):
+    """What picking needs of a job waiting for its batch."""
+
+    rows: int
+    version: int
+    #: Redelivered after a crash: runs alone, so a job that kills its worker is isolated.
+    suspect: bool
+
+
+W = TypeVar("W", bound=Waiting)
+
+
+def pick(waiting: Sequence[W], max_rows: int) -> tuple[list[W], list[W]]:
+    """The next batch and what stays waiting.
+
+    A suspect job at the head runs alone; otherwise the batch is the head's version's
+    non-suspect jobs, oldest first, up to ``max_rows`` (a single larger job runs alone).
+    """
+    head = waiting[0]
+    if head.suspect:
+        return [head], list(waiting[1:])
+    group = [w for w in waiting if w.version == head.version and not w.suspect]
+    batch = group[: take([w.rows for w in group], max_rows)]
+    chosen = {id(w) for w in batch}
+    return batch, [w for w in waiting if id(w) not in chosen]

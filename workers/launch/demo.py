@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 import redis
 
-from producer import InferenceClient, JobResult, contract
-from workers.stack import LocalStack
+from producer import InferenceClient, JobResult, wire
+from producer.wire.connect import connect
+from workers.launch.stack import LocalStack
 
 STAGES = ("queued", "batch_wait", "inference", "total")
 
@@ -48,10 +49,10 @@ def _stage_table(results: Sequence[JobResult]) -> list[str]:
 
 
 def _workers_serving(url: str, model: str) -> bool:
-    client = redis.Redis.from_url(url, socket_timeout=2)
+    client = connect(url, timeout=2)
     try:
-        return client.hexists(contract.MODELS_KEY, model) and any(
-            True for _ in client.scan_iter(contract.WORKER_KEY_PREFIX + "*", count=100)
+        return client.hexists(wire.MODELS_KEY, model) and any(
+            True for _ in client.scan_iter(wire.WORKER_KEY_PREFIX + "*", count=100)
         )
     except redis.exceptions.RedisError:
         return False

@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from producer import contract
-from producer.contract import JobRequest, TensorSpec
+from producer import wire
 from producer.errors import DeadlineExceeded, InvalidInput, ModelNotFound
-from workers.batching import Arrays
+from producer.wire import JobRequest, TensorSpec
+from workers.serving.batching import Arrays
 
 
 def resolve_version(job: JobRequest, model: str, versions: Collection[int]) -> int:
@@ -34,19 +34,6 @@ def check_deadline(job: JobRequest, picked_at: float) -> None:
             f"deadline passed {picked_at - job.deadline:.3f}s before the job was picked up")
 
 
-def _resolve(tensor: Mapping[str, Any], name: str, blobs: Mapping[str, bytes | None]
-             ) -> dict[str, Any]:
-    ref = tensor.get("ref")
-    if not isinstance(ref, str) or not ref.startswith(contract.BLOB_KEY_PREFIX):
-        # Only blob keys: a reference must never read (and later delete) another key.
-        raise InvalidInput(f"input {name!r}: ref must be a key under "
-                           f"{contract.BLOB_KEY_PREFIX!r}")
-    data = blobs.get(ref)
-    if data is None:
-        raise InvalidInput(f"input {name!r}: no data under {ref!r} (expired or never sent)")
-    return {"dtype": tensor.get("dtype"), "shape": tensor.get("shape"), "data": data}
-
-
 def decode_inputs(
     inputs: Any,
     specs: Sequence[TensorSpec],
@@ -61,8 +48,8 @@ def decode_inputs(
     arrays: Arrays = {}
     for name, tensor in inputs.items():
         if isinstance(tensor, Mapping) and "ref" in tensor:
-            tensor = _resolve(tensor, str(name), blobs)
-        arr = contract.decode_tensor(tensor, f"input {name!r}")
+            tensor = wire.dereference(tensor, f"input {str(name)!r}", blobs)
+        arr = wire.decode_tensor(tensor, f"input {name!r}")
         if arr.nbytes > max_tensor_bytes:
             raise InvalidInput(
                 f"input {name!r} is {arr.nbytes} bytes; the limit is {max_tensor_bytes}")
@@ -70,4 +57,4 @@ def decode_inputs(
             raise InvalidInput(
                 f"input {name!r} contains NaN or Inf (refused: INFERQ_NONFINITE=reject)")
         arrays[str(name)] = arr
-    return arrays, contract.check_inputs(specs, arrays)
+    return arrays, wire.check_inputs(specs, arrays)

@@ -9,23 +9,17 @@ from __future__ import annotations
 
 import base64
 import json
-import time
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import redis
 
-from producer import contract
-from workers.batching import Arrays
+from producer import wire
+from producer.wire import DLQ_KEY, UNACKED, UNACKED_INDEX, attempts_key, now
 
-DLQ_KEY = "inferq:dlq"
-ATTEMPTS_PREFIX = "inferq:attempts:"
 #: Entries kept; the oldest fall off beyond this.
 MAX_ENTRIES = 100_000
-
-
-def attempts_key(job_id: str) -> str:
-    """Redis counter of how often a redelivered job was started."""
-    return ATTEMPTS_PREFIX + job_id
 
 
 def _push(pipe: Any, entry: dict[str, Any]) -> None:
@@ -36,22 +30,29 @@ def _push(pipe: Any, entry: dict[str, Any]) -> None:
 def message_entry(tag: str, queue: str, raw: bytes, reason: str) -> dict[str, Any]:
     """A record for a message no job ID could be read from."""
     return {"kind": "message", "id": tag, "queue": queue, "code": "INVALID_ARGUMENT",
-            "reason": reason, "at": time.time(),
+            "reason": reason, "at": now(),
             "message_b64": base64.b64encode(raw).decode("ascii")}
 
 
-def job_entry(job_id: str, model: str, version: int | None, inputs: Arrays, code: str,
-              reason: str) -> dict[str, Any]:
+def job_entry(job_id: str, model: str, version: int | None,
+              inputs: Mapping[str, np.ndarray[Any, Any]], code: str, reason: str) -> dict[str, Any]:
     """A record for one job, with a single-job message that re-enqueues it unchanged."""
-    queue = contract.queue_name(model)
-    message = contract.build_message(
-        task=contract.TASK_NAME, task_id=job_id,
-        args=[model, {k: contract.encode_tensor(v) for k, v in inputs.items()}],
+    queue = wire.queue_name(model)
+    message = wire.build_message(
+        task=wire.TASK_NAME, task_id=job_id,
+        args=[model, {k: wire.encode_tensor(v) for k, v in inputs.items()}],
         kwargs={"version": version}, queue=queue, argsrepr=f"({model!r}, <requeued>)",
     )
     return {"kind": "job", "id": job_id, "queue": queue, "model": model, "version": version,
-            "code": code, "reason": reason, "at": time.time(),
+            "code": code, "reason": reason, "at": now(),
             "message_b64": base64.b64encode(message).decode("ascii")}
+
+
+def dead_letter_message(client: redis.Redis, tag: str, queue: str, raw: bytes,
+                        reason: str) -> None:
+    """Move an unreadable message from in flight (kombu's unacked records) to the list."""
+    add(client, message_entry(tag, queue, raw, reason),
+        ("zrem", UNACKED_INDEX, tag), ("hdel", UNACKED, tag))
 
 
 def add(client: redis.Redis, entry: dict[str, Any], *also: Any) -> None:
@@ -104,7 +105,7 @@ def requeue(client: redis.Redis, entry_id: str) -> bool:
     pipe.lrem(DLQ_KEY, 1, raw)  # type: ignore[arg-type]  # bytes work; the stub says str
     if doc.get("kind") == "job":
         # The POISONED result would otherwise win over the new one (first result wins).
-        pipe.delete(contract.result_key(doc["id"]), attempts_key(doc["id"]))
+        pipe.delete(wire.result_key(doc["id"]), attempts_key(doc["id"]))
     pipe.lpush(doc["queue"], base64.b64decode(doc["message_b64"]))
     pipe.execute()
     return True

@@ -1,0 +1,99 @@
+"""Every name that crosses the wire or is shared by producers and workers: task names,
+queues, Redis keys, headers, error codes, defaults, and the one clock.
+
+Another language's client needs only this module and :mod:`producer.wire.tensors` to talk
+to inferq.
+"""
+
+from __future__ import annotations
+
+import time
+
+#: Celery task name of a job: ``args=[model, inputs]``, ``kwargs={"version": int | None}``.
+TASK_NAME = "inferq.infer"
+#: Celery task name of a bulk message: ``args=[model, [job, ...]]``; each job keeps its own ID.
+BULK_TASK_NAME = "inferq.infer_many"
+
+#: Prefix of a model's queue (a Redis list, as kombu's Redis transport stores it).
+QUEUE_PREFIX = "inferq."
+#: Queue the Celery consumer itself listens on; inferq jobs never go there.
+CONTROL_QUEUE = "inferq.control"
+#: kombu's Redis priority sub-queues: ``<queue>\x06\x16<step>``; priority 0 is the plain list.
+PRIORITY_SEP = "\x06\x16"
+PRIORITY_STEPS = (3, 6, 9)
+#: kombu's in-flight records: tag -> message, and tag -> delivery time.
+UNACKED = "unacked"
+UNACKED_INDEX = "unacked_index"
+
+#: Celery's Redis result backend key of a job's result document.
+RESULT_KEY_PREFIX = "celery-task-meta-"
+#: Hash of model name -> JSON signature, written by workers once a model is loaded and warm.
+MODELS_KEY = "inferq:models"
+#: Per-worker liveness key prefix (``inferq:worker:<hostname>``), refreshed while consuming.
+WORKER_KEY_PREFIX = "inferq:worker:"
+#: List a worker pushes finished job IDs to, so an inferq producer waits without polling.
+NOTIFY_KEY_PREFIX = "inferq:notify:"
+#: Prefix of the Redis keys holding data sent by reference (``{"ref": key}``).
+BLOB_KEY_PREFIX = "inferq:blob:"
+#: The dead-letter list: poisoned jobs and unreadable messages (``inferq dlq``).
+DLQ_KEY = "inferq:dlq"
+#: Counter of how often a redelivered job was started (``inferq:attempts:<job id>``).
+ATTEMPTS_PREFIX = "inferq:attempts:"
+
+#: Header stamps set by inferq producers (optional for other clients).
+HEADER_ENQUEUED_AT = "inferq_enqueued_at"
+HEADER_NOTIFY = "inferq_notify"
+HEADER_JOB_IDS = "inferq_job_ids"
+
+#: Message serializers a worker accepts, by name; anything else fails the job.
+CONTENT_TYPES = {"msgpack": "application/x-msgpack", "json": "application/json"}
+
+#: Redis of producers and workers when ``INFERQ_BROKER_URL`` is not set.
+DEFAULT_URL = "redis://localhost:6379/0"
+#: Seconds before an unacknowledged message is delivered again (``INFERQ_VISIBILITY_TIMEOUT``).
+DEFAULT_VISIBILITY_TIMEOUT_S = 300
+
+
+def now() -> float:
+    """Wall-clock seconds since the epoch: the clock of every timing stamp on both sides."""
+    return time.time()
+
+
+def queue_name(model: str) -> str:
+    """Redis list (Celery queue) that carries the jobs of ``model``."""
+    return QUEUE_PREFIX + model
+
+
+def priority_queues(queue: str) -> list[str]:
+    """The Redis lists of ``queue``, highest priority first, as kombu's transport keeps them."""
+    return [queue, *(f"{queue}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS)]
+
+
+def result_key(job_id: str) -> str:
+    """Redis key of a job's result document."""
+    return RESULT_KEY_PREFIX + job_id
+
+
+def blob_key(owner_id: str, part: str) -> str:
+    """Redis key of data sent by reference, owned by the job (or bulk message) ``owner_id``."""
+    return f"{BLOB_KEY_PREFIX}{owner_id}:{part}"
+
+
+def owns_blob(owner_id: str, key: str) -> bool:
+    """Whether ``key`` is a blob of ``owner_id`` (which may then delete it once done)."""
+    return key.startswith(f"{BLOB_KEY_PREFIX}{owner_id}:")
+
+
+def notify_key(client_id: str) -> str:
+    """List a worker pushes a client's finished job IDs to."""
+    return NOTIFY_KEY_PREFIX + client_id
+
+
+def attempts_key(job_id: str) -> str:
+    """Redis counter of how often a redelivered job was started."""
+    return ATTEMPTS_PREFIX + job_id
+
+
+def worker_key(hostname: str) -> str:
+    """A worker's liveness record, expiring unless refreshed."""
+    return WORKER_KEY_PREFIX + hostname

@@ -1,0 +1,163 @@
+"""From drained messages to jobs ready to batch: parse, fetch what travelled by reference,
+skip jobs already done before a redelivery, check each job on its own.
+
+Every job of a readable message gets an outcome: it waits for a batch, or fails here with
+a typed error for that job only. A message without even a job ID is dead-lettered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import structlog
+
+from producer import wire
+from producer.errors import InvalidInput, JobFailed
+from producer.wire import Delivery, JobRequest, TensorSpec
+from workers.ops import deadletter
+from workers.serving import validation
+from workers.serving.batching import Arrays, rows_per_message
+from workers.serving.inflight import InFlight, Message
+from workers.serving.observers import Observer
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Pending:
+    """A decoded, checked job waiting for its batch."""
+
+    job: JobRequest
+    version: int
+    inputs: Arrays
+    rows: int
+    message: Message
+    picked_at: float
+    #: Redelivered after a crash: run alone, and counted, so a poison job is isolated.
+    suspect: bool = False
+
+
+#: A job that failed before reaching a batch, and the message that carried it.
+Failure = tuple[str, JobFailed, Message]
+
+
+@dataclass(frozen=True)
+class Checks:
+    """What a job is checked against: the model's queue, versions and signature."""
+
+    model: str
+    versions: frozenset[int]
+    inputs: Sequence[TensorSpec]
+    max_tensor_bytes: int
+    reject_nonfinite: bool
+
+
+class Intake:
+    """Turns drained messages into pending jobs and early failures for one model server."""
+
+    def __init__(self, checks: Checks, broker: redis.Redis, results: redis.Redis,
+                 inflight: InFlight, observer: Observer) -> None:
+        self.checks = checks
+        self.broker, self.results = broker, results
+        self.inflight = inflight
+        self.observer = observer
+        #: Running average, for sizing the next drain to the room left in a batch.
+        self.rows_per_message = 8.0
+
+    def take(self, drained: Sequence[tuple[str, bytes]], picked_at: float
+             ) -> tuple[list[Pending], list[Failure]]:
+        """Parse and check ``drained`` messages picked up at ``picked_at``."""
+        parsed = []
+        for tag, raw in drained:
+            try:
+                parsed.append((tag, wire.parse_message(raw, self.broker_queue)))
+            except Exception as exc:
+                # Without a job ID there is nobody to report to: keep it for people to read.
+                log.error("message_dead_lettered", model=self.checks.model, reason=str(exc),
+                          head=raw[:200].decode("latin-1"))
+                deadletter.dead_letter_message(self.broker, tag, self.broker_queue, raw,
+                                               str(exc))
+        deliveries = [d for _, d in parsed]
+        self._attach_entries(deliveries)
+        blobs = self._fetch_blobs(deliveries)
+        pending: list[Pending] = []
+        failures: list[Failure] = []
+        for tag, delivery in parsed:
+            self._accept(tag, delivery, picked_at, blobs, pending, failures)
+        return pending, failures
+
+    @property
+    def broker_queue(self) -> str:
+        return wire.queue_name(self.checks.model)
+
+    def _attach_entries(self, deliveries: list[Delivery]) -> None:
+        """Read the entries of bulk messages that carry them by reference, in one round trip."""
+        by_ref = [d for d in deliveries if d.entries_ref is not None]
+        if by_ref:
+            values: list[Any] = self.broker.mget([str(d.entries_ref) for d in by_ref])
+            for delivery, blob in zip(by_ref, values, strict=True):
+                wire.attach_entries(delivery, blob)
+
+    def _fetch_blobs(self, deliveries: list[Delivery]) -> dict[str, bytes | None]:
+        """Every by-reference tensor of these messages, in one round trip."""
+        keys = [key for d in deliveries for job in d.jobs for key in job.refs]
+        if not keys:
+            return {}
+        values: list[Any] = self.broker.mget(keys)
+        return dict(zip(keys, values, strict=True))
+
+    def _accept(self, tag: str, delivery: Delivery, picked_at: float,
+                blobs: Mapping[str, bytes | None], pending: list[Pending],
+                failures: list[Failure]) -> None:
+        message = self.inflight.add(tag, delivery.notify,
+                                    len(delivery.jobs) + len(delivery.failed),
+                                    delivery.owned_blobs())
+        for job_id, error in delivery.failed:
+            failures.append((job_id, _job_failed(error), message))
+        jobs = delivery.jobs
+        if delivery.redelivered:
+            done = self._already_done(jobs)
+            for _ in done:  # finished before the crash that redelivered its message
+                self.inflight.close(message)
+            jobs = [j for j in jobs if j.id not in done]
+        if jobs:
+            self.observer.received([j.id for j in jobs], delivery.redelivered)
+        rows = 0
+        for job in jobs:
+            try:
+                checked = self._check(job, message, picked_at, blobs)
+            except JobFailed as exc:
+                failures.append((job.id, exc, message))
+                continue
+            except Exception as exc:
+                # Whatever a hostile payload triggers fails that job, never the worker.
+                failures.append((job.id, InvalidInput(f"malformed job: {exc!r}"), message))
+                continue
+            checked.suspect = delivery.redelivered
+            pending.append(checked)
+            rows += checked.rows
+        if delivery.jobs:
+            self.rows_per_message = rows_per_message(self.rows_per_message, rows)
+
+    def _already_done(self, jobs: list[JobRequest]) -> set[str]:
+        pipe = self.results.pipeline(transaction=False)
+        for job in jobs:
+            pipe.exists(wire.result_key(job.id))
+        return {j.id for j, found in zip(jobs, pipe.execute(), strict=True) if found}
+
+    def _check(self, job: JobRequest, message: Message, picked_at: float,
+               blobs: Mapping[str, bytes | None]) -> Pending:
+        checks = self.checks
+        version = validation.resolve_version(job, checks.model, checks.versions)
+        validation.check_deadline(job, picked_at)
+        arrays, rows = validation.decode_inputs(
+            job.inputs, checks.inputs, blobs, max_tensor_bytes=checks.max_tensor_bytes,
+            reject_nonfinite=checks.reject_nonfinite)
+        return Pending(job, version, arrays, rows, message, picked_at)
+
+
+def _job_failed(error: Exception) -> JobFailed:
+    return error if isinstance(error, JobFailed) else InvalidInput(str(error))

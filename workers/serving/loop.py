@@ -1,0 +1,167 @@
+"""The serving loop: wait -> drain -> batch -> run -> results -> hand off to the writer.
+
+One :class:`ModelServer` per model instance runs in its own thread of the worker process.
+It reads its model's queue in bulk (:mod:`~workers.serving.reader`), turns messages into
+checked jobs (:mod:`~workers.serving.intake`), forms batches across jobs
+(:mod:`~workers.serving.batching`), runs them, and hands every job's result document and
+the acks of finished messages to the writer (:mod:`~workers.serving.writer`). Whatever
+watches it (metrics, Flower events, logs) is an :class:`~workers.serving.observers.Observer`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+
+import redis
+import structlog
+
+from producer import wire
+from producer.errors import InternalError, JobFailed
+from workers.serving.batching import Arrays, BatchPolicy, collate, drain_size, pick, split
+from workers.serving.inflight import InFlight, Message
+from workers.serving.intake import Intake, Pending
+from workers.serving.observers import Batch, Observer, Outcome
+from workers.serving.poison import PoisonGuard
+from workers.serving.reader import QueueReader
+from workers.serving.runtime import LoadedModel
+from workers.serving.writer import Completed, ResultWriter
+
+log = structlog.get_logger(__name__)
+
+
+class ModelServer:
+    """Serves every loaded version of one model from its queue."""
+
+    def __init__(self, name: str, versions: Mapping[int, LoadedModel], *, reader: QueueReader,
+                 intake: Intake, writer: ResultWriter, poison: PoisonGuard,
+                 observer: Observer, policy: BatchPolicy, worker: str, instance: int = 0
+                 ) -> None:
+        self.name = name
+        self.versions = dict(versions)
+        self.reader, self.intake, self.writer = reader, intake, writer
+        self.inflight: InFlight = intake.inflight
+        self.poison = poison
+        self.observer = observer
+        self.policy = policy
+        self.worker = worker
+        self.input_names = [s.name for s in intake.checks.inputs]
+        #: Set while a batch runs (time.monotonic()), for the time-limit watchdog.
+        self.batch_started: float | None = None
+        self.jobs_done = 0
+        self._waiting: list[Pending] = []
+        self._docs: list[tuple[str, bytes, str | None]] = []
+        self.log = log.bind(model=name, worker=worker, instance=instance)
+
+    def serve(self, stop: threading.Event, block_s: float = 1.0) -> None:
+        """Run batches until ``stop`` is set, then finish the jobs already taken."""
+        while not stop.is_set():
+            try:
+                self.cycle(block_s)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                # Taken jobs stay in memory and in kombu's unacked set; retry until Redis is back.
+                self.log.warning("redis_unavailable", error=str(exc))
+                stop.wait(0.5)
+        while self._waiting:
+            self._run_batch()
+        self._hand_off()
+        self.writer.close()
+
+    def cycle(self, block_s: float) -> int:
+        """Wait for work (up to ``block_s``), form one batch and run it; return its jobs."""
+        if not self._waiting and not self.reader.wait(block_s):
+            return 0
+        empty = self._fill()
+        while self._waiting and not self.policy.should_flush(
+            sum(p.rows for p in self._waiting), wire.now() - self._waiting[0].picked_at, empty
+        ):
+            empty = self._fill()
+        done = self._run_batch() if self._waiting else 0
+        # Nothing else waiting: write on this thread and save the hand-off to the writer.
+        self._hand_off(inline=empty and not self._waiting)
+        return done
+
+    def _fill(self) -> bool:
+        """Drain messages into the waiting jobs; True when the queue had nothing more."""
+        want = drain_size(self.policy.max_rows - sum(p.rows for p in self._waiting),
+                          self.intake.rows_per_message)
+        if not want:
+            return False
+        drained, left = self.reader.drain(want)
+        pending, failures = self.intake.take(drained, wire.now())
+        self._waiting += pending
+        for job_id, error, message in failures:
+            self._fail(job_id, error, message, None)
+        return left == 0
+
+    def _run_batch(self) -> int:
+        jobs, self._waiting = pick(self._waiting, self.policy.max_rows)
+        head = jobs[0]
+        if head.suspect and (error := self.poison.check(
+                head.job.id, self.name, head.version, head.inputs)) is not None:
+            self.log.error("job_poisoned", job_id=head.job.id, message=error.message)
+            self._fail(head.job.id, error, head.message, head.version)
+            return 1
+        model = self.versions[head.version]
+        batch = Batch(self.name, head.version, model.provider, jobs,
+                      sum(p.rows for p in jobs), started=wire.now())
+        self.observer.batch_started(batch)
+        self.batch_started = time.monotonic()
+        try:
+            outcomes = self._infer(model, jobs)
+        finally:
+            self.batch_started = None
+        batch.finished = wire.now()
+        self.jobs_done += len(jobs)
+        batch.stored = wire.now()
+        done = wire.date_done()
+        for pending, outcome in zip(jobs, outcomes, strict=True):
+            if isinstance(outcome, JobFailed):
+                self._fail(pending.job.id, outcome, pending.message, batch.version)
+            else:
+                self._succeed(pending, outcome, batch, done)
+        self.observer.batch_done(batch, outcomes)
+        return len(jobs)
+
+    def _infer(self, model: LoadedModel, jobs: list[Pending]) -> list[Outcome]:
+        try:
+            outputs = model.run(collate([p.inputs for p in jobs], self.input_names))
+            return list(split(outputs, [p.rows for p in jobs]))
+        except Exception as exc:
+            if len(jobs) > 1:
+                # Run each job alone so one job the model rejects fails by itself.
+                return [r for p in jobs for r in self._infer(model, [p])]
+            self.log.warning("job_run_failed", job_id=jobs[0].job.id, error=str(exc))
+            return [InternalError(f"the model failed on this job: {exc}",
+                                  job_id=jobs[0].job.id, model=self.name)]
+
+    def _succeed(self, pending: Pending, outputs: Arrays, batch: Batch, date_done: str) -> None:
+        job = pending.job
+        timings = wire.timings_ms(enqueued_at=job.enqueued_at, picked_at=pending.picked_at,
+                                  started=batch.started, finished=batch.finished,
+                                  stored=batch.stored)
+        result = wire.success_result(outputs, model=self.name, version=batch.version,
+                                     worker=self.worker, batch_size=batch.rows, timings=timings)
+        self._docs.append((job.id, wire.success_document(job.id, result, date_done),
+                           pending.message.notify))
+        self.inflight.close(pending.message)
+
+    def _fail(self, job_id: str, error: JobFailed, message: Message, version: int | None
+              ) -> None:
+        self.observer.job_failed(job_id, error, version)
+        # The model named is this server's, never the client's: no unbounded labels or text.
+        self._docs.append((job_id, wire.failure_document(job_id, error, self.name),
+                           message.notify))
+        self.inflight.close(message)
+
+    def _hand_off(self, inline: bool = False) -> None:
+        """Hand finished documents, then the acks of messages with nothing left open, to the
+        writer (or write them here when ``inline`` and the writer has nothing pending)."""
+        acks, blobs = self.inflight.take_done()
+        after = self.observer.handoff()
+        if self._docs or acks or after is not None:
+            item = Completed(self._docs, acks, blobs, [] if after is None else [after])
+            if not (inline and self.writer.write_if_idle(item)):
+                self.writer.submit(item)
+            self._docs = []

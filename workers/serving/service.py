@@ -1,0 +1,177 @@
+"""The bootstep that serves models inside a Celery worker process.
+
+It loads, verifies and warms every model version, builds one :class:`ModelServer` per model
+instance with its reader, intake, writer and observers, advertises the models, and runs
+each server in a thread of its own beside Celery's consumer (which keeps remote control,
+heartbeats, Flower events and the visibility sweep).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, ClassVar
+
+import structlog
+from celery import bootsteps
+
+from producer import wire
+from producer.wire.connect import connect
+from workers.errors import RedisRefused
+from workers.ops import metrics as metrics_module
+from workers.ops.health import Monitor
+from workers.ops.metrics import MetricsObserver, WorkerMetrics
+from workers.repository import Manifest, scan
+from workers.serving import runtime
+from workers.serving.batching import BatchPolicy
+from workers.serving.events import Dispatcher, TaskEvents
+from workers.serving.inflight import InFlight
+from workers.serving.intake import Checks, Intake
+from workers.serving.loop import ModelServer
+from workers.serving.observers import BatchLog, Observer, Observers
+from workers.serving.poison import PoisonGuard
+from workers.serving.reader import QueueReader
+from workers.serving.writer import ResultStore, ResultWriter
+from workers.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+def _redis(url: str) -> Any:
+    # Longer than the 1 s blocking wait, short enough to notice a dead server.
+    return connect(url, timeout=10, connect_timeout=5, health_check_s=25)
+
+
+def check_redis_durability(client: Any) -> None:
+    """Refuse (production profile) a Redis that can lose or evict queued jobs."""
+    persistence, memory = client.info("persistence"), client.info("memory")
+    problems = []
+    if not int(persistence.get("aof_enabled", 0)):
+        problems.append("appendonly is off (a restart loses queued jobs)")
+    if memory.get("maxmemory_policy") != "noeviction":
+        problems.append(f"maxmemory-policy is {memory.get('maxmemory_policy')} "
+                        "(eviction silently drops queues); set noeviction")
+    if problems:
+        raise RedisRefused("INFERQ_PROFILE=production refuses this Redis: "
+                           + "; ".join(problems))
+
+
+class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Load every model, advertise it, and run one ModelServer thread per model instance.
+
+    ``settings`` and ``metrics`` are bound by :func:`workers.app.make_app`.
+    """
+
+    requires: ClassVar[set[str]] = {"celery.worker.components:Pool"}
+    settings: ClassVar[Settings]
+    metrics: ClassVar[WorkerMetrics]
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.stop_event = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.dispatchers: list[Dispatcher] = []
+
+    def start(self, worker: Any) -> None:
+        settings, metrics = self.settings, self.metrics
+        hostname = worker.hostname or settings.hostname
+        port = metrics_module.port_from_env(os.environ)
+        if port is not None:
+            # Up before the models load, so a long load reads as "not ready", not "down".
+            try:
+                log.info("metrics_listening", port=metrics.start_http(port))
+            except OSError as exc:
+                log.warning("metrics_port_unavailable", port=port, error=str(exc))
+        manifests = scan(settings.model_dir, settings.models)
+        control = _redis(settings.broker_url)
+        if settings.profile == "production":
+            check_redis_durability(control)
+        servers: list[ModelServer] = []
+        for name, manifest in manifests.items():
+            instances = manifest.instances or settings.instances
+            versions = self._load(manifest, settings.session_threads(instances), instances)
+            for instance in range(instances):
+                server = self._server(worker, hostname, manifest, versions, instance, instances)
+                servers.append(server)
+                self.threads.append(threading.Thread(
+                    target=self._run, args=(server,), name=f"inferq-{name}-{instance}",
+                    daemon=True))
+        # Producers keep by-reference data alive across a redelivery: they need to know how
+        # long one can take.
+        signatures = {name: json.dumps(m.signature()
+                                       | {"visibility_timeout": settings.visibility_timeout_s})
+                      for name, m in manifests.items()}
+        monitor = Monitor(settings, hostname, servers, control, self.stop_event, signatures)
+        self.threads.append(threading.Thread(target=monitor.run, name="inferq-monitor",
+                                             daemon=True))
+        for thread in self.threads:
+            thread.start()
+        metrics.set_ready(True)
+        metrics.start_sampler(_redis(settings.broker_url), sorted(manifests),
+                              stop=self.stop_event)
+        log.info("worker_ready", worker=hostname, models=sorted(manifests),
+                 device=settings.device)
+
+    def _load(self, manifest: Manifest, threads: int, instances: int
+              ) -> dict[int, runtime.LoadedModel]:
+        loaded = {}
+        for v in sorted(manifest.versions):
+            started = time.perf_counter()
+            model = runtime.load(manifest, v, self.settings.device, threads)
+            seconds = time.perf_counter() - started
+            self.metrics.model_loaded(manifest.name, v, model.provider, seconds)
+            log.info("model_loaded", model=manifest.name, version=v, provider=model.provider,
+                     load_ms=round(seconds * 1000, 1), instances=instances,
+                     intra_op_threads=threads)
+            loaded[v] = model
+        return loaded
+
+    def _server(self, worker: Any, hostname: str, manifest: Manifest,
+                versions: dict[int, runtime.LoadedModel], instance: int, instances: int
+                ) -> ModelServer:
+        settings = self.settings
+        broker, results = _redis(settings.broker_url), _redis(settings.result_url)
+        same_server = settings.result_url == settings.broker_url
+        observers: list[Observer] = [
+            MetricsObserver(self.metrics, manifest.name),
+            BatchLog(log.bind(model=manifest.name, worker=hostname, instance=instance)),
+        ]
+        if settings.task_events:
+            dispatcher = Dispatcher(worker.app, hostname)
+            self.dispatchers.append(dispatcher)
+            observers.append(TaskEvents(manifest.name, dispatcher.send,
+                                        settings.events_max_rate / instances))
+        observer = Observers(observers)
+        checks = Checks(manifest.name, frozenset(versions), manifest.inputs,
+                        settings.max_tensor_bytes, settings.reject_nonfinite)
+        return ModelServer(
+            manifest.name, versions,
+            reader=QueueReader(broker, wire.queue_name(manifest.name)),
+            intake=Intake(checks, broker, results, InFlight(), observer),
+            writer=ResultWriter(ResultStore(results, settings.result_ttl_s,
+                                            None if same_server else broker)),
+            poison=PoisonGuard(results, settings.max_executions, settings.result_ttl_s),
+            observer=observer,
+            policy=BatchPolicy(manifest.max_batch_rows, manifest.max_wait_ms / 1000.0),
+            worker=hostname, instance=instance)
+
+    def _run(self, server: ModelServer) -> None:
+        try:
+            server.serve(self.stop_event)
+        except Exception:
+            server.log.exception("model_server_crashed")
+            self.metrics.set_ready(False)
+            # A worker that stopped serving must not look healthy: stop the whole process.
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def stop(self, worker: Any) -> None:
+        self.metrics.set_ready(False)
+        self.stop_event.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
+        for dispatcher in self.dispatchers:
+            dispatcher.close()
+        self.metrics.close()
