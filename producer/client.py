@@ -9,78 +9,34 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
-import numpy as np
 import redis
 
-from producer import wire
+from producer import submission, wire
 from producer.errors import (
     InferqError,
-    InvalidInput,
     JobFailed,
     JobTimeout,
-    ModelNotFound,
     ResourceExhausted,
     Unavailable,
 )
 from producer.jobs import JobHandle, JobResult, JobStatus
-from producer.wire import TensorSpec
+from producer.submission import ModelInfo
 from producer.wire.connect import broker_url as env_broker_url
 from producer.wire.connect import connect
 
 __all__ = ["InferenceClient", "ModelInfo"]
-#: Jobs per bulk message in submit_many: enough to amortise a message, small enough to batch.
-DEFAULT_JOBS_PER_MESSAGE = 32
-#: Tensors at least this large travel by reference: raw bytes in their own key, not
-#: base64 inside the message (which kombu's transport would then copy into ``unacked``).
-DEFAULT_BLOB_THRESHOLD = 16 * 1024
 #: How often a waiting caller re-reads every pending key, in case a notification was missed.
 _FULL_RECHECK_S = 0.1
 _MGET_CHUNK = 1000
 _SIGNATURE_REFRESH_S = 1.0
 
 
-class ModelInfo:
-    """A served model's signature as its workers advertise it in Redis."""
-
-    def __init__(self, name: str, doc: Mapping[str, Any]) -> None:
-        self.name = name
-        self.versions: list[int] = sorted(int(v) for v in doc.get("versions", []))
-        self.inputs = [TensorSpec.from_json(s) for s in doc.get("inputs", [])]
-        self.outputs = [TensorSpec.from_json(s) for s in doc.get("outputs", [])]
-        self.max_batch_rows = int(doc.get("max_batch_rows", 0))
-        self.max_queue = int(doc.get("max_queue", 0))
-        self.description = str(doc.get("description", ""))
-        #: The serving workers' visibility timeout: how long a redelivery can take.
-        self.visibility_timeout = int(doc.get("visibility_timeout")
-                                      or wire.DEFAULT_VISIBILITY_TIMEOUT_S)
-
-
 def _redis(url: str, timeout: float) -> redis.Redis:
     # One quick retry for a dropped connection; never more, so a call is bounded by about
     # twice the socket timeout instead of redis-py's default backoff series.
     return connect(url, timeout=timeout, retries=1)
-
-
-# KEYS[1]: queue. ARGV[1]: most messages allowed to wait (0: no bound), ARGV[2..]: messages.
-_PUSH = """
-local bound = tonumber(ARGV[1])
-if bound > 0 and redis.call('LLEN', KEYS[1]) + #ARGV - 1 > bound then
-  return -1
-end
-return redis.call('LPUSH', KEYS[1], unpack(ARGV, 2))
-"""
-#: Messages per push script call (Lua's unpack has a stack limit).
-_PUSH_CHUNK = 2000
-
-
-def _as_array(value: Any) -> np.ndarray[Any, Any]:
-    arr = value if isinstance(value, np.ndarray) else np.asarray(value)
-    if wire.dtype_name(arr.dtype) is None:
-        raise InvalidInput(f"dtype {arr.dtype} is not supported")
-    return arr
 
 
 class InferenceClient:
@@ -99,7 +55,7 @@ class InferenceClient:
         serializer: str = "msgpack",
         socket_timeout: float = 2.0,
         validate: bool = True,
-        blob_threshold: int = DEFAULT_BLOB_THRESHOLD,
+        blob_threshold: int = submission.DEFAULT_BLOB_THRESHOLD,
         blob_ttl: int = 86_400,
     ) -> None:
         if serializer not in wire.CONTENT_TYPES:
@@ -120,7 +76,7 @@ class InferenceClient:
             if self.result_url == self.broker_url
             else _redis(self.result_url, socket_timeout)
         )
-        self._push_script = self._broker.register_script(_PUSH)
+        self._push_script = self._broker.register_script(submission.PUSH_SCRIPT)
         self._server_run_id: str | None = None
         self._models: dict[str, ModelInfo] = {}
         self._models_read_at = -1e9
@@ -154,52 +110,21 @@ class InferenceClient:
     def _model_info(self, model: str, version: int | None) -> ModelInfo | None:
         info = self._models.get(model)
         if info is None or (version is not None and version not in info.versions):
-            known = self.models(refresh=False)
-            info = known.get(model)
-            if not known:
-                return None  # no worker has advertised anything yet: nothing to check against
-            if info is None:
-                raise ModelNotFound(f"model {model!r} is not served; served: {sorted(known)}")
-        if version is not None and version not in info.versions:
-            raise ModelNotFound(
-                f"model {model!r} has no version {version}; versions: {info.versions}"
-            )
+            return submission.lookup(self.models(refresh=False), model, version)
         return info
 
     # --- submitting ------------------------------------------------------------------
 
     def _prepare(
         self, model: str, inputs: Mapping[str, Any], version: int | None, job_id: str,
-        blobs: dict[str, bytes | memoryview], text: bool,
+        blobs: submission.Blobs, text: bool,
     ) -> dict[str, wire.Tensor]:
-        if not isinstance(inputs, Mapping) or not inputs:
-            raise InvalidInput("inputs must be a non-empty mapping of input name to array")
         info = self._model_info(model, version) if self.validate else None
-        dtypes = {s.name: s.dtype for s in info.inputs} if info is not None else {}
-        # Plain lists carry no dtype: take the model's rather than numpy's float64 default.
-        arrays = {
-            name: _as_array(v if isinstance(v, np.ndarray) else np.asarray(v, dtypes.get(name)))
-            for name, v in inputs.items()
-        }
-        if info is not None:
-            for spec in info.inputs:
-                arr = arrays.get(spec.name)
-                # A single example without the batch axis gets one.
-                if arr is not None and spec.shape[:1] == (-1,) and arr.ndim == len(spec.shape) - 1:
-                    arrays[spec.name] = arr[np.newaxis]
-            wire.check_inputs(info.inputs, arrays)
-        tensors = {}
-        for name, arr in arrays.items():
-            if arr.nbytes >= self.blob_threshold:
-                key = wire.blob_key(job_id, name)
-                blobs[key] = wire.tensor_buffer(arr)
-                tensors[name] = wire.tensor_ref(arr, key)
-            else:
-                tensors[name] = wire.encode_tensor(arr, text=text)
-        return tensors
+        return submission.prepare(info, inputs, job_id, blobs, text=text,
+                                  blob_threshold=self.blob_threshold)
 
     def _push(
-        self, model: str, messages: list[bytes], blobs: dict[str, bytes | memoryview]
+        self, model: str, messages: list[bytes], blobs: submission.Blobs
     ) -> None:
         """Blobs first, then the messages that name them, in one round trip; refuse with
         RESOURCE_EXHAUSTED (and take the blobs back) when the model's queue is full."""
@@ -219,27 +144,27 @@ class InferenceClient:
                                     "retry later or add workers")
 
     def _transact(self, queue: str, bound: int, ttl: int, messages: list[bytes],
-                  blobs: dict[str, bytes | memoryview]) -> list[Any]:
+                  blobs: submission.Blobs) -> list[Any]:
         try:
             return self._transaction(queue, bound, ttl, messages, blobs)
         except redis.exceptions.NoScriptError:
             # Redis lost its script cache (restart, SCRIPT FLUSH): nothing was pushed and the
             # blob writes repeat harmlessly, so load the script and run it all again.
-            self._call(self._broker.script_load, _PUSH)
+            self._call(self._broker.script_load, submission.PUSH_SCRIPT)
             return self._transaction(queue, bound, ttl, messages, blobs)
 
     def _transaction(self, queue: str, bound: int, ttl: int, messages: list[bytes],
-                     blobs: dict[str, bytes | memoryview]) -> list[Any]:
+                     blobs: submission.Blobs) -> list[Any]:
         # MULTI/EXEC: a refused write (noeviction) aborts the whole call, so a caller told
         # "refused" never has half its jobs enqueued.
         pipe = self._broker.pipeline(transaction=True)
         for key, data in blobs.items():
             pipe.set(key, data, ex=ttl)
-        for start in range(0, len(messages), _PUSH_CHUNK):
+        for start in range(0, len(messages), submission.PUSH_CHUNK):
             # EVALSHA itself: a script object in a pipeline asks SCRIPT EXISTS first, one
             # more round trip on every submit.
             pipe.evalsha(self._push_script.sha, 1, queue, bound,
-                         *messages[start:start + _PUSH_CHUNK])
+                         *messages[start:start + submission.PUSH_CHUNK])
         return list(self._call(pipe.execute))
 
     def _run_id(self) -> str:
@@ -248,8 +173,9 @@ class InferenceClient:
         except redis.exceptions.ResponseError:
             return ""  # INFO not allowed (ACL) or not served: restarts go undetected
 
-    def _headers(self) -> dict[str, Any]:
-        return {wire.HEADER_ENQUEUED_AT: wire.now(), wire.HEADER_NOTIFY: self.client_id}
+    def _envelope(self, model: str, version: int | None, deadline: float | None
+                  ) -> submission.Envelope:
+        return submission.Envelope(model, self.client_id, self.serializer, version, deadline)
 
     def submit(
         self,
@@ -265,21 +191,11 @@ class InferenceClient:
         from now; a job still queued past it fails with DEADLINE_EXCEEDED.
         """
         job_id = wire.new_id()
-        blobs: dict[str, bytes | memoryview] = {}
+        blobs: submission.Blobs = {}
         tensors = self._prepare(model, inputs, version, job_id, blobs,
                                 text=self.serializer == "json")
-        message = wire.build_message(
-            task=wire.TASK_NAME,
-            task_id=job_id,
-            args=[model, tensors],
-            kwargs={"version": version},
-            queue=wire.queue_name(model),
-            serializer=self.serializer,
-            headers=self._headers(),
-            reply_to=self.client_id,
-            expires=self._expires(deadline),
-            argsrepr=f"({model!r}, <{len(tensors)} tensors>)",
-        )
+        message = submission.single_message(self._envelope(model, version, deadline), job_id,
+                                            tensors)
         self._push(model, [message], blobs)
         return JobHandle(self, job_id, model, fresh=True)
 
@@ -290,7 +206,7 @@ class InferenceClient:
         *,
         version: int | None = None,
         deadline: float | None = None,
-        jobs_per_message: int = DEFAULT_JOBS_PER_MESSAGE,
+        jobs_per_message: int = submission.DEFAULT_JOBS_PER_MESSAGE,
     ) -> list[JobHandle]:
         """Enqueue many jobs in one pipelined round trip; each job keeps its own ID.
 
@@ -300,48 +216,16 @@ class InferenceClient:
         """
         items = list(inputs)
         ids = [wire.new_id() for _ in items]
-        blobs: dict[str, bytes | memoryview] = {}
+        blobs: submission.Blobs = {}
         prepared = [
             self._prepare(model, item, version, job_id, blobs, text=False)
             for job_id, item in zip(ids, items, strict=True)
         ]
-        queue = wire.queue_name(model)
-        expires = self._expires(deadline)
-        messages = []
-        for start in range(0, len(prepared), jobs_per_message):
-            chunk_ids = ids[start : start + jobs_per_message]
-            entries = [
-                {"id": i, "inputs": t, "version": version}
-                for i, t in zip(chunk_ids, prepared[start : start + jobs_per_message], strict=True)
-            ]
-            headers = self._headers()
-            headers[wire.HEADER_JOB_IDS] = chunk_ids
-            message_id = wire.new_id()
-            entries_key = wire.blob_key(message_id, "entries")
-            blobs[entries_key] = wire.pack_body(entries, "msgpack")
-            messages.append(
-                wire.build_message(
-                    task=wire.BULK_TASK_NAME,
-                    task_id=message_id,
-                    args=[model, {"ref": entries_key}],
-                    kwargs={},
-                    queue=queue,
-                    serializer=self.serializer,
-                    headers=headers,
-                    reply_to=self.client_id,
-                    expires=expires,
-                    argsrepr=f"({model!r}, <{len(entries)} jobs>)",
-                )
-            )
+        messages = submission.bulk_messages(self._envelope(model, version, deadline), ids,
+                                            prepared, blobs, jobs_per_message)
         if messages:
             self._push(model, messages, blobs)
         return [JobHandle(self, i, model, fresh=True) for i in ids]
-
-    @staticmethod
-    def _expires(deadline: float | None) -> datetime | None:
-        if deadline is None:
-            return None
-        return datetime.now(timezone.utc) + timedelta(seconds=deadline)
 
     # --- reading ---------------------------------------------------------------------
 

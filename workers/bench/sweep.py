@@ -8,6 +8,7 @@ from typing import Any
 
 from producer import InferenceClient
 from workers.bench import measure
+from workers.bench.fleet import inferq_workers
 from workers.repository import load_manifest
 
 FRACTIONS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.25)
@@ -17,7 +18,6 @@ def sweep(url: str, model_dir: Path, model: str, workers: int, gpus: Sequence[in
           logs: Path, saturation: float | None, say: Callable[[str], None],
           seconds: float = 2.0) -> dict[str, Any]:
     """Offer a rising rate of jobs (fractions of the saturation throughput) to ``model``."""
-    from workers.bench.run import inferq_workers
 
     manifest = load_manifest(model_dir / model)
     inputs = measure.make_inputs(manifest, 256)

@@ -1,0 +1,176 @@
+"""Turning a caller's inputs into queue messages, without touching Redis.
+
+Checks inputs against the signature the workers advertise, decides which tensors travel by
+reference, and builds single-job and bulk messages with their blobs. Every client (the
+synchronous one, and any other front end of the same queue) submits through these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import numpy as np
+
+from producer import wire
+from producer.errors import InvalidInput, ModelNotFound
+from producer.wire import TensorSpec
+
+#: Jobs per bulk message in submit_many: enough to amortise a message, small enough to batch.
+DEFAULT_JOBS_PER_MESSAGE = 32
+#: Tensors at least this large travel by reference: raw bytes in their own key, not
+#: base64 inside the message (which kombu's transport would then copy into ``unacked``).
+DEFAULT_BLOB_THRESHOLD = 16 * 1024
+
+# KEYS[1]: queue. ARGV[1]: most messages allowed to wait (0: no bound), ARGV[2..]: messages.
+PUSH_SCRIPT = """
+local bound = tonumber(ARGV[1])
+if bound > 0 and redis.call('LLEN', KEYS[1]) + #ARGV - 1 > bound then
+  return -1
+end
+return redis.call('LPUSH', KEYS[1], unpack(ARGV, 2))
+"""
+#: Messages per push script call (Lua's unpack has a stack limit).
+PUSH_CHUNK = 2000
+
+Blobs = dict[str, bytes | memoryview]
+
+
+class ModelInfo:
+    """A served model's signature as its workers advertise it in Redis."""
+
+    def __init__(self, name: str, doc: Mapping[str, Any]) -> None:
+        self.name = name
+        self.versions: list[int] = sorted(int(v) for v in doc.get("versions", []))
+        self.inputs = [TensorSpec.from_json(s) for s in doc.get("inputs", [])]
+        self.outputs = [TensorSpec.from_json(s) for s in doc.get("outputs", [])]
+        self.max_batch_rows = int(doc.get("max_batch_rows", 0))
+        self.max_queue = int(doc.get("max_queue", 0))
+        self.description = str(doc.get("description", ""))
+        #: The serving workers' visibility timeout: how long a redelivery can take.
+        self.visibility_timeout = int(doc.get("visibility_timeout")
+                                      or wire.DEFAULT_VISIBILITY_TIMEOUT_S)
+
+
+def lookup(known: Mapping[str, ModelInfo], model: str, version: int | None
+           ) -> ModelInfo | None:
+    """The advertised signature for ``model`` (None when nothing is advertised at all, so
+    there is nothing to check against); NOT_FOUND for an unknown model or version."""
+    if not known:
+        return None
+    info = known.get(model)
+    if info is None:
+        raise ModelNotFound(f"model {model!r} is not served; served: {sorted(known)}")
+    if version is not None and version not in info.versions:
+        raise ModelNotFound(f"model {model!r} has no version {version}; versions: "
+                            f"{info.versions}")
+    return info
+
+
+def _as_array(value: Any, dtype: str | None) -> np.ndarray[Any, Any]:
+    # Plain lists carry no dtype: take the model's rather than numpy's float64 default.
+    arr = value if isinstance(value, np.ndarray) else np.asarray(value, dtype)
+    if wire.dtype_name(arr.dtype) is None:
+        raise InvalidInput(f"dtype {arr.dtype} is not supported")
+    return arr
+
+
+def prepare(info: ModelInfo | None, inputs: Mapping[str, Any], job_id: str, blobs: Blobs, *,
+            text: bool, blob_threshold: int) -> dict[str, wire.Tensor]:
+    """Check one job's inputs against ``info`` (when known) and encode them; tensors of at
+    least ``blob_threshold`` bytes go into ``blobs`` and travel by reference."""
+    if not isinstance(inputs, Mapping) or not inputs:
+        raise InvalidInput("inputs must be a non-empty mapping of input name to array")
+    dtypes = {s.name: s.dtype for s in info.inputs} if info is not None else {}
+    arrays = {name: _as_array(v, dtypes.get(name)) for name, v in inputs.items()}
+    if info is not None:
+        for spec in info.inputs:
+            arr = arrays.get(spec.name)
+            # A single example without the batch axis gets one.
+            if arr is not None and spec.shape[:1] == (-1,) and arr.ndim == len(spec.shape) - 1:
+                arrays[spec.name] = arr[np.newaxis]
+        wire.check_inputs(info.inputs, arrays)
+    tensors = {}
+    for name, arr in arrays.items():
+        if arr.nbytes >= blob_threshold:
+            key = wire.blob_key(job_id, name)
+            blobs[key] = wire.tensor_buffer(arr)
+            tensors[name] = wire.tensor_ref(arr, key)
+        else:
+            tensors[name] = wire.encode_tensor(arr, text=text)
+    return tensors
+
+
+def expires(deadline: float | None) -> datetime | None:
+    """The ``expires`` stamp of a job with ``deadline`` seconds to live from now."""
+    if deadline is None:
+        return None
+    return datetime.now(timezone.utc) + timedelta(seconds=deadline)
+
+
+@dataclass
+class Envelope:
+    """What one job or bulk message carries beyond its inputs."""
+
+    model: str
+    client_id: str
+    serializer: str = "msgpack"
+    version: int | None = None
+    deadline: float | None = None
+    extra_headers: dict[str, Any] = field(default_factory=dict)
+
+    def headers(self) -> dict[str, Any]:
+        return {wire.HEADER_ENQUEUED_AT: wire.now(), wire.HEADER_NOTIFY: self.client_id,
+                **self.extra_headers}
+
+
+def single_message(env: Envelope, job_id: str, tensors: dict[str, wire.Tensor]) -> bytes:
+    """One job as one Celery task message (what any Celery client could send)."""
+    return wire.build_message(
+        task=wire.TASK_NAME,
+        task_id=job_id,
+        args=[env.model, tensors],
+        kwargs={"version": env.version},
+        queue=wire.queue_name(env.model),
+        serializer=env.serializer,
+        headers=env.headers(),
+        reply_to=env.client_id,
+        expires=expires(env.deadline),
+        argsrepr=f"({env.model!r}, <{len(tensors)} tensors>)",
+    )
+
+
+def bulk_messages(env: Envelope, ids: Sequence[str], prepared: Sequence[dict[str, wire.Tensor]],
+                  blobs: Blobs, jobs_per_message: int = DEFAULT_JOBS_PER_MESSAGE
+                  ) -> list[bytes]:
+    """Jobs ``jobs_per_message`` to a message; each message's entries are stored raw
+    (msgpack) in ``blobs`` under a key the message names, so Redis holds tensor bytes
+    once and without base64."""
+    stamp = expires(env.deadline)
+    messages = []
+    for start in range(0, len(prepared), jobs_per_message):
+        chunk_ids = list(ids[start : start + jobs_per_message])
+        entries = [
+            {"id": i, "inputs": t, "version": env.version}
+            for i, t in zip(chunk_ids, prepared[start : start + jobs_per_message], strict=True)
+        ]
+        headers = env.headers()
+        headers[wire.HEADER_JOB_IDS] = chunk_ids
+        message_id = wire.new_id()
+        entries_key = wire.blob_key(message_id, "entries")
+        blobs[entries_key] = wire.pack_body(entries, "msgpack")
+        messages.append(wire.build_message(
+            task=wire.BULK_TASK_NAME,
+            task_id=message_id,
+            args=[env.model, {"ref": entries_key}],
+            kwargs={},
+            queue=wire.queue_name(env.model),
+            serializer=env.serializer,
+            headers=headers,
+            reply_to=env.client_id,
+            expires=stamp,
+            argsrepr=f"({env.model!r}, <{len(entries)} jobs>)",
+        ))
+    return messages
