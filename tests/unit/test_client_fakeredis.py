@@ -506,3 +506,35 @@ def test_nested_lists_take_the_model_dtype(client: InferenceClient, r: Any) -> N
     job = wire.parse_message(r.rpop(QUEUE), QUEUE).jobs[0]
     arr = wire.decode_tensor(job.inputs["pixels"])
     assert arr.dtype == np.float32 and arr.shape == (1, 64)
+
+
+def test_blob_ttl_follows_the_visibility_timeout_workers_advertise(
+    make_client: Any, r: Any
+) -> None:
+    """By-reference data must outlive a redelivery: the producer takes the serving workers'
+    visibility timeout from their advertisement, never from its own environment."""
+    client = make_client(blob_ttl=60)
+    big = np.zeros((1, 64), np.float32)
+    advertise(r, visibility_timeout=1000)
+    client.models()
+    client.submit("digits", {"pixels": big.repeat(100, axis=0)})
+    (key,) = [k for k in r.keys(wire.BLOB_KEY_PREFIX + "*")]
+    assert 3990 <= r.ttl(key) <= 4000  # 4 x the advertised 1000 s, above the caller's 60 s
+    r.delete(key)
+    advertise(r, visibility_timeout=5)
+    client.models()
+    client.submit("digits", {"pixels": big.repeat(100, axis=0)})
+    (key,) = [k for k in r.keys(wire.BLOB_KEY_PREFIX + "*")]
+    assert 55 <= r.ttl(key) <= 60  # the caller's own floor wins over 4 x 5 s
+
+
+def test_blob_ttl_ignores_the_producers_environment(
+    make_client: Any, r: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("INFERQ_VISIBILITY_TIMEOUT", "100000")
+    client = make_client(blob_ttl=60)
+    advertise(r)  # a worker that advertises no visibility timeout: the default applies
+    client.models()
+    client.submit("digits", {"pixels": np.zeros((100, 64), np.float32)})
+    (key,) = [k for k in r.keys(wire.BLOB_KEY_PREFIX + "*")]
+    assert r.ttl(key) <= 4 * wire.DEFAULT_VISIBILITY_TIMEOUT_S

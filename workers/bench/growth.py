@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import redis
 
 from producer import InferenceClient, wire
+from producer.wire.connect import connect
 from workers.bench import measure
 from workers.bench.refmodels import _finish, _onnx, write_model
 from workers.launch.demo import percentiles
@@ -44,7 +44,7 @@ def redis_bytes_per_job(url: str, model_dir: Path, model: str, jobs: int = 2000,
 
     No worker may consume ``model`` while this runs; the queue is emptied afterwards.
     """
-    client = redis.Redis.from_url(url)
+    client = connect(url, timeout=60)
     manifest = load_manifest(model_dir / model)
     inputs = measure.make_inputs(manifest, 64)
     tensor_bytes = sum(a.nbytes for a in inputs[0].values())
@@ -92,7 +92,7 @@ def soak(client: InferenceClient, model: str, inputs: Sequence[dict[str, np.ndar
          jobs: int, worker_pid: int, redis_url: str, say: Callable[[str], None],
          chunk: int = 2048) -> dict[str, Any]:
     """Run ``jobs`` jobs in waves, sampling worker RSS and Redis memory as it goes."""
-    r = redis.Redis.from_url(redis_url)
+    r = connect(redis_url, timeout=60)
     samples: list[dict[str, Any]] = []
     done, start = 0, time.perf_counter()
     while done < jobs:
