@@ -83,6 +83,7 @@ def failure_document(job_id: str, error: InferqError, model: str | None = None) 
         "exc_message": [error.message],
     }
     detail = {"code": error.code, "type": type(error).__name__, "message": error.message}
+    model = model if model is not None else getattr(error, "model", None)
     if model is not None:
         detail["model"] = model
     return orjson.dumps(_meta(job_id, "FAILURE", exc, None, error=detail))
@@ -140,8 +141,9 @@ def read_result(job_id: str, raw: bytes | str) -> JobResult | JobFailed:
         )
     error = doc.get("error")
     if isinstance(error, dict):
-        model = error.get("model")
-        return error_for_code(str(error.get("code")), str(error.get("message")),
+        code, message, model = error.get("code"), error.get("message"), error.get("model")
+        return error_for_code(code if isinstance(code, str) and code else "INTERNAL",
+                              str(message) if message is not None else "",
                               job_id=job_id, model=model if isinstance(model, str) else None)
     # A result written by something other than an inferq worker (a plain Celery failure).
     exc = doc.get("result") or {}

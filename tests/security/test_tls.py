@@ -18,6 +18,7 @@ import redis
 from celery import Celery
 
 from producer import InferenceClient, Unavailable
+from producer.wire.connect import connect
 from tests.conftest import WorkerProcess, _need_redis
 from tests.security.support import Certs, SecureRedis, describe_acl_log, make_certs
 from workers.app import make_app
@@ -135,35 +136,119 @@ def test_the_right_ca_connects(tls_redis: SecureRedis) -> None:
     assert time.monotonic() - started < 5
 
 
-# --- refusing unverified TLS -------------------------------------------------------------------
+# --- one TLS policy: ssl_cert_reqs=required, spelled exactly so --------------------------------
+#
+# producer/wire/connect.py holds the policy; the client, Settings, make_app and connect()
+# all apply it. Anything but the exact lower-case "required" is refused, upper-case
+# included: redis-py itself rejects "REQUIRED" (at connect time), so accepting it in one
+# place and not another would let a URL pass one check and fail later.
+
+#: Every refused spelling: off, half off, another case of "required", kombu/Celery's
+#: constant names, a percent-encoded "none", and nonsense.
+REFUSED = ["none", "optional", "REQUIRED", "Required", "NONE", "Optional", "CERT_NONE",
+           "CERT_OPTIONAL", "CERT_REQUIRED", "cert_none", "%6Eone", "bogus", "required+"]
+CA = "/nonexistent/ca.pem"  # never read: nothing below connects
+PLAIN = "redis://127.0.0.1:1/0"
 
 
-@pytest.mark.parametrize("reqs", ["none", "optional", "NONE", "Optional"])
-def test_settings_refuse_unverified_tls(reqs: str) -> None:
-    url = f"rediss://h:6380/0?ssl_cert_reqs={reqs}"
-    with pytest.raises(SettingsError, match="verify certificates"):
+def _url(reqs: str) -> str:
+    return f"rediss://127.0.0.1:1/0?ssl_cert_reqs={reqs}&ssl_ca_certs={CA}"
+
+
+def _unchecked_settings(url: str) -> Settings:
+    """Settings whose URLs skipped Settings' own check, to prove make_app checks too."""
+    settings = Settings()
+    object.__setattr__(settings, "broker_url", url)
+    object.__setattr__(settings, "result_url", url)
+    return settings
+
+
+@pytest.mark.parametrize("reqs", REFUSED)
+def test_connect_refuses_every_other_spelling(reqs: str) -> None:
+    with pytest.raises(ValueError, match="ssl_cert_reqs"):
+        connect(_url(reqs))
+    # Wherever the parameter sits in the query.
+    with pytest.raises(ValueError, match="ssl_cert_reqs"):
+        connect(f"rediss://127.0.0.1:1/0?ssl_ca_certs={CA}&ssl_cert_reqs={reqs}")
+
+
+@pytest.mark.parametrize("reqs", REFUSED)
+def test_client_refuses_every_other_spelling(reqs: str) -> None:
+    with pytest.raises(ValueError, match="ssl_cert_reqs"):
+        InferenceClient(_url(reqs))
+    # The result URL is held to the same policy as the broker URL.
+    with pytest.raises(ValueError, match="ssl_cert_reqs"):
+        InferenceClient(PLAIN, result_url=_url(reqs))
+
+
+@pytest.mark.parametrize("reqs", REFUSED)
+def test_settings_refuse_every_other_spelling(reqs: str) -> None:
+    url = _url(reqs)
+    with pytest.raises(SettingsError, match="ssl_cert_reqs"):
         Settings(broker_url=url, result_url=url)
-    with pytest.raises(SettingsError, match="verify certificates"):
-        Settings.from_env({"INFERQ_BROKER_URL": "redis://h/0", "INFERQ_RESULT_URL": url})
+    with pytest.raises(SettingsError, match="ssl_cert_reqs"):
+        Settings(broker_url=PLAIN, result_url=url)
+    with pytest.raises(SettingsError, match="ssl_cert_reqs"):
+        Settings.from_env({"INFERQ_BROKER_URL": url})
+    with pytest.raises(SettingsError, match="ssl_cert_reqs"):
+        Settings.from_env({"INFERQ_BROKER_URL": PLAIN, "INFERQ_RESULT_URL": url})
 
 
-@pytest.mark.parametrize("reqs", ["CERT_NONE", "CERT_OPTIONAL", "cert_none", "%6Eone",
-                                  "CERT_REQUIRED", "bogus"])
+@pytest.mark.parametrize("reqs", REFUSED)
 def test_make_app_refuses_every_other_spelling(reqs: str) -> None:
-    """kombu and Celery also take CERT_NONE (and redis-py rejects CERT_REQUIRED at connect
-    time): settings, and so make_app, accept only 'required'."""
-    url = f"rediss://h:6380/0?ssl_cert_reqs={reqs}"
-    with pytest.raises(SettingsError, match="ssl_cert_reqs=required"):
-        make_app(Settings(broker_url=url, result_url=url))
+    """kombu and Celery also take CERT_NONE, and redis-py rejects upper-case spellings at
+    connect time: make_app accepts only 'required', even from settings nobody checked."""
+    with pytest.raises(SettingsError, match="ssl_cert_reqs"):
+        make_app(_unchecked_settings(_url(reqs)))
+    # Through Settings, as a worker builds it: refused before make_app runs.
+    with pytest.raises(SettingsError, match="ssl_cert_reqs"):
+        make_app(Settings(broker_url=_url(reqs), result_url=_url(reqs)))
+
+
+@pytest.mark.parametrize("reqs", ["none", "REQUIRED"])
+def test_the_refusal_names_the_setting_and_the_fix(reqs: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        connect(_url(reqs))
+    message = str(caught.value)
+    assert f"ssl_cert_reqs={reqs}" in message
+    assert "ssl_cert_reqs=required" in message
+
+
+def test_everyone_accepts_exactly_required() -> None:
+    url = _url("required")
+    client = connect(url)
+    assert client.connection_pool.connection_kwargs["ssl_cert_reqs"] == "required"
+    client.close()
+    InferenceClient(url).close()
+    InferenceClient(PLAIN, result_url=url).close()
+    settings = Settings(broker_url=url, result_url=url)
+    assert Settings.from_env({"INFERQ_BROKER_URL": url}).result_url == url
+    app = make_app(settings)
+    expected = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": CA}
+    assert app.conf.broker_use_ssl == expected
+    assert app.conf.redis_backend_use_ssl == expected
+    app.close()
+    app = make_app(_unchecked_settings(url))
+    assert app.conf.broker_use_ssl == expected
+    app.close()
+
+
+def test_required_connects_everywhere_and_upper_case_would_not(tls_redis: SecureRedis) -> None:
+    """Against the TLS server: 'required' connects through connect() and the client; the
+    upper-case spelling the policy refuses is one redis-py itself cannot use."""
+    url = tls_redis.url
+    assert "ssl_cert_reqs=required" in url
+    client = connect(url, timeout=5)
+    assert client.ping()
+    client.close()
+    with InferenceClient(tls_redis.url_for("producer")) as producer:
+        assert isinstance(producer.models(), dict)
+    upper = url.replace("ssl_cert_reqs=required", "ssl_cert_reqs=REQUIRED")
+    with pytest.raises(redis.exceptions.RedisError, match="REQUIRED"):
+        redis.Redis.from_url(upper, socket_timeout=5).ping()
 
 
 def test_make_app_leaves_plain_redis_alone() -> None:
     app = _app("redis://127.0.0.1:1/0")
     assert not app.conf.broker_use_ssl
     assert not app.conf.redis_backend_use_ssl
-
-
-@pytest.mark.parametrize("reqs", ["none", "optional", "CERT_NONE", "%6Eone"])
-def test_producer_refuses_unverified_tls(reqs: str) -> None:
-    with pytest.raises(ValueError, match="refused"):
-        InferenceClient(f"rediss://127.0.0.1:1/0?ssl_cert_reqs={reqs}")
