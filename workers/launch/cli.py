@@ -181,6 +181,13 @@ def _dlq_client() -> Any:
     return connect(broker_url(), timeout=5)
 
 
+def _dlq_results() -> Any:
+    """The result Redis when it is not the broker (where requeue clears a POISONED result)."""
+    from producer.wire.connect import broker_url, connect, result_url
+
+    return connect(result_url(), timeout=5) if result_url() != broker_url() else None
+
+
 @dlq.command("list")
 @click.option("--limit", default=100, show_default=True, help="Newest entries to show (0: all).")
 def dlq_list(limit: int) -> None:
@@ -218,7 +225,8 @@ def dlq_requeue(entry_ids: tuple[str, ...], everything: bool) -> None:
     ids = [e["id"] for e in deadletter.entries(client, 0)] if everything else list(entry_ids)
     if not ids:
         raise click.ClickException("name entries to requeue, or pass --all")
-    missing = [i for i in ids if not deadletter.requeue(client, i)]
+    results = _dlq_results()
+    missing = [i for i in ids if not deadletter.requeue(client, i, results)]
     click.echo(f"requeued {len(ids) - len(missing)}")
     if missing:
         raise click.ClickException(f"not in the dead-letter list: {', '.join(missing)}")

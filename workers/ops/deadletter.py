@@ -95,15 +95,22 @@ def show(client: redis.Redis, entry_id: str) -> dict[str, Any] | None:
     return doc
 
 
-def requeue(client: redis.Redis, entry_id: str) -> bool:
-    """Put an entry's message back on its queue and forget the job's failure; False if absent."""
+def requeue(client: redis.Redis, entry_id: str, results: redis.Redis | None = None) -> bool:
+    """Put an entry's message back on its queue and forget the job's failure; False if absent.
+
+    ``results`` is the Redis holding results when it is not ``client`` (the broker).
+    """
     found = _find(client, entry_id)
     if found is None:
         return False
     raw, doc = found
+    is_job = doc.get("kind") == "job"
+    if is_job and results is not None:
+        # Before the job is back on its queue: its new result must not lose to this one.
+        results.delete(wire.result_key(doc["id"]))
     pipe = client.pipeline(transaction=True)
     pipe.lrem(DLQ_KEY, 1, raw)  # type: ignore[arg-type]  # bytes work; the stub says str
-    if doc.get("kind") == "job":
+    if is_job:
         # The POISONED result would otherwise win over the new one (first result wins).
         pipe.delete(wire.result_key(doc["id"]), attempts_key(doc["id"]))
     pipe.lpush(doc["queue"], base64.b64decode(doc["message_b64"]))

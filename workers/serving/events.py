@@ -24,14 +24,17 @@ class Sampler:
 
     def __init__(self, max_rate: float) -> None:
         self.max_rate = max_rate
-        self._tokens = max_rate
+        # At least one whole token, so a rate below one job a second still admits some.
+        self._capacity = max(1.0, max_rate)
+        self._tokens = self._capacity
         self._refilled = time.monotonic()
 
     def admit(self) -> bool:
         if self.max_rate <= 0:
             return True
         now = time.monotonic()
-        self._tokens = min(self.max_rate, self._tokens + (now - self._refilled) * self.max_rate)
+        self._tokens = min(self._capacity,
+                           self._tokens + (now - self._refilled) * self.max_rate)
         self._refilled = now
         if self._tokens >= 1:
             self._tokens -= 1

@@ -51,6 +51,9 @@ class ModelServer:
         self.batch_started: float | None = None
         self.jobs_done = 0
         self._waiting: list[Pending] = []
+        #: The last drain left messages in the queue: drain again without waiting (waiting
+        #: would move the oldest message behind the others).
+        self._backlog = False
         self._docs: list[tuple[str, bytes, str | None]] = []
         self.log = log.bind(model=name, worker=worker, instance=instance)
 
@@ -70,7 +73,7 @@ class ModelServer:
 
     def cycle(self, block_s: float) -> int:
         """Wait for work (up to ``block_s``), form one batch and run it; return its jobs."""
-        if not self._waiting and not self.reader.wait(block_s):
+        if not self._waiting and not self._backlog and not self.reader.wait(block_s):
             return 0
         empty = self._fill()
         while self._waiting and not self.policy.should_flush(
@@ -89,6 +92,7 @@ class ModelServer:
         if not want:
             return False
         drained, left = self.reader.drain(want)
+        self._backlog = left > 0
         pending, failures = self.intake.take(drained, wire.now())
         self._waiting += pending
         for job_id, error, message in failures:

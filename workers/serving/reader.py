@@ -52,6 +52,7 @@ class QueueReader:
         self.client = client
         self.queue = queue
         self._keys = [UNACKED, UNACKED_INDEX, *priority_queues(queue)]
+        self._lists = priority_queues(queue)
         self._drain = client.register_script(_DRAIN)
         self._prefix = f"inferq-{uuid.uuid4().hex[:12]}-"
         self._calls = itertools.count()
@@ -59,9 +60,17 @@ class QueueReader:
     def wait(self, timeout: float) -> bool:
         """Block until the queue is non-empty (or ``timeout``), without taking anything.
 
-        Moving the tail to the head of the same list blocks like BRPOP but leaves the
-        message in Redis; the queue was empty a moment ago, so order barely changes.
+        It looks first (every priority list, one round trip) and blocks only on an empty
+        queue: moving the tail to the head of the same list blocks like BRPOP but leaves the
+        message in Redis, and the queue was empty a moment ago, so order barely changes.
+        Redis cannot block on several lists without popping, so a message sent with a
+        priority while this blocks waits for the next look (``timeout``).
         """
+        pipe = self.client.pipeline(transaction=False)
+        for key in self._lists:
+            pipe.llen(key)
+        if any(pipe.execute()):
+            return True
         # redis-py types the timeout as int; Redis >= 6 takes fractional seconds.
         moved = self.client.blmove(self.queue, self.queue, timeout, "RIGHT", "LEFT")  # type: ignore[arg-type]
         return moved is not None

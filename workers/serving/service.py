@@ -13,12 +13,15 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+import redis
 import structlog
 from celery import bootsteps
 
 from producer import wire
+from producer.wire import TensorSpec
 from producer.wire.connect import connect
 from workers.errors import RedisRefused
 from workers.ops import metrics as metrics_module
@@ -57,6 +60,28 @@ def check_redis_durability(client: Any) -> None:
     if problems:
         raise RedisRefused("INFERQ_PROFILE=production refuses this Redis: "
                            + "; ".join(problems))
+
+
+def model_server(name: str, versions: Mapping[int, runtime.LoadedModel],
+                 inputs: Sequence[TensorSpec], *, broker: redis.Redis, results: redis.Redis,
+                 same_server: bool, observer: Observer, policy: BatchPolicy,
+                 settings: Settings, worker: str, instance: int = 0,
+                 store: ResultStore | None = None) -> ModelServer:
+    """One model instance's serving loop with its reader, intake, writer and poison guard.
+
+    ``store`` replaces the result store (tests use it to inject failures).
+    """
+    checks = Checks(name, frozenset(versions), inputs, settings.max_tensor_bytes,
+                    settings.reject_nonfinite)
+    store = store or ResultStore(results, settings.result_ttl_s, None if same_server else broker)
+    return ModelServer(
+        name, versions,
+        reader=QueueReader(broker, wire.queue_name(name)),
+        intake=Intake(checks, broker, results, InFlight(), observer),
+        writer=ResultWriter(store),
+        # Dead letters live on the broker, where `inferq dlq` and the exporter read them.
+        poison=PoisonGuard(broker, settings.max_executions, settings.result_ttl_s),
+        observer=observer, policy=policy, worker=worker, instance=instance)
 
 
 class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -144,19 +169,12 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
             self.dispatchers.append(dispatcher)
             observers.append(TaskEvents(manifest.name, dispatcher.send,
                                         settings.events_max_rate / instances))
-        observer = Observers(observers)
-        checks = Checks(manifest.name, frozenset(versions), manifest.inputs,
-                        settings.max_tensor_bytes, settings.reject_nonfinite)
-        return ModelServer(
-            manifest.name, versions,
-            reader=QueueReader(broker, wire.queue_name(manifest.name)),
-            intake=Intake(checks, broker, results, InFlight(), observer),
-            writer=ResultWriter(ResultStore(results, settings.result_ttl_s,
-                                            None if same_server else broker)),
-            poison=PoisonGuard(results, settings.max_executions, settings.result_ttl_s),
-            observer=observer,
-            policy=BatchPolicy(manifest.max_batch_rows, manifest.max_wait_ms / 1000.0),
-            worker=hostname, instance=instance)
+        return model_server(manifest.name, versions, manifest.inputs, broker=broker,
+                            results=results, same_server=same_server,
+                            observer=Observers(observers),
+                            policy=BatchPolicy(manifest.max_batch_rows,
+                                               manifest.max_wait_ms / 1000.0),
+                            settings=settings, worker=hostname, instance=instance)
 
     def _run(self, server: ModelServer) -> None:
         try:
