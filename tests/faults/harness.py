@@ -1,4 +1,5 @@
-"""What every fault scenario shares: the test profile, the ledger, audits, waits and load.
+"""What every fault scenario shares: the test profile, the ledger, audits, waits, load, and
+the :class:`Rig` (workers, ledger and load on one Redis) that the ``rig`` fixtures hand out.
 
 Measurement (reliability.md 7.1): the **ledger** is the set of job IDs whose submit returned
 without raising, kept in this process and never read back from Redis. After the faults an
@@ -11,13 +12,15 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import os
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Protocol
 
 import numpy as np
 import redis
@@ -25,9 +28,10 @@ from sklearn.datasets import load_digits
 
 from producer import InferenceClient, wire
 from producer.errors import InferqError
+from producer.wire import UNACKED, UNACKED_INDEX
 from producer.wire import read_result as parse_result
 from tests.conftest import MODELS, WorkerProcess
-from producer.wire import UNACKED, UNACKED_INDEX
+from workers.launch.launcher import Supervisor, plan
 
 #: The CI profile every fault test runs under (reliability.md 7.1: VT 10 s, sweep 1 s).
 PROFILE = {
@@ -58,6 +62,23 @@ LABELS = _reference_labels()
 def rows_of(indices: Iterable[int]) -> list[dict[str, np.ndarray[Any, Any]]]:
     """One-row jobs for the given rows of X (always with the batch axis)."""
     return [{"pixels": X[i % len(X)][np.newaxis]} for i in indices]
+
+
+class Figures(Protocol):
+    """The ``figures`` fixture: record measured figures by name."""
+
+    def __call__(self, **figures: object) -> None: ...
+
+
+class WorkerFactory(Protocol):
+    """The ``profile_worker`` fixture: a (not yet started) worker with the test profile."""
+
+    def __call__(self, url: str, **kw: Any) -> WorkerProcess: ...
+
+
+def alive(worker: WorkerProcess) -> bool:
+    """The worker's process was started and has not exited."""
+    return worker.proc is not None and worker.proc.poll() is None
 
 
 # --- waiting -------------------------------------------------------------------------------
@@ -328,6 +349,140 @@ class Load(threading.Thread):
                 self._stop_event.wait(self.interval)
         finally:
             client.close()
+
+
+# --- a scenario's rig -------------------------------------------------------------------------
+
+
+@dataclass
+class Settled:
+    """What :meth:`Rig.settle` found: every ledger job waited for, queues quiet, audited."""
+
+    took: float
+    """Seconds until every job had a result (or the wait gave up)."""
+    done_at: float
+    """``time.monotonic()`` when that wait ended."""
+    missing: set[str]
+    """Jobs still without a result when the wait ended."""
+    report: Audit
+
+
+class Rig:
+    """What a scenario runs against one Redis: fault-profile workers, the ledger of accepted
+    jobs and producer load. Workers and producers connect to ``url`` (the server, or a proxy
+    in front of it); ``r`` talks to the server directly. Made by the ``rig``/``rig_for``
+    fixtures, which stop every load and close every client after the test (workers are
+    stopped by ``start_worker``)."""
+
+    def __init__(self, url: str, r: redis.Redis, make_worker: WorkerFactory) -> None:
+        self.url, self.r = url, r
+        self.ledger = Ledger()
+        self._make_worker = make_worker
+        self._loads: list[Load] = []
+        self._producer: InferenceClient | None = None
+
+    def worker(self, **kw: Any) -> WorkerProcess:
+        """Start a profile worker on ``url`` (keyword arguments override the profile)."""
+        return self._make_worker(self.url, **kw).start()
+
+    def workers(self, n: int, **kw: Any) -> list[WorkerProcess]:
+        return [self.worker(**kw) for _ in range(n)]
+
+    def load(self, **kw: Any) -> Load:
+        """Start a :class:`Load` thread feeding this rig's ledger."""
+        load = Load(self.url, self.ledger, **kw)
+        self._loads.append(load)
+        load.start()
+        return load
+
+    def burst(self, jobs: int = 1024) -> None:
+        """Submit ``jobs`` jobs in one call (so a worker about to be killed holds some)."""
+        if self._producer is None:
+            self._producer = InferenceClient(self.url)
+        rows = list(range(jobs))
+        self.ledger.accept([h.id for h in self._producer.submit_many("digits", rows_of(rows))],
+                           rows)
+
+    def settle(self, *, results_s: float, quiesce_s: float, extra_ids: Sequence[str] = (),
+               queues: Sequence[str] = (DIGITS_QUEUE,)) -> Settled:
+        """Wait up to ``results_s`` for a result of every ledger job (and ``extra_ids``),
+        require the queues drained and nothing in flight within ``quiesce_s``, then audit."""
+        took, missing = wait_results(self.r, [*self.ledger.ids, *extra_ids], timeout=results_s)
+        done_at = time.monotonic()
+        wait_for(lambda: quiesced(self.r, queues), quiesce_s,
+                 "queues drained and nothing in flight")
+        return Settled(took, done_at, missing, audit(self.r, self.ledger))
+
+    def close(self) -> None:
+        for load in self._loads:
+            load.stop()
+        if self._producer is not None:
+            self._producer.close()
+        self.r.close()
+
+
+class Supervised:
+    """One worker under the launcher's :class:`Supervisor`, with the fault-test profile and
+    ``INFERQ_MAX_JOBS_PER_PROCESS``, logging to ``log_path``. Made by the ``supervised``
+    fixture, which stops it after the test."""
+
+    def __init__(self, url: str, log_path: Path, max_jobs_per_process: int) -> None:
+        env = {**os.environ, **PROFILE, "INFERQ_BROKER_URL": url, "INFERQ_RESULT_URL": url,
+               "INFERQ_MODEL_DIR": str(MODELS), "INFERQ_LOG_FORMAT": "json",
+               "INFERQ_MAX_JOBS_PER_PROCESS": str(max_jobs_per_process),
+               "INFERQ_INTRA_OP_THREADS": "1", "INFERQ_METRICS_PORT": "0"}
+        self.specs = plan(None, 1, host=f"fault-{uuid.uuid4().hex[:6]}", base_env=env)
+        self.hostname = self.specs[0].hostname
+        self.log_path = log_path
+        self.pids: set[int] = set()
+        self.errors: list[BaseException] = []
+        self._log: IO[bytes] | None = None
+        self._supervisor: Supervisor | None = None
+        self._watching = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def start(self) -> Supervised:
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed by stop)
+        self._supervisor = Supervisor(self.specs, output=self._log)
+        self._supervisor.start()
+        return self
+
+    def poll(self) -> None:
+        """One round of what ``Supervisor.run()`` does (raises LaunchError when it gives up);
+        remember every worker pid seen."""
+        assert self._supervisor is not None
+        self._supervisor.poll()
+        self.pids.update(p.pid for p in self._supervisor.procs.values())
+
+    def watch(self, interval: float = 0.1) -> None:
+        """Poll in a thread, as ``Supervisor.run()`` would, minus its signal handlers; an
+        error ends the thread and is kept in ``errors``."""
+
+        def run() -> None:
+            while not self._watching.is_set():
+                try:
+                    self.poll()
+                except Exception as exc:
+                    self.errors.append(exc)
+                    return
+                self._watching.wait(interval)
+
+        self._watcher = threading.Thread(target=run, name="supervise", daemon=True)
+        self._watcher.start()
+
+    def stop(self) -> None:
+        """Stop watching, then warm-stop the workers (idempotent)."""
+        self._watching.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=10)
+        if self._supervisor is not None:
+            self._supervisor.stop()
+        if self._log is not None:
+            self._log.close()
+
+    def log_lines(self, needle: str) -> list[str]:
+        return [line for line in self.log_path.read_text(errors="replace").splitlines()
+                if needle in line]
 
 
 # --- model repositories -----------------------------------------------------------------------

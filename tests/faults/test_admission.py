@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from producer import InferenceClient, JobFailed, ResourceExhausted
-from tests.faults.conftest import Figures, WorkerFactory
+from producer import InferenceClient, JobFailed, ResourceExhausted, wire
 from tests.faults.harness import (
     DIGITS_QUEUE,
+    Figures,
+    Rig,
     copy_digits,
     json_doc,
     log_events,
@@ -18,32 +19,29 @@ from tests.faults.harness import (
     wait_for,
     wait_results,
 )
-from workers.launch.redisproc import RedisServer
 
 pytestmark = pytest.mark.faults
 
 
-def test_deadline_passes_while_queued(fresh_redis: RedisServer, profile_worker: WorkerFactory,
-                                      figures: Figures) -> None:
+def test_deadline_passes_while_queued(rig: Rig, figures: Figures) -> None:
     """Jobs submitted with ``deadline=0.2`` while no worker runs, the worker started 1 s
     later: each fails DEADLINE_EXCEEDED, and none reaches the model: the worker's ``batch``
     log lines (one per model run, with its row count) count only the control job."""
-    url = fresh_redis.url
-    r = fresh_redis.client()
+    url, r = rig.url, rig.r
     with InferenceClient(url) as client:
         singles = [client.submit("digits", job, deadline=0.2).id for job in rows_of(range(20))]
         bulk = [h.id for h in client.submit_many("digits", rows_of(range(64)), deadline=0.2)]
     expired = singles + bulk
     submitted = time.monotonic()
     time.sleep(1.0)  # the scenario: the worker starts 1 s later
-    worker = profile_worker(url).start()
+    worker = rig.worker()
     ready_s = time.monotonic() - submitted
     with InferenceClient(url) as client:
         control = client.submit("digits", rows_of([7])[0])
         assert control.result(timeout=15) is not None
     _, missing = wait_results(r, expired, timeout=15)
     wait_for(lambda: log_events(worker, "batch"), 10, "the control job's batch line")
-    docs = {i: json_doc(r.get(f"celery-task-meta-{i}")) for i in expired}
+    docs = {i: json_doc(r.get(wire.result_key(i))) for i in expired}
     codes = {d.get("error", {}).get("code") for d in docs.values()}
     batches = log_events(worker, "batch")
     rows_run = sum(int(b["rows"]) for b in batches)
@@ -58,16 +56,14 @@ def test_deadline_passes_while_queued(fresh_redis: RedisServer, profile_worker: 
     assert len(failed_lines) == len(expired)
 
 
-def test_bounded_queue_refuses_fast_and_loses_nothing(
-    fresh_redis: RedisServer, profile_worker: WorkerFactory, figures: Figures, model_repo: Path
-) -> None:
+def test_bounded_queue_refuses_fast_and_loses_nothing(rig: Rig, figures: Figures,
+                                                      model_repo: Path) -> None:
     """A copy of digits with ``max_queue = 5``: a worker advertises it and stops (warm);
     5 single jobs are accepted, the 6th is refused with ResourceExhausted in <= 50 ms and
     never enqueued; a new worker then drains the 5."""
-    url = fresh_redis.url
-    r = fresh_redis.client()
+    url, r = rig.url, rig.r
     copy_digits(model_repo, max_queue=5)
-    first = profile_worker(url, model_dir=model_repo).start()
+    first = rig.worker(model_dir=model_repo)
     assert first.stop() == 0
     with InferenceClient(url) as client:
         assert client.models()["digits"].max_queue == 5
@@ -79,7 +75,7 @@ def test_bounded_queue_refuses_fast_and_loses_nothing(
         with pytest.raises(ResourceExhausted):
             client.submit_many("digits", rows_of(range(3)))
         queued = r.llen(DIGITS_QUEUE)
-        profile_worker(url, model_dir=model_repo).start()
+        rig.worker(model_dir=model_repo)
         outcomes = client.outcomes(accepted, timeout=30)
     failed = [o for o in outcomes if isinstance(o, JobFailed)]
     figures(accepted=len(accepted), refusal_ms=round(refused_ms, 2), queued_at_refusal=queued,

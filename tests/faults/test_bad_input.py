@@ -17,18 +17,19 @@ import numpy as np
 import pytest
 
 from producer import wire
-from tests.faults.conftest import Figures, WorkerFactory
 from tests.faults.harness import (
     DIGITS_QUEUE,
     LABELS,
+    Figures,
+    Rig,
     X,
+    alive,
     in_flight,
     json_doc,
     raw_job,
     result_docs,
     wait_for,
 )
-from workers.launch.redisproc import RedisServer
 from workers.ops import deadletter
 
 pytestmark = pytest.mark.faults
@@ -59,8 +60,7 @@ def _with_body(message: bytes, content_type: str, body: bytes) -> bytes:
     return json.dumps(envelope).encode()
 
 
-def test_bad_jobs_in_one_transaction(fresh_redis: RedisServer, profile_worker: WorkerFactory,
-                                     figures: Figures, tmp_path: Path) -> None:
+def test_bad_jobs_in_one_transaction(rig: Rig, figures: Figures, tmp_path: Path) -> None:
     """32 messages pushed in ONE MULTI: 17 bad jobs (one of each kind), a garbage message,
     a bulk message whose 4 entries travel by reference (one of them bad), a job whose
     tensor travels by reference, and 12 good jobs. Each bad job gets its typed error within
@@ -68,10 +68,8 @@ def test_bad_jobs_in_one_transaction(fresh_redis: RedisServer, profile_worker: W
     worker keeps its pid, nothing is unpickled (a live pickle canary stays absent), and
     once the results are deleted Redis holds no blob, entries or unacked keys and its
     ``used_memory`` is back near its baseline."""
-    url = fresh_redis.url
-    r = fresh_redis.client()
-    worker = profile_worker(url, INFERQ_NONFINITE="reject",
-                            INFERQ_MAX_TENSOR_BYTES=str(MAX_TENSOR_BYTES)).start()
+    r = rig.r
+    worker = rig.worker(INFERQ_NONFINITE="reject", INFERQ_MAX_TENSOR_BYTES=str(MAX_TENSOR_BYTES))
     pid = worker.advertised_pid()
     canary = tmp_path / "pickle-canary"
     yaml_canary = tmp_path / "yaml-canary"
@@ -192,7 +190,7 @@ def test_bad_jobs_in_one_transaction(fresh_redis: RedisServer, profile_worker: W
     r.delete(*[wire.result_key(i) for i in everyone])
     r.ltrim(deadletter.DLQ_KEY, len(dlq), -1)
     leftovers = sorted(k.decode() for pattern in (wire.BLOB_KEY_PREFIX + "*",
-                                                  "inferq:attempts:*")
+                                                  wire.ATTEMPTS_PREFIX + "*")
                        for k in r.scan_iter(pattern))
     after = int(r.info("memory")["used_memory"])
     keys_after = _key_bytes(r)
@@ -210,7 +208,7 @@ def test_bad_jobs_in_one_transaction(fresh_redis: RedisServer, profile_worker: W
     assert len(garbage_dead) == 1 and garbage_dead[0]["kind"] == "message"
     assert not canary.exists() and not yaml_canary.exists()
     assert worker.advertised_pid() == pid == worker.pid
-    assert worker.proc is not None and worker.proc.poll() is None
+    assert alive(worker)
     assert leftovers == [] and in_flight(r) == 0
     # Every key's MEMORY USAGE is back (the heartbeat's timestamp may change a few bytes);
     # used_memory itself drifts by +-150 KB at rest (client buffers, allocator), so it only

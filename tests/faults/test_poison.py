@@ -5,7 +5,7 @@ onnxruntime process without also being an ordinary error. So the test plays the 
 killer: the poison job is a ~1.5 s job of the slow test model; whenever a worker has held
 it for 0.5 s without a result (it is running it), the test SIGKILLs that worker and
 starts a replacement, as a supervisor would. Which worker holds it is known exactly: every
-worker talks to Redis through its own :class:`~tests.faultproxy.FaultProxy`, and the
+worker talks to Redis through its own :class:`~tests.faults.faultproxy.FaultProxy`, and the
 proxy sees the tag prefix (``inferq-<12 hex>-``) a worker's queue reader sends with every
 drain, so the poison's tag in ``unacked`` names its owner.
 """
@@ -27,9 +27,10 @@ import redis
 
 from producer import InferenceClient, wire
 from tests.conftest import PY, ROOT, WorkerProcess, python_env
-from tests.faultproxy import FaultProxy, Sniffer
-from tests.faults.conftest import Figures, WorkerFactory
+from tests.faults.faultproxy import FaultProxy, Sniffer
 from tests.faults.harness import (
+    Figures,
+    WorkerFactory,
     holding,
     json_doc,
     seconds_per_iteration,

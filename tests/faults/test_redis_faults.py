@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,13 +17,14 @@ from producer.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from tests.faults.conftest import Figures, WorkerFactory
 from tests.faults.harness import (
     DIGITS_QUEUE,
     LABELS,
+    Figures,
     Ledger,
-    Load,
+    Rig,
     X,
+    alive,
     audit,
     changed_results,
     first_result_among,
@@ -44,27 +45,12 @@ UNACKED_MUTEX = "unacked_mutex"  # kombu's lock around the visibility sweep
 
 pytestmark = pytest.mark.faults
 
-
-@pytest.fixture
-def redis_factory() -> Iterator[type[RedisServer]]:
-    """RedisServer instances that are always stopped after the test."""
-    made: list[RedisServer] = []
-
-    class Tracked(RedisServer):
-        def start(self, timeout: float = 10.0) -> RedisServer:
-            if self not in made:
-                made.append(self)
-            return super().start(timeout)
-
-    yield Tracked
-    for server in made:
-        server.stop()
+RigFor = Callable[..., Rig]
 
 
 @pytest.mark.parametrize("fsync", ["always", "everysec"])
 def test_redis_kill9_and_restart_five_times(fsync: str, redis_factory: type[RedisServer],
-                                            profile_worker: WorkerFactory,
-                                            figures: Figures) -> None:
+                                            rig_for: RigFor, figures: Figures) -> None:
     """``kill -9`` redis-server mid-load and start it again on the same AOF, five times.
 
     ``appendfsync always``: nothing a client was told is stored can be lost: 0 lost is
@@ -74,37 +60,31 @@ def test_redis_kill9_and_restart_five_times(fsync: str, redis_factory: type[Redi
     second before a kill, and prints how many there were.
     """
     server = redis_factory(appendonly=True, extra_args=["--appendfsync", fsync]).start()
-    url = server.url
-    r = redis.Redis.from_url(url, socket_timeout=5)
-    a = profile_worker(url).start()
-    b = profile_worker(url).start()
-    ledger = Ledger()
-    load = Load(url, ledger, jobs_per_call=32, interval=0.02)
-    load.start()
+    rig = rig_for(server.url, socket_timeout=5)
+    r, ledger = rig.r, rig.ledger
+    a, b = rig.workers(2)
+    load = rig.load(jobs_per_call=32, interval=0.02)
     kills: list[float] = []
     resumes: list[float | None] = []
+
     def accepted_since(moment: float) -> list[str]:
         return ledger.accepted_between(moment, float("inf"))
 
-    try:
-        for _ in range(5):
-            since = time.monotonic()
-            wait_for(lambda since=since: len(accepted_since(since)) >= 300, 30,
-                     "300 jobs accepted since the last restart")
-            wait_for(lambda: in_flight(r) > 0 or r.llen(DIGITS_QUEUE) > 0, 10,
-                     "jobs queued or in flight")
-            kills.append(time.monotonic())
-            server.kill()
-            time.sleep(1.0)  # the outage: Redis stays down for one second
-            server.start()
-            back = time.monotonic()
-            resumes.append(first_result_among(
-                r, lambda back=back: accepted_since(back), timeout=15))
-    finally:
-        load.stop()
-    wait_results(r, ledger.ids, timeout=30)
-    wait_for(lambda: quiesced(r), 15, "queue drained and nothing in flight")
-    report = audit(r, ledger)
+    for _ in range(5):
+        since = time.monotonic()
+        wait_for(lambda since=since: len(accepted_since(since)) >= 300, 30,
+                 "300 jobs accepted since the last restart")
+        wait_for(lambda: in_flight(r) > 0 or r.llen(DIGITS_QUEUE) > 0, 10,
+                 "jobs queued or in flight")
+        kills.append(time.monotonic())
+        server.kill()
+        time.sleep(1.0)  # the outage: Redis stays down for one second
+        server.start()
+        back = time.monotonic()
+        resumes.append(first_result_among(
+            r, lambda back=back: accepted_since(back), timeout=15))
+    load.stop()
+    report = rig.settle(results_s=30, quiesce_s=15).report
     changed = changed_results(r, report.docs)
     lost_ids = report.missing | set(report.failed)
 
@@ -119,7 +99,7 @@ def test_redis_kill9_and_restart_five_times(fsync: str, redis_factory: type[Redi
             wrong=len(report.wrong), changed_results=len(changed),
             resume_after_restart_s=[None if s is None else round(s, 2) for s in resumes],
             slowest_producer_call_s=ledger.slowest_call_s, unacked_at_quiesce=in_flight(r),
-            workers_alive=sum(w.proc is not None and w.proc.poll() is None for w in (a, b)))
+            workers_alive=sum(map(alive, (a, b))))
     assert not load.errors, load.errors[:3]
     assert all(s is not None and s <= 10 for s in resumes), resumes
     if fsync == "always":
@@ -128,12 +108,10 @@ def test_redis_kill9_and_restart_five_times(fsync: str, redis_factory: type[Redi
         assert all(t < 1.0 for t in late), report.summary()
     assert not report.wrong and not changed
     assert in_flight(r) == 0
-    assert a.proc is not None and a.proc.poll() is None
-    assert b.proc is not None and b.proc.poll() is None
+    assert alive(a) and alive(b)
 
 
-def test_redis_frozen_30s(fresh_redis: RedisServer, profile_worker: WorkerFactory,
-                          figures: Figures) -> None:
+def test_redis_frozen_30s(fresh_redis: RedisServer, rig_for: RigFor, figures: Figures) -> None:
     """SIGSTOP redis-server for 30 s under load: every producer call fails with Unavailable
     within 5 s (measured on the load thread and three probe threads, submit and wait),
     workers resume within 10 s of SIGCONT, and every job accepted before completes.
@@ -143,13 +121,10 @@ def test_redis_frozen_30s(fresh_redis: RedisServer, profile_worker: WorkerFactor
     sweep itself could be stalled by a lock the stall orphaned (see the regression test below). Jobs
     still missing 20 s after SIGCONT are counted and must all be in ``unacked``; the test
     then deletes the lock, as an operator would, and requires every job to complete."""
-    url = fresh_redis.url
-    r = redis.Redis.from_url(url, socket_timeout=10)
-    profile_worker(url).start()
-    profile_worker(url).start()
-    ledger = Ledger()
-    load = Load(url, ledger, jobs_per_call=32, interval=0.02)
-    load.start()
+    rig = rig_for(fresh_redis.url, socket_timeout=10)
+    url, r, ledger = rig.url, rig.r, rig.ledger
+    rig.workers(2)
+    load = rig.load(jobs_per_call=32, interval=0.02)
     durations: list[tuple[str, str, float]] = []
     probe_ids: list[str] = []  # accepted by the probes (not in the ledger)
     stop = threading.Event()
@@ -183,9 +158,7 @@ def test_redis_frozen_30s(fresh_redis: RedisServer, profile_worker: WorkerFactor
         thread.start()
     try:
         wait_for(lambda: len(ledger) >= 500, 30, "500 accepted jobs")
-        with InferenceClient(url) as client:  # a backlog accepted just before the freeze
-            burst = client.submit_many("digits", rows_of(range(3000)))
-        ledger.accept([h.id for h in burst], list(range(3000)))
+        rig.burst(3000)  # a backlog accepted just before the freeze
         fresh_redis.pause()
         frozen_at = time.monotonic()
         frozen.set()
@@ -231,22 +204,21 @@ def test_redis_frozen_30s(fresh_redis: RedisServer, profile_worker: WorkerFactor
     assert not report.wrong
 
 
-def test_redelivery_after_a_long_redis_stall(fresh_redis: RedisServer,
-                                             profile_worker: WorkerFactory,
+def test_redelivery_after_a_long_redis_stall(fresh_redis: RedisServer, rig_for: RigFor,
                                              model_repo: Path) -> None:
     """A worker dies holding a job; Redis then stalls for 12 s (past the 10 s socket
     timeouts). The survivor must give the job back within VT + sweep (+5 s) of SIGCONT,
     i.e. within ~5 s since the job is already older than VT by then."""
-    url = fresh_redis.url
-    r = redis.Redis.from_url(url, socket_timeout=10)
+    rig = rig_for(fresh_redis.url, socket_timeout=10)
+    r = rig.r
     slow = write_slow_model(model_repo)
     iterations = int(0.5 / seconds_per_iteration(slow))
-    victim = profile_worker(url, model_dir=model_repo).start()
-    with InferenceClient(url) as client:
+    victim = rig.worker(model_dir=model_repo)
+    with InferenceClient(rig.url) as client:
         job = client.submit("slow", {"x": slow_input(iterations * 2)})  # ~1 s
     wait_for(lambda: holding(r, job.id), 10, "the victim to take the job")
     victim.kill()
-    profile_worker(url, model_dir=model_repo).start()  # the survivor, which sweeps
+    rig.worker(model_dir=model_repo)  # the survivor, which sweeps
     fresh_redis.pause()
     time.sleep(12)  # the fault: a 12 s stall
     fresh_redis.resume()
@@ -254,9 +226,9 @@ def test_redelivery_after_a_long_redis_stall(fresh_redis: RedisServer,
     assert not missing
 
 
-def _fill(url: str) -> tuple[Ledger, BaseException]:
-    """Submit bulk digits jobs until Redis refuses one; return the ledger and the refusal."""
-    ledger = Ledger()
+def _fill(url: str, ledger: Ledger) -> BaseException:
+    """Submit bulk digits jobs until Redis refuses one (accepted ones go to ``ledger``);
+    return the refusal."""
     client = InferenceClient(url)
     row = 0
     try:
@@ -266,24 +238,25 @@ def _fill(url: str) -> tuple[Ledger, BaseException]:
             try:
                 handles = client.submit_many("digits", rows_of(rows))
             except Exception as exc:
-                return ledger, exc
+                return exc
             ledger.accept([h.id for h in handles], rows)
     finally:
         client.close()
 
 
+Full = tuple[Rig, BaseException]
+
+
 @pytest.fixture
-def full_redis(redis_factory: type[RedisServer]) -> tuple[RedisServer, Ledger, BaseException]:
-    """A 20 MB noeviction Redis filled with queued jobs (no worker running) until refused."""
+def full_redis(redis_factory: type[RedisServer], rig_for: RigFor) -> Full:
+    """A 20 MB noeviction Redis filled with queued jobs (no worker running) until refused:
+    its rig (whose ledger holds the accepted jobs) and the refusal."""
     server = redis_factory(maxmemory="20mb", maxmemory_policy="noeviction").start()
-    ledger, refusal = _fill(server.url)
-    return server, ledger, refusal
+    rig = rig_for(server.url, socket_timeout=5)
+    return rig, _fill(server.url, rig.ledger)
 
 
-def test_redis_out_of_memory_loses_nothing(full_redis: tuple[RedisServer, Ledger,
-                                                            BaseException],
-                                           profile_worker: WorkerFactory,
-                                           figures: Figures) -> None:
+def test_redis_out_of_memory_loses_nothing(full_redis: Full, figures: Figures) -> None:
     """Fill a 20 MB ``noeviction`` Redis with queued jobs until a submit is refused; every
     job accepted before the refusal completes once a worker runs.
 
@@ -292,42 +265,38 @@ def test_redis_out_of_memory_loses_nothing(full_redis: tuple[RedisServer, Ledger
     an operator would: it lifts the limit before starting the worker, and reports how much
     memory draining took.
     """
-    server, ledger, refusal = full_redis
-    r = redis.Redis.from_url(server.url, socket_timeout=5)
+    rig, refusal = full_redis
+    r, ledger = rig.r, rig.ledger
     used = int(r.info("memory")["used_memory"])
     r.config_set("maxmemory", "0")
-    profile_worker(server.url).start()
-    took, missing = wait_results(r, ledger.ids, timeout=60)
-    wait_for(lambda: quiesced(r), 15, "queue drained and nothing in flight")
-    report = audit(r, ledger)
+    rig.worker()
+    settled = rig.settle(results_s=60, quiesce_s=15)
+    report = settled.report
     orphans = sum(1 for _ in r.scan_iter(wire.BLOB_KEY_PREFIX + "*", count=1000))
     figures(accepted=len(ledger), refusal=f"{type(refusal).__name__}: {_printable(refusal)}",
             refusal_typed=isinstance(refusal, ResourceExhausted),
             used_memory_at_refusal_mb=round(used / 2**20, 2),
             used_memory_drained_mb=round(int(r.info("memory")["used_memory"]) / 2**20, 2),
             lost=report.lost,
-            wrong=len(report.wrong), drained_s=took, orphan_blob_keys_left=orphans)
+            wrong=len(report.wrong), drained_s=settled.took, orphan_blob_keys_left=orphans)
     assert len(ledger) > 1000
-    assert report.lost == 0 and not missing, report.summary()
+    assert report.lost == 0 and not settled.missing, report.summary()
     assert not report.wrong
 
 
-def test_redis_out_of_memory_refusal_is_typed(
-        full_redis: tuple[RedisServer, Ledger, BaseException]) -> None:
-    _, _, refusal = full_redis
+def test_redis_out_of_memory_refusal_is_typed(full_redis: Full) -> None:
+    _, refusal = full_redis
     assert isinstance(refusal, ResourceExhausted), repr(refusal)
 
 
-def test_worker_recovers_when_result_writes_are_refused(
-        full_redis: tuple[RedisServer, Ledger, BaseException],
-        profile_worker: WorkerFactory) -> None:
+def test_worker_recovers_when_result_writes_are_refused(full_redis: Full) -> None:
     """Give a full Redis room for the worker to start but not for every result; once the
     worker's writes are refused, give Redis its memory back: every job must complete."""
-    server, ledger, _ = full_redis
-    r = redis.Redis.from_url(server.url, socket_timeout=5)
+    rig, _ = full_redis
+    r, ledger = rig.r, rig.ledger
     r.config_set("maxmemory", str(22 * 2**20))
     refused_before = _oom_refusals(r)
-    worker = profile_worker(server.url).start()
+    worker = rig.worker()
     try:
         deadline = time.monotonic() + 20  # until a write is refused (or, fixed, all done)
         while time.monotonic() < deadline and _oom_refusals(r) == refused_before:
@@ -341,10 +310,8 @@ def test_worker_recovers_when_result_writes_are_refused(
         worker.kill()  # a wedged worker does not even stop on SIGTERM
 
 
-def test_refused_submit_leaves_nothing_behind(
-        full_redis: tuple[RedisServer, Ledger, BaseException]) -> None:
-    server, _, _ = full_redis
-    r = redis.Redis.from_url(server.url, socket_timeout=5)
+def test_refused_submit_leaves_nothing_behind(full_redis: Full) -> None:
+    r = full_redis[0].r
     referenced = {key for raw in r.lrange(DIGITS_QUEUE, 0, -1)
                   for key in [_entries_key(raw)] if key}
     blobs = {k.decode() for k in r.scan_iter(wire.BLOB_KEY_PREFIX + "*", count=1000)}
@@ -375,7 +342,6 @@ def _entries_key(raw: bytes) -> str | None:
 
 
 def test_redis_restarted_without_persistence(redis_factory: type[RedisServer],
-                                             profile_worker: WorkerFactory,
                                              figures: Figures) -> None:
     """Redis without AOF restarted while 200 jobs are queued (no worker yet): the queue and
     results are gone. A client waiting on them gets Unavailable naming the loss within its
@@ -429,14 +395,15 @@ def test_redis_restarted_without_persistence(redis_factory: type[RedisServer],
 
 
 def test_workers_advertise_again_after_redis_lost_its_data(
-        redis_factory: type[RedisServer], profile_worker: WorkerFactory) -> None:
+        redis_factory: type[RedisServer], rig_for: RigFor) -> None:
     """A worker keeps running while Redis (no AOF) restarts empty; once its heartbeat is
     back, a producer's single un-batched example (documented: submit adds the batch axis)
     must still succeed."""
     server = redis_factory(appendonly=False).start()
-    worker = profile_worker(server.url).start()
+    rig = rig_for(server.url, socket_timeout=5)
+    worker = rig.worker()
     server.restart()
-    r = redis.Redis.from_url(server.url, socket_timeout=5)
+    r = rig.r
     wait_for(lambda: r.exists(wire.WORKER_KEY_PREFIX + worker.hostname), 20,
              "the worker's heartbeat after the restart")
     with InferenceClient(server.url) as client:

@@ -11,25 +11,25 @@ import hashlib
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import redis
 
-from producer import InferenceClient, wire
+from producer import wire
 from producer.errors import InferqError
 from producer.wire import read_result as parse_result
-from tests.conftest import WorkerProcess
-from tests.faults.conftest import Figures, WorkerFactory
 from tests.faults.harness import (
     LABELS,
+    Figures,
     Ledger,
-    Load,
+    Rig,
     X,
+    alive,
     in_flight,
     kill_while_holding,
     quiesced,
-    rows_of,
     wait_for,
 )
 from workers.launch.redisproc import RedisServer
@@ -124,8 +124,9 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
-def test_soak_with_chaos(profile_worker: WorkerFactory, figures: Figures,
-                         request: pytest.FixtureRequest, tmp_path: Path) -> None:
+def test_soak_with_chaos(redis_factory: type[RedisServer], rig_for: Callable[..., Rig],
+                         figures: Figures, request: pytest.FixtureRequest,
+                         tmp_path: Path) -> None:
     """Steady load (32 jobs every 100 ms) against 2 workers; at ~30 s a worker is SIGKILLed
     (right after a burst of 1,024 jobs, so that it holds some) and restarted; at ~70 s
     redis-server is SIGKILLed and restarted on its AOF (``appendfsync always``: nothing
@@ -134,98 +135,83 @@ def test_soak_with_chaos(profile_worker: WorkerFactory, figures: Figures,
     long = bool(request.config.getoption("--long", default=False))
     # FAULTS_SOAK_SECONDS shortens or stretches either mode (to try the --long code quickly).
     duration = float(os.environ.get("FAULTS_SOAK_SECONDS") or (600 if long else 120))
-    server = RedisServer(appendonly=True, extra_args=["--appendfsync", "always"],
-                         directory=tmp_path / "redis")
-    server.start()
-    try:
-        url = server.url
-        r = redis.Redis.from_url(url, socket_timeout=5)
-        workers: list[WorkerProcess] = [profile_worker(url).start(), profile_worker(url).start()]
-        ledger = Ledger()
-        load = Load(url, ledger, jobs_per_call=32, interval=0.1)
-        auditor = Auditor(url, ledger, recheck=20.0, delete=long)
-        started = time.monotonic()
-        load.start()
-        auditor.start()
-        worker_kills: list[tuple[float, float | None]] = []  # (kill time, recovery s)
-        redis_restarts: list[tuple[float, float | None]] = []  # (back time, resume s)
-        rss: dict[int, list[int]] = {}
-        memory: list[int] = []
-        cycle = 120.0
-        bursts = InferenceClient(url)
-
-        def burst() -> None:
-            """1,024 jobs at once, so the victim is caught holding some."""
-            rows = list(range(1024))
-            ledger.accept([h.id for h in bursts.submit_many("digits", rows_of(rows))], rows)
-        next_worker_kill, next_redis_kill = started + 30, started + 70
-        pending_kills: list[tuple[float, list[str]]] = []
-        pending_restarts: list[float] = []
-        orphaned: list[int] = []
-        try:
-            while (now := time.monotonic()) - started < duration:
-                if now >= next_worker_kill:
-                    workers[0], kill_at, orphans, _ = kill_while_holding(
-                        r, workers[0], lambda: profile_worker(url).start(), provoke=burst)
-                    orphaned.append(orphans)
-                    pending_kills.append((kill_at, ledger.accepted_between(0, kill_at)))
-                    next_worker_kill += cycle
-                if now >= next_redis_kill:
-                    server.kill()
-                    server.start()
-                    pending_restarts.append(time.monotonic())
-                    next_redis_kill += cycle
-                for kill_at, before in list(pending_kills):
-                    if all(i in auditor.first_seen for i in before):
-                        worker_kills.append((kill_at, max(auditor.first_seen[i]
-                                                          for i in before) - kill_at))
-                        pending_kills.remove((kill_at, before))
-                for back in list(pending_restarts):
-                    after = [t for i, t in auditor.first_seen.items()
-                             if ledger.accepted_at[i] >= back]
-                    if after:
-                        redis_restarts.append((back, min(after) - back))
-                        pending_restarts.remove(back)
-                if now - started >= 20 and int(now - started) % 10 == 0:
-                    for w in workers:
-                        if w.proc is not None and w.proc.poll() is None:
-                            rss.setdefault(w.pid, []).append(_rss_kb(w.pid))
-                    memory.append(int(r.info("memory")["used_memory"]))
-                time.sleep(0.5)
-        finally:
-            load.stop()
-            bursts.close()
-        wait_for(auditor.caught_up, 60, "every accepted job's result")
-        auditor.stop()
-        wait_for(lambda: quiesced(r), 30, "queue drained and nothing in flight")
-        auditor.sweep(final=True)
-        for kill_at, _ in pending_kills:
-            worker_kills.append((kill_at, None))
-        for back in pending_restarts:
-            redis_restarts.append((back, None))
-        lost = len(ledger) - len(auditor.first_seen) + len(auditor.failed)
-        growth = {pid: round((v[-1] - v[0]) / max(1, v[0]) * 100, 1)
-                  for pid, v in rss.items() if len(v) >= 2}
-        figures(duration_s=duration, accepted=len(ledger), refused=dict(ledger.rejected),
-                jobs_per_s=len(ledger) / duration, lost=lost, wrong=len(auditor.wrong),
-                failed=sorted(set(auditor.failed.values())),
-                changed_results=len(auditor.changed),
-                reappeared_results=auditor.reappeared(),
-                messages_orphaned_by_kills=orphaned,
-                worker_kill_recovery_s=[None if s is None else round(s, 2)
-                                        for _, s in worker_kills],
-                redis_restart_resume_s=[None if s is None else round(s, 2)
-                                        for _, s in redis_restarts],
-                unacked_at_quiesce=in_flight(r),
-                worker_rss_growth_pct=growth,
-                worker_rss_kb={pid: (v[0], v[-1]) for pid, v in rss.items()},
-                redis_used_memory_mb=(round(memory[0] / 2**20, 1),
-                                      round(memory[-1] / 2**20, 1)) if memory else None)
-        assert not load.errors, load.errors[:3]
-        assert lost == 0
-        assert not auditor.wrong and not auditor.changed and auditor.reappeared() == 0
-        assert in_flight(r) == 0
-        assert worker_kills and all(s is not None and s <= 30 for _, s in worker_kills)
-        assert redis_restarts and all(s is not None and s <= 10 for _, s in redis_restarts)
-    finally:
-        server.stop()
+    server = redis_factory(appendonly=True, extra_args=["--appendfsync", "always"],
+                           directory=tmp_path / "redis").start()
+    rig = rig_for(server.url, socket_timeout=5)
+    r, ledger = rig.r, rig.ledger
+    workers = rig.workers(2)
+    auditor = Auditor(rig.url, ledger, recheck=20.0, delete=long)
+    started = time.monotonic()
+    load = rig.load(jobs_per_call=32, interval=0.1)
+    auditor.start()
+    request.addfinalizer(auditor.stop)
+    worker_kills: list[tuple[float, float | None]] = []  # (kill time, recovery s)
+    redis_restarts: list[tuple[float, float | None]] = []  # (back time, resume s)
+    rss: dict[int, list[int]] = {}
+    memory: list[int] = []
+    cycle = 120.0
+    next_worker_kill, next_redis_kill = started + 30, started + 70
+    pending_kills: list[tuple[float, list[str]]] = []
+    pending_restarts: list[float] = []
+    orphaned: list[int] = []
+    while (now := time.monotonic()) - started < duration:
+        if now >= next_worker_kill:
+            workers[0], kill_at, orphans, _ = kill_while_holding(
+                r, workers[0], rig.worker, provoke=rig.burst)
+            orphaned.append(orphans)
+            pending_kills.append((kill_at, ledger.accepted_between(0, kill_at)))
+            next_worker_kill += cycle
+        if now >= next_redis_kill:
+            server.kill()
+            server.start()
+            pending_restarts.append(time.monotonic())
+            next_redis_kill += cycle
+        for kill_at, before in list(pending_kills):
+            if all(i in auditor.first_seen for i in before):
+                worker_kills.append((kill_at, max(auditor.first_seen[i]
+                                                  for i in before) - kill_at))
+                pending_kills.remove((kill_at, before))
+        for back in list(pending_restarts):
+            after = [t for i, t in auditor.first_seen.items()
+                     if ledger.accepted_at[i] >= back]
+            if after:
+                redis_restarts.append((back, min(after) - back))
+                pending_restarts.remove(back)
+        if now - started >= 20 and int(now - started) % 10 == 0:
+            for w in filter(alive, workers):
+                rss.setdefault(w.pid, []).append(_rss_kb(w.pid))
+            memory.append(int(r.info("memory")["used_memory"]))
+        time.sleep(0.5)
+    load.stop()
+    wait_for(auditor.caught_up, 60, "every accepted job's result")
+    auditor.stop()
+    wait_for(lambda: quiesced(r), 30, "queue drained and nothing in flight")
+    auditor.sweep(final=True)
+    for kill_at, _ in pending_kills:
+        worker_kills.append((kill_at, None))
+    for back in pending_restarts:
+        redis_restarts.append((back, None))
+    lost = len(ledger) - len(auditor.first_seen) + len(auditor.failed)
+    growth = {pid: round((v[-1] - v[0]) / max(1, v[0]) * 100, 1)
+              for pid, v in rss.items() if len(v) >= 2}
+    figures(duration_s=duration, accepted=len(ledger), refused=dict(ledger.rejected),
+            jobs_per_s=len(ledger) / duration, lost=lost, wrong=len(auditor.wrong),
+            failed=sorted(set(auditor.failed.values())),
+            changed_results=len(auditor.changed),
+            reappeared_results=auditor.reappeared(),
+            messages_orphaned_by_kills=orphaned,
+            worker_kill_recovery_s=[None if s is None else round(s, 2)
+                                    for _, s in worker_kills],
+            redis_restart_resume_s=[None if s is None else round(s, 2)
+                                    for _, s in redis_restarts],
+            unacked_at_quiesce=in_flight(r),
+            worker_rss_growth_pct=growth,
+            worker_rss_kb={pid: (v[0], v[-1]) for pid, v in rss.items()},
+            redis_used_memory_mb=(round(memory[0] / 2**20, 1),
+                                  round(memory[-1] / 2**20, 1)) if memory else None)
+    assert not load.errors, load.errors[:3]
+    assert lost == 0
+    assert not auditor.wrong and not auditor.changed and auditor.reappeared() == 0
+    assert in_flight(r) == 0
+    assert worker_kills and all(s is not None and s <= 30 for _, s in worker_kills)
+    assert redis_restarts and all(s is not None and s <= 10 for _, s in redis_restarts)

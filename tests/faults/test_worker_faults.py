@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import redis
 
 from producer import InferenceClient, wire
-from tests.conftest import MODELS, WorkerProcess
-from tests.faults.conftest import Figures, WorkerFactory
+from tests.conftest import WorkerProcess
 from tests.faults.harness import (
-    PROFILE,
-    Ledger,
-    Load,
+    Figures,
+    Rig,
+    Supervised,
     audit,
     changed_results,
     copy_digits,
@@ -36,25 +35,24 @@ from tests.faults.harness import (
     quiesced,
     raw_job,
     result_keys,
-    rows_of,
     seconds_per_iteration,
     slow_input,
     wait_for,
     wait_results,
     write_slow_model,
 )
-from workers.launch.launcher import Supervisor, plan
-from workers.launch.redisproc import RedisServer
 
 pytestmark = pytest.mark.faults
 
 
+Supervise = Callable[[str, int], Supervised]
+
+
 def _attempt_keys(client: redis.Redis) -> int:
-    return sum(1 for _ in client.scan_iter("inferq:attempts:*", count=1000))
+    return sum(1 for _ in client.scan_iter(wire.ATTEMPTS_PREFIX + "*", count=1000))
 
 
-def test_kill9_worker_mid_batch(fresh_redis: RedisServer, profile_worker: WorkerFactory,
-                                figures: Figures) -> None:
+def test_kill9_worker_mid_batch(rig: Rig, figures: Figures) -> None:
     """SIGKILL one of two workers while it holds unacked messages; the survivor's visibility
     sweep gives them back (VT 10 s + 1 s sweep) and every job ends with one correct result.
 
@@ -66,31 +64,17 @@ def test_kill9_worker_mid_batch(fresh_redis: RedisServer, profile_worker: Worker
     1.5 s later (the survivor acks its own within milliseconds); if not, the replacement
     is killed in turn (at most 5 tries). Recovery = kill -> every job done.
     """
-    url = fresh_redis.url
-    r = fresh_redis.client()
-    survivor = profile_worker(url).start()
-    victim = profile_worker(url).start()
-    ledger = Ledger()
-    load = Load(url, ledger, jobs_per_call=32, interval=0.025)
-    load.start()
-    bursts = InferenceClient(url)
-
-    def burst() -> None:  # 1,024 jobs at once: the victim is very likely to hold some
-        rows = list(range(1024))
-        ledger.accept([h.id for h in bursts.submit_many("digits", rows_of(rows))], rows)
-
-    try:
-        wait_for(lambda: len(ledger) >= 400, 30, "400 accepted jobs")
-        _, kill_at, orphans, killed = kill_while_holding(
-            r, victim, lambda: profile_worker(url).start(), provoke=burst)
-        wait_for(lambda: len(ledger) >= 2000, 30, "2000 accepted jobs")
-    finally:
-        load.stop()
-        bursts.close()
-    wait_results(r, ledger.ids, timeout=60)
-    recovery = time.monotonic() - kill_at
-    wait_for(lambda: quiesced(r), 10, "unacked empty and queue drained")
-    report = audit(r, ledger)
+    r, ledger = rig.r, rig.ledger
+    survivor, victim = rig.workers(2)
+    load = rig.load(jobs_per_call=32, interval=0.025)
+    wait_for(lambda: len(ledger) >= 400, 30, "400 accepted jobs")
+    # Each try follows a burst of 1,024 jobs: the victim is very likely to hold some.
+    _, kill_at, orphans, killed = kill_while_holding(r, victim, rig.worker, provoke=rig.burst)
+    wait_for(lambda: len(ledger) >= 2000, 30, "2000 accepted jobs")
+    load.stop()
+    settled = rig.settle(results_s=60, quiesce_s=10)
+    recovery = settled.done_at - kill_at
+    report = settled.report
     changed = changed_results(r, report.docs)
     phantom = result_keys(r) - set(ledger.ids)
     executions = executed_jobs([survivor, *killed])
@@ -107,42 +91,34 @@ def test_kill9_worker_mid_batch(fresh_redis: RedisServer, profile_worker: Worker
     assert in_flight(r) == 0
 
 
-def _sigterm_under_load(fresh_redis: RedisServer, profile_worker: WorkerFactory,
-                        figures: Figures, model_repo: Path, *, group: bool) -> None:
+def _sigterm_under_load(rig: Rig, figures: Figures, model_repo: Path, *, group: bool) -> None:
     """Shared body of the two SIGTERM scenarios: a long batch is running on the victim
     when the signal comes, plus digits load on both workers."""
-    url = fresh_redis.url
-    r = fresh_redis.client()
+    r, ledger = rig.r, rig.ledger
     copy_digits(model_repo)
     slow = write_slow_model(model_repo)
     iterations = int(1.0 / seconds_per_iteration(slow))  # ~1 s batch, under the 3 s limit
-    survivor = profile_worker(url, model_dir=model_repo, INFERQ_MODELS="digits").start()
-    ledger = Ledger()
-    load = Load(url, ledger, jobs_per_call=32, interval=0.02)
-    load.start()
-    victim: WorkerProcess | None = None
-    try:
-        wait_for(lambda: len(ledger) >= 300, 30, "300 accepted jobs")
-        victim = profile_worker(url, model_dir=model_repo).start()
-        # A ~1 s job that only the victim serves: it is mid-batch when SIGTERM arrives.
-        with InferenceClient(url) as client:
-            slow_job = client.submit("slow", {"x": slow_input(iterations)})
-        wait_for(lambda: holding(r, slow_job.id), 10, "the slow job in flight")
-        signalled_at = time.monotonic()
-        assert victim.proc is not None
-        if group:
-            os.killpg(os.getpgid(victim.pid), signal.SIGTERM)
-        else:
-            victim.proc.send_signal(signal.SIGTERM)
-        code = victim.proc.wait(timeout=30)
-        exit_s = time.monotonic() - signalled_at
-        wait_for(lambda: len(ledger) >= 2000, 30, "2000 accepted jobs")
-    finally:
-        load.stop()
-    _, missing = wait_results(r, [*ledger.ids, slow_job.id], timeout=40)
-    wait_for(lambda: quiesced(r, [wire.queue_name("digits"), wire.queue_name("slow")]),
-             10, "queues drained and nothing in flight")
-    report = audit(r, ledger)
+    survivor = rig.worker(model_dir=model_repo, INFERQ_MODELS="digits")
+    load = rig.load(jobs_per_call=32, interval=0.02)
+    wait_for(lambda: len(ledger) >= 300, 30, "300 accepted jobs")
+    victim: WorkerProcess = rig.worker(model_dir=model_repo)
+    # A ~1 s job that only the victim serves: it is mid-batch when SIGTERM arrives.
+    with InferenceClient(rig.url) as client:
+        slow_job = client.submit("slow", {"x": slow_input(iterations)})
+    wait_for(lambda: holding(r, slow_job.id), 10, "the slow job in flight")
+    signalled_at = time.monotonic()
+    assert victim.proc is not None
+    if group:
+        os.killpg(os.getpgid(victim.pid), signal.SIGTERM)
+    else:
+        victim.proc.send_signal(signal.SIGTERM)
+    code = victim.proc.wait(timeout=30)
+    exit_s = time.monotonic() - signalled_at
+    wait_for(lambda: len(ledger) >= 2000, 30, "2000 accepted jobs")
+    load.stop()
+    settled = rig.settle(results_s=40, quiesce_s=10, extra_ids=[slow_job.id],
+                         queues=[wire.queue_name("digits"), wire.queue_name("slow")])
+    report, missing = settled.report, settled.missing
     executions = executed_jobs([survivor, victim])
     slow_doc = r.get(wire.result_key(slow_job.id))
     figures(accepted=len(ledger), exit_code=code, exit_s=exit_s, lost=report.lost,
@@ -159,23 +135,21 @@ def _sigterm_under_load(fresh_redis: RedisServer, profile_worker: WorkerFactory,
     assert _attempt_keys(r) == 0, "a warm shutdown must not cause redeliveries"
 
 
-def test_sigterm_warm_shutdown_mid_load(fresh_redis: RedisServer, profile_worker: WorkerFactory,
-                                        figures: Figures, model_repo: Path) -> None:
+def test_sigterm_warm_shutdown_mid_load(rig: Rig, figures: Figures, model_repo: Path) -> None:
     """SIGTERM to one worker's process while it runs a ~1 s batch and digits load flows:
     it stops taking, finishes and stores what it took, acks, and exits 0. Executions are
     counted from both workers' ``batch`` log lines (complete: nobody is killed)."""
-    _sigterm_under_load(fresh_redis, profile_worker, figures, model_repo, group=False)
+    _sigterm_under_load(rig, figures, model_repo, group=False)
 
 
-def test_sigterm_process_group_mid_load(fresh_redis: RedisServer, profile_worker: WorkerFactory,
-                                        figures: Figures, model_repo: Path) -> None:
+def test_sigterm_process_group_mid_load(rig: Rig, figures: Figures, model_repo: Path) -> None:
     """``kill -TERM -<pgid>`` (systemd's KillMode=control-group): with the solo pool the
     group is the worker process alone, so this must behave exactly like a warm shutdown."""
-    _sigterm_under_load(fresh_redis, profile_worker, figures, model_repo, group=True)
+    _sigterm_under_load(rig, figures, model_repo, group=True)
 
 
 def test_batch_time_limit_exits_70_and_jobs_finish_elsewhere(
-    fresh_redis: RedisServer, profile_worker: WorkerFactory, figures: Figures, model_repo: Path
+    rig: Rig, figures: Figures, model_repo: Path
 ) -> None:
     """A batch that runs past ``INFERQ_BATCH_TIME_LIMIT`` makes its process ``os._exit(70)``
     (after the ``batch_soft_time_limit`` warning at 80%); its messages come back after the
@@ -186,11 +160,10 @@ def test_batch_time_limit_exits_70_and_jobs_finish_elsewhere(
     one-iteration jobs pushed in the same transaction; worker B (limit 5 s, VT 15 s: the
     limit must stay <= VT/3) is started after A died and runs them all.
     """
-    url = fresh_redis.url
-    r = fresh_redis.client()
+    r = rig.r
     per_iteration = seconds_per_iteration(write_slow_model(model_repo))
     iterations = int(3.2 / per_iteration)
-    short = profile_worker(url, model_dir=model_repo, INFERQ_BATCH_TIME_LIMIT="2").start()
+    short = rig.worker(model_dir=model_repo, INFERQ_BATCH_TIME_LIMIT="2")
     queue = wire.queue_name("slow")
     ids = [str(uuid.uuid4()) for _ in range(32)]
     pipe = r.pipeline(transaction=True)
@@ -204,12 +177,12 @@ def test_batch_time_limit_exits_70_and_jobs_finish_elsewhere(
     exited_s = time.monotonic() - pushed
     soft = log_events(short, "batch_soft_time_limit")
     hard = log_events(short, "batch_time_limit")
-    long = profile_worker(url, model_dir=model_repo, INFERQ_BATCH_TIME_LIMIT="5",
-                          INFERQ_VISIBILITY_TIMEOUT="15").start()
+    long = rig.worker(model_dir=model_repo, INFERQ_BATCH_TIME_LIMIT="5",
+                      INFERQ_VISIBILITY_TIMEOUT="15")
     _, missing = wait_results(r, ids, timeout=45)
     done_s = time.monotonic() - pushed
     outcomes = [b'"SUCCESS"' in (r.get(wire.result_key(i)) or b"") for i in ids]
-    attempts = r.get(f"inferq:attempts:{ids[0]}")
+    attempts = r.get(wire.attempts_key(ids[0]))
     wait_for(lambda: quiesced(r, [queue]), 10, "queue drained and nothing in flight")
     figures(slow_job_s=round(iterations * per_iteration, 2), exit_code=code,
             exit_after_s=exited_s, soft_warnings=len(soft), hard_limit_lines=len(hard),
@@ -225,97 +198,49 @@ def test_batch_time_limit_exits_70_and_jobs_finish_elsewhere(
     assert long.proc is not None and long.proc.poll() is None
 
 
-def test_recycling_under_a_supervisor(fresh_redis: RedisServer, figures: Figures,
-                                      tmp_path: Path) -> None:
+def test_recycling_under_a_supervisor(rig: Rig, supervised: Supervise,
+                                      figures: Figures) -> None:
     """``INFERQ_MAX_JOBS_PER_PROCESS=500``: the worker warm-restarts itself (SIGTERM to
     itself) and the launcher's Supervisor starts a new one; 3,000 jobs paced over ~6 s
     (30 every 60 ms) all succeed and more than one process served them."""
-    url = fresh_redis.url
-    r = fresh_redis.client()
-    env = {**os.environ, **PROFILE, "INFERQ_BROKER_URL": url, "INFERQ_RESULT_URL": url,
-           "INFERQ_MODEL_DIR": str(MODELS), "INFERQ_LOG_FORMAT": "json",
-           "INFERQ_MAX_JOBS_PER_PROCESS": "500", "INFERQ_INTRA_OP_THREADS": "1",
-           "INFERQ_METRICS_PORT": "0"}
-    specs = plan(None, 1, host=f"fault-{uuid.uuid4().hex[:6]}", base_env=env)
-    log_path = tmp_path / "supervised.log"
-    pids: set[int] = set()
-    errors: list[BaseException] = []
-    with open(log_path, "wb") as log:
-        supervisor = Supervisor(specs, output=log)
-        supervisor.start()
-        stop = threading.Event()
-
-        def supervise() -> None:  # what Supervisor.run() does, minus its signal handlers
-            while not stop.is_set():
-                try:
-                    supervisor.poll()
-                except Exception as exc:
-                    errors.append(exc)
-                    return
-                pids.update(p.pid for p in supervisor.procs.values())
-                stop.wait(0.1)
-
-        thread = threading.Thread(target=supervise, daemon=True)
-        thread.start()
-        ledger = Ledger()
-        try:
-            hostname = specs[0].hostname
-            wait_for(lambda: r.exists(wire.WORKER_KEY_PREFIX + hostname), 60,
-                     "the supervised worker to be ready")
-            load = Load(url, ledger, jobs_per_call=30, interval=0.06, total=3000)
-            load.start()
-            load.join(timeout=60)
-            took, missing = wait_results(r, ledger.ids, timeout=60)
-        finally:
-            stop.set()
-            thread.join(timeout=10)
-            supervisor.stop()
+    r, ledger = rig.r, rig.ledger
+    sup = supervised(rig.url, 500)
+    sup.watch()
+    wait_for(lambda: r.exists(wire.WORKER_KEY_PREFIX + sup.hostname), 60,
+             "the supervised worker to be ready")
+    load = rig.load(jobs_per_call=30, interval=0.06, total=3000)
+    load.join(timeout=60)
+    took, missing = wait_results(r, ledger.ids, timeout=60)
+    sup.stop()
     report = audit(r, ledger)
-    records = [line for line in log_path.read_text(errors="replace").splitlines()
-               if '"recycling_process"' in line]
+    records = sup.log_lines('"recycling_process"')
     figures(accepted=len(ledger), lost=report.lost, wrong=len(report.wrong),
-            worker_pids=len(pids), recycles=len(records), all_done_s=took,
-            supervisor_errors=[str(e) for e in errors])
-    assert not errors, f"the supervisor gave up: {errors[0]}"
+            worker_pids=len(sup.pids), recycles=len(records), all_done_s=took,
+            supervisor_errors=[str(e) for e in sup.errors])
+    assert not sup.errors, f"the supervisor gave up: {sup.errors[0]}"
     assert len(ledger) == 3000
     assert report.lost == 0 and not missing, report.summary()
     assert not report.wrong
-    assert len(pids) >= 2 and len(records) >= 1
+    assert len(sup.pids) >= 2 and len(records) >= 1
 
 
-def test_recycling_faster_than_five_a_minute(fresh_redis: RedisServer, tmp_path: Path) -> None:
+def test_recycling_faster_than_five_a_minute(rig: Rig, supervised: Supervise) -> None:
     """Recycling every 50 jobs under steady load (150 jobs/s) means a planned restart every
     few seconds; the supervisor must keep serving through 7 of them (it restarts crashes up
     to 5 times a minute, but a recycle, exit code 0, is not a crash), and every job must
     complete. (Regression test: the supervisor used to count recycles as crashes and give
     up after the sixth.)"""
-    url = fresh_redis.url
-    r = fresh_redis.client()
-    env = {**os.environ, **PROFILE, "INFERQ_BROKER_URL": url, "INFERQ_RESULT_URL": url,
-           "INFERQ_MODEL_DIR": str(MODELS), "INFERQ_LOG_FORMAT": "json",
-           "INFERQ_MAX_JOBS_PER_PROCESS": "50", "INFERQ_INTRA_OP_THREADS": "1",
-           "INFERQ_METRICS_PORT": "0"}
-    specs = plan(None, 1, host=f"fault-{uuid.uuid4().hex[:6]}", base_env=env)
-    ledger = Ledger()
-    pids: set[int] = set()
-    with open(tmp_path / "supervised.log", "wb") as log:
-        supervisor = Supervisor(specs, output=log)
-        supervisor.start()
-        load = Load(url, ledger, jobs_per_call=30, interval=0.2)
-        load.start()
-        try:
-            deadline = time.monotonic() + 50
-            while len(pids) < 8:  # the first process and 7 recycled ones
-                supervisor.poll()  # raises LaunchError when it gives up
-                pids.update(p.pid for p in supervisor.procs.values())
-                assert time.monotonic() < deadline, f"only {len(pids)} processes in 50 s"
-                time.sleep(0.1)
-            load.stop()
-            while wait_results(r, ledger.ids, 0)[1]:
-                supervisor.poll()
-                assert time.monotonic() < deadline + 10, "jobs not done"
-                time.sleep(0.1)
-        finally:
-            load.stop()
-            supervisor.stop()
+    r, ledger = rig.r, rig.ledger
+    sup = supervised(rig.url, 50)
+    load = rig.load(jobs_per_call=30, interval=0.2)
+    deadline = time.monotonic() + 50
+    while len(sup.pids) < 8:  # the first process and 7 recycled ones
+        sup.poll()  # raises LaunchError when it gives up
+        assert time.monotonic() < deadline, f"only {len(sup.pids)} processes in 50 s"
+        time.sleep(0.1)
+    load.stop()
+    while wait_results(r, ledger.ids, 0)[1]:
+        sup.poll()
+        assert time.monotonic() < deadline + 10, "jobs not done"
+        time.sleep(0.1)
     assert audit(r, ledger).lost == 0

@@ -26,9 +26,8 @@ from celery import Celery
 
 from producer import wire
 from producer.errors import InvalidInput, JobFailed
-from producer.wire import JobResult
+from producer.wire import Delivery, JobResult, TensorSpec
 from producer.wire import read_result as parse_result
-from producer.wire import Delivery, TensorSpec
 
 GOLDEN = pathlib.Path(__file__).resolve().parents[1] / "golden"
 REGEN = os.environ.get("INFERQ_REGEN_GOLDEN") == "1"

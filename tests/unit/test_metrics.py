@@ -19,11 +19,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from producer import wire
-from workers.launch.redisproc import free_port
-from workers.ops import metrics
 from producer.wire import DLQ_KEY
+from workers.launch.redisproc import free_port
 from workers.ops import exporter as exporter_module
-from workers.ops import gpu, queues
+from workers.ops import gpu, metrics, queues
 from workers.ops.exporter import QueueExporter
 from workers.ops.metrics import WorkerMetrics, metrics_port, port_from_env
 

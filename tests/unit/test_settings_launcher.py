@@ -10,10 +10,10 @@ from typing import Any, ClassVar
 
 import pytest
 
-from workers.launch import launcher
-from workers.launch.launcher import LaunchError, Supervisor, WorkerSpec, parse_gpus, plan
 from producer.wire import CONTROL_QUEUE, DEFAULT_URL
 from workers.errors import SettingsError
+from workers.launch import launcher
+from workers.launch.launcher import LaunchError, Supervisor, WorkerSpec, parse_gpus, plan
 from workers.settings import Settings, default_model_dir
 
 # --- settings --------------------------------------------------------------------------------

