@@ -3,12 +3,14 @@ bookkeeping, observers, Flower's task events and their sampler, blob ownership."
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pytest
+import redis
 
 import workers.serving.events as events_module
 from producer import wire
@@ -19,6 +21,7 @@ from workers.serving.events import Event, Sampler, TaskEvents
 from workers.serving.inflight import InFlight, Message
 from workers.serving.intake import Pending
 from workers.serving.observers import Batch, Observer, Observers, Outcome
+from workers.serving.writer import Completed, ResultWriter
 
 # --- drain_size and rows_per_message ------------------------------------------------------
 
@@ -470,3 +473,44 @@ def test_a_parsed_message_may_not_claim_another_jobs_blob() -> None:
     assert [j.id for j in delivery.jobs] == ["j1", "j2"]
     # j2's blob is deleted once, as j2's; j1 only reads it.
     assert delivery.owned_blobs() == [wire.blob_key("j2", "x")]
+
+
+# --- the writer at shutdown -------------------------------------------------------------
+
+
+class DeadStore:
+    """A result store whose Redis never answers."""
+
+    def __init__(self) -> None:
+        self.tries = 0
+
+    def commit(self, docs: Any, acks: Any, blobs: Any) -> None:
+        self.tries += 1
+        raise redis.exceptions.ConnectionError("Redis is unreachable")
+
+
+def test_a_stopping_writer_abandons_writes_redis_refuses_past_its_grace() -> None:
+    store = DeadStore()
+    writer = ResultWriter(store, depth=1)  # type: ignore[arg-type]
+    writer.give_up_after(0.3)
+    started = time.monotonic()
+    ran: list[bool] = []
+    writer.submit(Completed([("j", b"{}", None)], ["tag"], [], [lambda: ran.append(True)]))
+    writer.close()
+    assert 0.3 <= time.monotonic() - started < 5
+    assert store.tries >= 2, "it retried before giving up"
+    assert ran == [], "nothing that follows a store runs when the store was abandoned"
+    assert writer.error is None, "giving up is not a failure: the messages stay unacked"
+
+
+def test_a_running_writer_keeps_retrying(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = DeadStore()
+    writer = ResultWriter(store)  # type: ignore[arg-type]
+    writer.submit(Completed([("j", b"{}", None)], ["tag"], []))
+    deadline = time.monotonic() + 1.0
+    while store.tries < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    tries = store.tries
+    assert tries >= 4, "without a grace it retries (nothing is acked, nothing is lost)"
+    writer.give_up_after(0)
+    writer.close()

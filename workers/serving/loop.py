@@ -57,8 +57,11 @@ class ModelServer:
         self._docs: list[tuple[str, bytes, str | None]] = []
         self.log = log.bind(model=name, worker=worker, instance=instance)
 
-    def serve(self, stop: threading.Event, block_s: float = 1.0) -> None:
-        """Run batches until ``stop`` is set, then finish the jobs already taken."""
+    def serve(self, stop: threading.Event, block_s: float = 1.0, grace_s: float = 10.0
+              ) -> None:
+        """Run batches until ``stop`` is set, then finish the jobs already taken and store
+        their results (giving up after ``grace_s`` if Redis is unreachable: those jobs stay
+        unacknowledged and are delivered again)."""
         while not stop.is_set():
             try:
                 self.cycle(block_s)
@@ -66,8 +69,12 @@ class ModelServer:
                 # Taken jobs stay in memory and in kombu's unacked set; retry until Redis is back.
                 self.log.warning("redis_unavailable", error=str(exc))
                 stop.wait(0.5)
-        while self._waiting:
-            self._run_batch()
+        self.writer.give_up_after(grace_s)
+        try:
+            while self._waiting:
+                self._run_batch()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            self.log.warning("jobs_left_at_shutdown", jobs=len(self._waiting), error=str(exc))
         self._hand_off()
         self.writer.close()
 

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import redis
 import structlog
-from celery import bootsteps
+from celery import bootsteps, signals
 
 from producer import wire
 from producer.wire import TensorSpec
@@ -102,6 +102,9 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def start(self, worker: Any) -> None:
         settings, metrics = self.settings, self.metrics
+        # Stop taking work as soon as a shutdown begins: Celery stops this step only after
+        # its consumer, which can hang on a broker that does not answer.
+        signals.worker_shutting_down.connect(self._shutting_down, weak=False)
         hostname = worker.hostname or settings.hostname
         port = metrics_module.port_from_env(os.environ)
         if port is not None:
@@ -175,6 +178,9 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
                             policy=BatchPolicy(manifest.max_batch_rows,
                                                manifest.max_wait_ms / 1000.0),
                             settings=settings, worker=hostname, instance=instance)
+
+    def _shutting_down(self, *args: Any, **kwargs: Any) -> None:
+        self.stop_event.set()
 
     def _run(self, server: ModelServer) -> None:
         try:

@@ -142,6 +142,8 @@ class ResultWriter:
         #: Items handed to the thread, and items it has finished: one writer thread each,
         #: so neither count can lose an update.
         self._submitted = self._finished = 0
+        #: Set by close(grace_s): past it, a write Redis keeps refusing is abandoned.
+        self._give_up_at: float | None = None
         self._thread = threading.Thread(target=self._loop, name="inferq-writer", daemon=True)
         self._thread.start()
 
@@ -155,6 +157,12 @@ class ResultWriter:
                 return
             except queue.Full:
                 continue  # Redis is slow or refusing writes: wait, but notice a dead writer
+
+    def give_up_after(self, grace_s: float) -> None:
+        """From now on, abandon a write Redis still refuses ``grace_s`` seconds from now: its
+        messages stay unacknowledged and are delivered again later, so a worker told to stop
+        while Redis is unreachable does stop."""
+        self._give_up_at = time.monotonic() + grace_s
 
     def close(self) -> None:
         """Write everything submitted so far, then stop the thread."""
@@ -201,6 +209,10 @@ class ResultWriter:
                     redis.exceptions.OutOfMemoryError) as exc:
                 # Nothing is acked yet, so nothing is lost: retry until Redis is back or has
                 # room again (results expire; operators can raise maxmemory).
+                if self._give_up_at is not None and time.monotonic() > self._give_up_at:
+                    log.error("results_abandoned_at_shutdown", error=str(exc),
+                              jobs=len(item.docs), messages=len(item.acks))
+                    return
                 log.warning("result_write_retry", error=str(exc), jobs=len(item.docs))
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
