@@ -190,6 +190,12 @@ def check_inputs(
                     f"input '{spec.name}': dimension {axis} must be {want}, got {got} "
                     f"(shape {list(arr.shape)}, expected {list(spec.shape)})"
                 )
+            if want == -1 and got == 0 and axis > 0:
+                # A model would answer an empty sequence with something (a mean of 0.0):
+                # refuse it instead of returning a made-up answer.
+                raise InvalidInput(
+                    f"input '{spec.name}': dimension {axis} is empty (shape {list(arr.shape)}); "
+                    "a free dimension needs at least one element")
         if spec.shape and spec.shape[0] == -1:
             if arr.shape[0] == 0:
                 raise InvalidInput(f"input '{spec.name}': empty batch (0 rows)")

@@ -301,10 +301,10 @@ def test_multi_row_jobs_never_overfill_a_batch(world: World) -> None:
     ids = [client.submit(MODEL, {"x": rows_of(n, i)}).id for i, n in enumerate(sizes)]
     world.run(world.server(max_rows=8))
 
-    # A 9-row job is larger than a batch: it runs alone; every other batch fits.
-    assert all(rows <= 8 or rows == 9 for rows in world.batch_rows)
-    assert world.batch_rows.count(9) == 1
-    assert world.ok(ids[sizes.index(9)]).batch_size == 9
+    # A 9-row job is larger than a batch: it runs as batches of 8 and 1, its outputs joined
+    # in order (checked below); no batch is ever over the limit.
+    assert all(rows <= 8 for rows in world.batch_rows)
+    assert world.ok(ids[sizes.index(9)]).batch_size == 8
     assert sum(world.batch_rows) == sum(sizes)
     for i, (job_id, n) in enumerate(zip(ids, sizes, strict=True)):
         np.testing.assert_array_equal(world.ok(job_id)["y"],
@@ -732,3 +732,68 @@ def test_observers_see_each_step_and_hand_off_after_the_store(world: World) -> N
     assert kinds[marked] == ["task-received", "task-started", "task-failed"]
     assert kinds[bad] == ["task-received", "task-failed"]
 
+
+
+# --- shapes ---------------------------------------------------------------------------------
+
+
+class MeanModel:
+    """A sequence model: ``y = mean of x over its sequence axis`` (padding would change it)."""
+
+    provider = "FakeExecutionProvider"
+
+    def __init__(self) -> None:
+        self.shapes: list[tuple[int, ...]] = []
+
+    def run(self, feeds: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+        self.shapes.append(feeds["x"].shape)
+        return {"y": feeds["x"].mean(axis=1)}
+
+
+def sequence_server(world: World, model: MeanModel) -> ModelServer:
+    settings = Settings(max_tensor_bytes=1 << 20, reject_nonfinite=False, result_ttl_s=600)
+    server = model_server(
+        MODEL, {1: model},  # type: ignore[dict-item]
+        (TensorSpec("x", "float32", (-1, -1, 2)),), broker=world.broker,
+        results=world.results, same_server=True, observer=Observer(),
+        policy=BatchPolicy(8, 60.0), settings=settings, worker="cpu0@test")
+    world.servers.append(server)
+    return server
+
+
+def test_jobs_of_different_lengths_batch_by_length(world: World) -> None:
+    client = world.client(validate=False)
+    lengths = [3, 5, 3, 5, 3, 1]
+    xs = [np.full((1, n, 2), i, np.float32) + np.arange(n, dtype=np.float32)[None, :, None]
+          for i, n in enumerate(lengths)]
+    ids = [h.id for h in client.submit_many(MODEL, [{"x": x} for x in xs])]
+    model = MeanModel()
+    world.run(sequence_server(world, model))
+    # One model call per length, each with every job of that length: never concatenated
+    # across lengths, never padded, never run one by one.
+    assert sorted(model.shapes) == [(1, 1, 2), (2, 5, 2), (3, 3, 2)]
+    for job_id, x, n in zip(ids, xs, lengths, strict=True):
+        got = world.ok(job_id)
+        np.testing.assert_allclose(got["y"], x.mean(axis=1))
+        assert got.batch_size == lengths.count(n), "batch_size is the batch that ran"
+
+
+def test_an_empty_sequence_is_invalid(world: World) -> None:
+    client = world.client(validate=False)
+    empty = client.submit(MODEL, {"x": np.zeros((1, 0, 2), np.float32)}).id
+    fine = client.submit(MODEL, {"x": np.ones((1, 2, 2), np.float32)}).id
+    world.run(sequence_server(world, MeanModel()))
+    failed = world.result(empty)
+    assert isinstance(failed, InvalidInput) and "dimension 1 is empty" in failed.message
+    assert world.ok(fine)["y"].tolist() == [[1.0, 1.0]]
+
+
+def test_a_job_larger_than_a_batch_runs_in_parts_joined_in_order(world: World) -> None:
+    client = world.client()
+    big = rows_of(20, 3)
+    job_id = client.submit(MODEL, {"x": big}).id
+    world.run(world.server(max_rows=8))
+    assert world.batch_rows == [8, 8, 4]
+    got = world.ok(job_id)
+    np.testing.assert_array_equal(got["y"], big.sum(axis=1, keepdims=True))
+    assert got.batch_size == 8

@@ -85,6 +85,7 @@ class W:
     version: int = 1
     suspect: bool = False
     name: str = ""
+    shape: tuple[tuple[int, ...], ...] = ((4,),)
 
 
 def names(jobs: Sequence[W]) -> list[str]:
@@ -514,3 +515,14 @@ def test_a_running_writer_keeps_retrying(monkeypatch: pytest.MonkeyPatch) -> Non
     assert tries >= 4, "without a grace it retries (nothing is acked, nothing is lost)"
     writer.give_up_after(0)
     writer.close()
+
+
+def test_pick_batches_only_jobs_of_the_heads_shape() -> None:
+    """A sequence model's jobs of different lengths never concatenate: each length forms its
+    own batch, oldest first, and nothing is padded."""
+    waiting = [W(name="a", shape=((5, 8),)), W(name="b", shape=((3, 8),)),
+               W(name="c", shape=((5, 8),)), W(name="d", shape=((3, 8),))]
+    batch, rest = pick(waiting, 8)
+    assert names(batch) == ["a", "c"] and names(rest) == ["b", "d"]
+    batch, rest = pick(rest, 8)
+    assert names(batch) == ["b", "d"] and rest == []

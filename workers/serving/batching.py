@@ -46,6 +46,20 @@ def collate(jobs: Sequence[Arrays], names: Sequence[str]) -> Arrays:
     return {n: np.concatenate([j[n] for j in jobs], axis=0) for n in names}
 
 
+def parts(arrays: Arrays, max_rows: int) -> list[Arrays]:
+    """Cut one job's inputs into slices of at most ``max_rows`` rows (views, no copy)."""
+    rows = len(next(iter(arrays.values())))
+    return [{n: a[start:start + max_rows] for n, a in arrays.items()}
+            for start in range(0, rows, max_rows)]
+
+
+def join(outputs: Sequence[Arrays]) -> Arrays:
+    """The outputs of a job's slices, concatenated back in order."""
+    if len(outputs) == 1:
+        return outputs[0]
+    return {n: np.concatenate([o[n] for o in outputs], axis=0) for n in outputs[0]}
+
+
 def split(outputs: Arrays, row_counts: Sequence[int]) -> list[Arrays]:
     """Cut batch outputs back into one mapping per job, checking the row total."""
     total = sum(row_counts)
@@ -88,6 +102,8 @@ class Waiting(Protocol):
 
     rows: int
     version: int
+    #: The job's dimensions past the batch axis, per input: only equal ones concatenate.
+    shape: tuple[tuple[int, ...], ...]
     #: Redelivered after a crash: runs alone, so a job that kills its worker is isolated.
     suspect: bool
 
@@ -98,13 +114,16 @@ W = TypeVar("W", bound=Waiting)
 def pick(waiting: Sequence[W], max_rows: int) -> tuple[list[W], list[W]]:
     """The next batch and what stays waiting.
 
-    A suspect job at the head runs alone; otherwise the batch is the head's version's
-    non-suspect jobs, oldest first, up to ``max_rows`` (a single larger job runs alone).
+    A suspect job at the head runs alone; otherwise the batch is the non-suspect jobs of the
+    head's version and shape (non-batch dimensions: a sequence model's jobs of one length),
+    oldest first, up to ``max_rows`` (a single larger job runs alone). Jobs of other shapes
+    wait for their own batch; nothing is padded.
     """
     head = waiting[0]
     if head.suspect:
         return [head], list(waiting[1:])
-    group = [w for w in waiting if w.version == head.version and not w.suspect]
+    group = [w for w in waiting
+             if w.version == head.version and w.shape == head.shape and not w.suspect]
     batch = group[: take([w.rows for w in group], max_rows)]
     chosen = {id(w) for w in batch}
     return batch, [w for w in waiting if id(w) not in chosen]

@@ -36,6 +36,8 @@ class Pending:
     rows: int
     message: Message
     picked_at: float
+    #: Non-batch dimensions per input, in signature order: jobs batch only with equal ones.
+    shape: tuple[tuple[int, ...], ...] = ()
     #: Redelivered after a crash: run alone, and counted, so a poison job is isolated.
     suspect: bool = False
 
@@ -156,7 +158,8 @@ class Intake:
         arrays, rows = validation.decode_inputs(
             job.inputs, checks.inputs, blobs, max_tensor_bytes=checks.max_tensor_bytes,
             reject_nonfinite=checks.reject_nonfinite)
-        return Pending(job, version, arrays, rows, message, picked_at)
+        shape = tuple(arrays[s.name].shape[1:] for s in checks.inputs)
+        return Pending(job, version, arrays, rows, message, picked_at, shape)
 
 
 def _job_failed(error: Exception) -> JobFailed:

@@ -19,7 +19,16 @@ import structlog
 
 from producer import wire
 from producer.errors import InternalError, JobFailed
-from workers.serving.batching import Arrays, BatchPolicy, collate, drain_size, pick, split
+from workers.serving.batching import (
+    Arrays,
+    BatchPolicy,
+    collate,
+    drain_size,
+    join,
+    parts,
+    pick,
+    split,
+)
 from workers.serving.inflight import InFlight, Message
 from workers.serving.intake import Intake, Pending
 from workers.serving.observers import Batch, Observer, Outcome
@@ -120,40 +129,50 @@ class ModelServer:
         self.observer.batch_started(batch)
         self.batch_started = time.monotonic()
         try:
-            outcomes = self._infer(model, jobs)
+            ran = self._infer(model, jobs)
         finally:
             self.batch_started = None
         batch.finished = wire.now()
         self.jobs_done += len(jobs)
         batch.stored = wire.now()
         done = wire.date_done()
-        for pending, outcome in zip(jobs, outcomes, strict=True):
+        for pending, (outcome, rows) in zip(jobs, ran, strict=True):
             if isinstance(outcome, JobFailed):
                 self._fail(pending.job.id, outcome, pending.message, batch.version)
             else:
-                self._succeed(pending, outcome, batch, done)
-        self.observer.batch_done(batch, outcomes)
+                self._succeed(pending, outcome, batch, rows, done)
+        self.observer.batch_done(batch, [outcome for outcome, _ in ran])
         return len(jobs)
 
-    def _infer(self, model: LoadedModel, jobs: list[Pending]) -> list[Outcome]:
+    def _infer(self, model: LoadedModel, jobs: list[Pending]) -> list[tuple[Outcome, int]]:
+        """Each job's outcome, and the rows of the model run that produced it."""
+        rows = sum(p.rows for p in jobs)
+        limit = self.policy.max_rows
         try:
+            if rows > limit and len(jobs) == 1:
+                # A job larger than a batch runs as several, its outputs joined in order.
+                outputs = join([model.run(part) for part in parts(jobs[0].inputs, limit)])
+                return [(outputs, limit)]
             outputs = model.run(collate([p.inputs for p in jobs], self.input_names))
-            return list(split(outputs, [p.rows for p in jobs]))
+            return [(o, rows) for o in split(outputs, [p.rows for p in jobs])]
         except Exception as exc:
             if len(jobs) > 1:
                 # Run each job alone so one job the model rejects fails by itself.
+                self.log.warning("batch_failed_running_jobs_alone", jobs=len(jobs), rows=rows,
+                                 error=str(exc))
                 return [r for p in jobs for r in self._infer(model, [p])]
             self.log.warning("job_run_failed", job_id=jobs[0].job.id, error=str(exc))
-            return [InternalError(f"the model failed on this job: {exc}",
-                                  job_id=jobs[0].job.id, model=self.name)]
+            return [(InternalError(f"the model failed on this job: {exc}",
+                                   job_id=jobs[0].job.id, model=self.name), rows)]
 
-    def _succeed(self, pending: Pending, outputs: Arrays, batch: Batch, date_done: str) -> None:
+    def _succeed(self, pending: Pending, outputs: Arrays, batch: Batch, rows: int,
+                 date_done: str) -> None:
         job = pending.job
         timings = wire.timings_ms(enqueued_at=job.enqueued_at, picked_at=pending.picked_at,
                                   started=batch.started, finished=batch.finished,
                                   stored=batch.stored)
         result = wire.success_result(outputs, model=self.name, version=batch.version,
-                                     worker=self.worker, batch_size=batch.rows, timings=timings)
+                                     worker=self.worker, batch_size=rows, timings=timings)
         self._docs.append((job.id, wire.success_document(job.id, result, date_done),
                            pending.message.notify))
         self.inflight.close(pending.message)
