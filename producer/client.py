@@ -55,6 +55,7 @@ class InferenceClient:
         serializer: str = "msgpack",
         socket_timeout: float = 2.0,
         validate: bool = True,
+        queue_without_workers: bool | None = None,
         blob_threshold: int = submission.DEFAULT_BLOB_THRESHOLD,
         blob_ttl: int = 86_400,
     ) -> None:
@@ -64,6 +65,11 @@ class InferenceClient:
         self.result_url = result_url or os.environ.get("INFERQ_RESULT_URL") or self.broker_url
         self.serializer = serializer
         self.validate = validate
+        #: Accept jobs for a model no live worker serves (they wait for workers that scale
+        #: from zero); by default such a submit fails at once with Unavailable.
+        self.queue_without_workers = (
+            os.environ.get("INFERQ_QUEUE_WITHOUT_WORKERS", "").lower() in ("1", "true", "yes")
+            if queue_without_workers is None else queue_without_workers)
         self.blob_threshold = blob_threshold
         #: Seconds by-reference data lives at least; longer when the serving workers'
         #: visibility timeout needs it to outlive a redelivery (they advertise it).
@@ -79,6 +85,7 @@ class InferenceClient:
         self._push_script = self._broker.register_script(submission.PUSH_SCRIPT)
         self._server_run_id: str | None = None
         self._models: dict[str, ModelInfo] = {}
+        self._known: dict[str, ModelInfo] = {}
         self._models_read_at = -1e9
         self._lock = threading.Lock()
 
@@ -97,20 +104,31 @@ class InferenceClient:
     # --- models --------------------------------------------------------------------
 
     def models(self, refresh: bool = True) -> dict[str, ModelInfo]:
-        """Models that running workers advertise, by name."""
+        """Models that live workers serve, by name (a worker's heartbeat keeps its models
+        advertised; they drop out within seconds of its last one)."""
         if refresh or time.monotonic() - self._models_read_at > _SIGNATURE_REFRESH_S:
             raw = self._call(self._broker.hgetall, wire.MODELS_KEY)
+            known = {k.decode(): ModelInfo(k.decode(), json.loads(v)) for k, v in raw.items()}
+            pipe = self._broker.pipeline(transaction=False)
+            for name in known:
+                pipe.zcount(wire.live_key(name), wire.now(), "+inf")
+            counts = self._call(pipe.execute) if known else []
             with self._lock:
-                self._models = {
-                    k.decode(): ModelInfo(k.decode(), json.loads(v)) for k, v in raw.items()
-                }
+                self._known = known
+                self._models = {n: i for (n, i), c in zip(known.items(), counts, strict=True)
+                                if c}
                 self._models_read_at = time.monotonic()
         return self._models
 
     def _model_info(self, model: str, version: int | None) -> ModelInfo | None:
         info = self._models.get(model)
-        if info is None or (version is not None and version not in info.versions):
-            return submission.lookup(self.models(refresh=False), model, version)
+        # Re-read at most once a second: a model whose last worker stopped is refused soon
+        # after, not only when this cache misses.
+        stale = time.monotonic() - self._models_read_at > _SIGNATURE_REFRESH_S
+        if stale or info is None or (version is not None and version not in info.versions):
+            live = self.models(refresh=False)
+            return submission.lookup(live, self._known, model, version,
+                                     queue_without_workers=self.queue_without_workers)
         return info
 
     # --- submitting ------------------------------------------------------------------

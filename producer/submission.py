@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from producer import wire
-from producer.errors import InvalidInput, ModelNotFound
+from producer.errors import InvalidInput, ModelNotFound, Unavailable
 from producer.wire import TensorSpec
 
 #: Jobs per bulk message in submit_many: enough to amortise a message, small enough to batch.
@@ -54,15 +54,29 @@ class ModelInfo:
                                       or wire.DEFAULT_VISIBILITY_TIMEOUT_S)
 
 
-def lookup(known: Mapping[str, ModelInfo], model: str, version: int | None
-           ) -> ModelInfo | None:
-    """The advertised signature for ``model`` (None when nothing is advertised at all, so
-    there is nothing to check against); NOT_FOUND for an unknown model or version."""
-    if not known:
-        return None
-    info = known.get(model)
+def lookup(live: Mapping[str, ModelInfo], known: Mapping[str, ModelInfo], model: str,
+           version: int | None, *, queue_without_workers: bool = False) -> ModelInfo | None:
+    """The signature to check a job for ``model`` against.
+
+    ``live`` are the models a live worker serves, ``known`` every model a worker ever
+    registered. NOT_FOUND for a model no worker knows (or an unknown version); UNAVAILABLE
+    for one no live worker serves, unless ``queue_without_workers`` (workers that scale
+    from zero): then the registered signature, or None when nothing is registered at all.
+    """
+    info = live.get(model)
     if info is None:
-        raise ModelNotFound(f"model {model!r} is not served; served: {sorted(known)}")
+        info = known.get(model)
+        if info is None and known:
+            raise ModelNotFound(f"model {model!r} is not served; served: {sorted(live)}"
+                                + (f", registered: {sorted(known)}" if known != live else ""))
+        if not queue_without_workers:
+            raise Unavailable(
+                f"no live worker serves model {model!r}: start one (inferq worker, with the "
+                "model in its repository), or let jobs wait for workers that scale from "
+                "zero (InferenceClient(queue_without_workers=True) or "
+                "INFERQ_QUEUE_WITHOUT_WORKERS=1)")
+        if info is None:
+            return None
     if version is not None and version not in info.versions:
         raise ModelNotFound(f"model {model!r} has no version {version}; versions: "
                             f"{info.versions}")

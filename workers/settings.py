@@ -66,6 +66,9 @@ class Settings:
     task_events: bool = True
     #: Jobs per second per model that get task events; above it a sample does (0: all).
     events_max_rate: float = 1000.0
+    #: Seconds a queue of a model no worker registered may hold jobs before they are
+    #: answered NOT_FOUND.
+    unknown_model_grace_s: float = 30.0
     hostname: str = field(default_factory=lambda: f"cpu@{socket.gethostname()}")
 
     def session_threads(self, instances: int) -> int:
@@ -153,5 +156,6 @@ class Settings:
             profile=_choice(env, "INFERQ_PROFILE", ("development", "production")),
             task_events=env.get("INFERQ_TASK_EVENTS", "1") not in ("0", "false", "no"),
             events_max_rate=num("INFERQ_EVENTS_MAX_RATE", base.events_max_rate),
+            unknown_model_grace_s=num("INFERQ_UNKNOWN_MODEL_GRACE", base.unknown_model_grace_s),
             hostname=env.get("INFERQ_HOSTNAME") or base.hostname,
         )

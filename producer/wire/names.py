@@ -31,6 +31,11 @@ RESULT_KEY_PREFIX = "celery-task-meta-"
 MODELS_KEY = "inferq:models"
 #: Per-worker liveness key prefix (``inferq:worker:<hostname>``), refreshed while consuming.
 WORKER_KEY_PREFIX = "inferq:worker:"
+#: Per-model sorted set of the workers serving it, scored by when their heartbeat expires
+#: (``inferq:live:<model>``): a model is advertised only while one of them is live.
+LIVE_KEY_PREFIX = "inferq:live:"
+#: Seconds a worker's heartbeat stays valid without being refreshed.
+HEARTBEAT_TTL_S = 15
 #: List a worker pushes finished job IDs to, so an inferq producer waits without polling.
 NOTIFY_KEY_PREFIX = "inferq:notify:"
 #: Prefix of the Redis keys holding data sent by reference (``{"ref": key}``).
@@ -92,6 +97,18 @@ def notify_key(client_id: str) -> str:
 def attempts_key(job_id: str) -> str:
     """Redis counter of how often a redelivered job was started."""
     return ATTEMPTS_PREFIX + job_id
+
+
+def live_key(model: str) -> str:
+    """Sorted set of the workers serving ``model`` (member: hostname, score: expiry)."""
+    return LIVE_KEY_PREFIX + model
+
+
+def model_of_queue(key: str) -> str | None:
+    """The model whose queue (or kombu priority sub-queue) ``key`` is, None for other keys."""
+    if not key.startswith(QUEUE_PREFIX) or key.startswith(CONTROL_QUEUE):
+        return None
+    return key[len(QUEUE_PREFIX):].split(PRIORITY_SEP, 1)[0] or None
 
 
 def worker_key(hostname: str) -> str:

@@ -85,8 +85,13 @@ def client(make_client: Any) -> InferenceClient:
     return make_client()  # type: ignore[no-any-return]
 
 
-def advertise(r: fakeredis.FakeRedis, model: str = "digits", **changes: Any) -> None:
+def advertise(r: fakeredis.FakeRedis, model: str = "digits", live: bool = True,
+              **changes: Any) -> None:
+    """What a worker's heartbeat writes: the signature, and (``live``) itself as a server
+    of the model until its heartbeat expires."""
     r.hset(wire.MODELS_KEY, model, json.dumps({**SIGNATURE, **changes}))
+    if live:
+        r.zadd(wire.live_key(model), {"cpu0@test": wire.now() + wire.HEARTBEAT_TTL_S})
 
 
 def queued(r: fakeredis.FakeRedis, queue: str = QUEUE) -> list[wire.Delivery]:
@@ -238,20 +243,63 @@ def test_invalid_input_is_refused_at_submit(
     assert r.llen(QUEUE) == 0
 
 
-def test_unsupported_dtype_is_refused_even_without_signatures(client: InferenceClient) -> None:
+def test_unsupported_dtype_is_refused_even_without_signatures(make_client: Any) -> None:
+    client = make_client(queue_without_workers=True)
     with pytest.raises(InvalidInput, match="not supported"):
         client.submit("digits", {"pixels": np.zeros(4, np.complex64)})
     with pytest.raises(InvalidInput, match="not supported"):
         client.submit("digits", {"pixels": ["a", "b"]})
 
 
-def test_no_validation_without_signatures(client: InferenceClient, r: Any) -> None:
+def test_no_validation_without_signatures_when_queueing_for_workers(
+    make_client: Any, r: Any
+) -> None:
+    client = make_client(queue_without_workers=True)
     handle = client.submit("digits", {"anything": np.zeros(3, np.float64)}, version=7)
     [delivery] = queued(r)
     [job] = delivery.jobs
     assert (job.id, job.version) == (handle.id, 7)
     arr = wire.decode_tensor(job.inputs["anything"])
     assert arr.shape == (3,) and arr.dtype == np.float64  # passed on exactly as given
+
+
+def test_no_live_worker_fails_at_once(client: InferenceClient, r: Any) -> None:
+    """Nothing advertised, or a model whose workers all stopped: refused before anything
+    is enqueued, naming the model and what to do."""
+    with pytest.raises(Unavailable, match=r"no live worker serves model 'digits'.*inferq worker"):
+        client.submit("digits", {"pixels": np.zeros(64, np.float32)})
+    advertise(r, live=False)  # registered by a worker that has since stopped
+    with pytest.raises(Unavailable, match="INFERQ_QUEUE_WITHOUT_WORKERS"):
+        client.submit("digits", {"pixels": np.zeros(64, np.float32)})
+    assert client.models() == {}
+    assert r.llen(QUEUE) == 0
+
+
+def test_an_expired_heartbeat_is_not_a_live_worker(client: InferenceClient, r: Any) -> None:
+    advertise(r)
+    r.zadd(wire.live_key("digits"), {"cpu0@test": wire.now() - 1})  # its heartbeat expired
+    with pytest.raises(Unavailable):
+        client.submit("digits", {"pixels": np.zeros(64, np.float32)})
+    r.zadd(wire.live_key("digits"), {"cpu1@test": wire.now() + 15})  # another one is live
+    client.models()
+    assert client.submit("digits", {"pixels": np.zeros(64, np.float32)}).id
+
+
+def test_queueing_for_workers_that_scale_from_zero(
+    make_client: Any, r: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("INFERQ_QUEUE_WITHOUT_WORKERS", "1")
+    client = make_client()
+    advertise(r, live=False)
+    # Still checked against the signature the model registered...
+    with pytest.raises(InvalidInput):
+        client.submit("digits", {"pixels": np.zeros(8, np.float32)})
+    # ... and queued for the workers to come.
+    client.submit("digits", {"pixels": np.zeros(64, np.float32)})
+    assert r.llen(QUEUE) == 1
+    # A model no worker ever registered is still unknown.
+    with pytest.raises(ModelNotFound, match="registered: \\['digits'\\]"):
+        client.submit("digitz", {"pixels": np.zeros(64, np.float32)})
 
 
 def test_validate_false_skips_signatures(make_client: Any, r: Any) -> None:

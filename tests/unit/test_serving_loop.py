@@ -101,6 +101,8 @@ class World:
     # --- building ----------------------------------------------------------------------
 
     def client(self, **kwargs: Any) -> InferenceClient:
+        # No worker heartbeat here: the loop under test is driven by hand.
+        kwargs.setdefault("queue_without_workers", True)
         client = InferenceClient(BROKER_URL, RESULTS_URL if self.separate else BROKER_URL,
                                  **kwargs)
         self.clients.append(client)

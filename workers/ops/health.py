@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -58,9 +58,13 @@ def check(path: Path, max_age_s: float = 3 * HEARTBEAT_S) -> tuple[bool, str]:
         os.kill(int(doc["pid"]), 0)
     except (OSError, KeyError, ValueError):
         return False, f"worker process {doc.get('pid')} is gone"
+    failed = doc.get("failed") or {}
+    not_ready = "; ".join(f"{m} not ready: {why}" for m, why in sorted(failed.items()))
     if not doc.get("ready"):
-        return False, "worker is not consuming"
-    return True, f"ready: {doc.get('hostname')} serving {', '.join(doc.get('models', []))}"
+        return False, "worker is not consuming" + (f" ({not_ready})" if not_ready else "")
+    served = ", ".join(doc.get("models", [])) or "nothing"
+    return True, f"ready: {doc.get('hostname')} serving {served}" + (
+        f"; {not_ready}" if not_ready else "")
 
 
 class Monitor:
@@ -68,10 +72,16 @@ class Monitor:
 
     def __init__(self, settings: Settings, hostname: str, servers: Sequence[Served],
                  client: redis.Redis, stop: threading.Event,
-                 signatures: Mapping[str, str] | None = None) -> None:
+                 signatures: Mapping[str, str] | None = None,
+                 failed: Mapping[str, str] | None = None,
+                 sweeper: Callable[[], None] | None = None) -> None:
         #: Model signatures advertised with every heartbeat, so producers can check jobs
         #: again after Redis lost its data.
         self.signatures: dict[Any, Any] = dict(signatures or {})
+        #: Models (or "model vN") this worker could not load, with the reason.
+        self.failed = dict(failed or {})
+        #: Runs on every heartbeat (the sweep of queues no worker will ever serve).
+        self.sweeper = sweeper
         self.settings = settings
         self.hostname = hostname
         self.servers = servers
@@ -87,11 +97,19 @@ class Monitor:
             self._watch_batches()
             self._maybe_recycle()
             if time.monotonic() >= next_beat:
-                self._beat(ready=True)
+                self._beat(ready=bool(self.servers))
+                if self.sweeper is not None:
+                    self.sweeper()
                 next_beat = time.monotonic() + HEARTBEAT_S
         self._beat(ready=False)
         with contextlib.suppress(redis.exceptions.RedisError):
-            self.client.delete(wire.worker_key(self.hostname))
+            # Stop advertising at once: producers then refuse new jobs for these models
+            # instead of queueing them for nobody (unless they opt into queueing).
+            pipe = self.client.pipeline(transaction=False)
+            pipe.delete(wire.worker_key(self.hostname))
+            for model in self.signatures:
+                pipe.zrem(wire.live_key(model), self.hostname)
+            pipe.execute()
         self.path.unlink(missing_ok=True)
 
     def _watch_batches(self) -> None:
@@ -124,7 +142,8 @@ class Monitor:
     def _beat(self, ready: bool) -> None:
         models = sorted({s.name for s in self.servers})
         doc = {"hostname": self.hostname, "pid": os.getpid(), "models": models,
-               "device": self.settings.device, "ready": ready, "updated": time.time()}
+               "failed": self.failed, "device": self.settings.device, "ready": ready,
+               "updated": time.time()}
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc))
         tmp.replace(self.path)  # atomic: a reader never sees half a record
@@ -133,8 +152,14 @@ class Monitor:
                 pipe = self.client.pipeline(transaction=False)
                 if self.signatures:
                     pipe.hset(wire.MODELS_KEY, mapping=self.signatures)
+                now = wire.now()
+                for model in self.signatures:
+                    # This worker serves the model until its heartbeat expires; workers
+                    # that died without saying so fall out of the set here.
+                    pipe.zadd(wire.live_key(model), {self.hostname: now + wire.HEARTBEAT_TTL_S})
+                    pipe.zremrangebyscore(wire.live_key(model), "-inf", now)
                 pipe.set(wire.worker_key(self.hostname), json.dumps(doc),
-                         ex=int(HEARTBEAT_S * 3))
+                         ex=wire.HEARTBEAT_TTL_S)
                 pipe.execute()
             except redis.exceptions.RedisError as exc:
                 log.warning("heartbeat_failed", error=str(exc))
