@@ -203,7 +203,8 @@ def test_except_invalid_input_for_a_job_the_worker_refuses(serving: Serving) -> 
 
 def test_except_deadline_exceeded_for_a_job_queued_past_its_deadline(serving: Serving) -> None:
     serving.stop()
-    with InferenceClient(serving.url) as client:
+    # The worker is stopped: the job waits for it (as for workers that scale from zero).
+    with InferenceClient(serving.url, queue_without_workers=True) as client:
         handle = client.submit("digits", {"pixels": PIXELS}, deadline=0.3)
         time.sleep(0.6)  # nobody consumes: the deadline passes while the job waits
         serving.start()
