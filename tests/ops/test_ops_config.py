@@ -42,12 +42,21 @@ SECRETS = {
 }
 ALERTS = {  # name -> its `for`
     "InferqQueueOldestJobAge": "2m",
-    "InferqErrorRate": "2m",
+    "InferqServerErrorRate": "2m",
+    "InferqClientErrorRate": "15m",
+    "InferqJobLatencyP99": "10m",
     "InferqWorkerDown": "1m",
+    "InferqWorkerNotReady": "10m",
+    "InferqModelNotReady": "5m",
     "InferqGpuMemoryHigh": "5m",
     "InferqJobsWaitingWithoutConsumer": "2m",
     "InferqDeadLetters": None,
+    "InferqExporterDown": "2m",
+    "InferqRedisDown": "1m",
+    "InferqRedisMemoryHigh": "5m",
 }
+#: Flower's task list: the model and version (args, kwargs) and the job's own runtime.
+FLOWER_COLUMNS = "name,uuid,state,args,kwargs,result,received,started,runtime,worker"
 METRIC = re.compile(r"\binferq_[a-z_]+")
 
 
@@ -163,7 +172,7 @@ def test_compose_services(services: dict[str, Any]) -> None:
     flower = services["flower"]["command"]
     assert "--basic_auth=ops:flower-secret,prometheus:scrape-secret" in flower
     for flag in ("--persistent=True", "--db=/data/flower.db", "--max_tasks=10000",
-                 "--purge_offline_workers=300"):
+                 "--purge_offline_workers=300", f"--tasks_columns={FLOWER_COLUMNS}"):
         assert flag in flower
     for name in ("flower", "prometheus", "grafana"):
         assert [p["host_ip"] for p in services[name]["ports"]] == ["127.0.0.1"], name
@@ -284,20 +293,33 @@ def _fake_nvml() -> types.ModuleType:
     return mod
 
 
+class _InfoRedis(fakeredis.FakeRedis):
+    """fakeredis answering ``INFO memory`` (it has no INFO) as a 4 GB Redis would."""
+
+    def info(self, section: str | None = None, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return {"used_memory": 10**9, "maxmemory": 4 * 10**9}
+
+
+def _families(text: str) -> dict[str, set[str]]:
+    return {f.name: {s.name for s in f.samples}
+            for f in text_string_to_metric_families(text) if f.name.startswith("inferq_")}
+
+
 @pytest.fixture(scope="module")
-def exposed() -> Iterator[dict[str, set[str]]]:
-    """Family name -> sample names, of everything a worker and the exporter really expose."""
-    client = fakeredis.FakeRedis()
+def exposed_by() -> Iterator[dict[str, dict[str, set[str]]]]:
+    """Per owner ("worker", "exporter"): family name -> sample names it really exposes."""
+    client = _InfoRedis()
     client.hset(wire.MODELS_KEY, "digits", "{}")
     worker = metrics.WorkerMetrics()
     worker.model_loaded("digits", 1, "CPUExecutionProvider", 0.1)
+    worker.model_ready("digits", 2, False)
     worker.job_done("digits", 1, "OK", 0.001, 0.001, 0.002)
     worker.batch_done("digits", 1, 1, 0.001)
     worker.set_ready(True)
     saved = sys.modules.get("pynvml")
     sys.modules["pynvml"] = _fake_nvml()
     try:
-        worker.sample(client, ["digits"], Nvml.open(None))
+        worker.sample(Nvml.open(None))
     finally:
         if saved is None:
             del sys.modules["pynvml"]
@@ -305,13 +327,18 @@ def exposed() -> Iterator[dict[str, set[str]]]:
             sys.modules["pynvml"] = saved
     exporter = exporter_module.QueueExporter(client)
     exporter.sample()
-    text = generate_latest(worker.registry).decode() + "".join(
+    exporter_text = "".join(
         f"# TYPE {m.name} {m.type}\n" + "".join(f"{s.name} {s.value}\n" for s in m.samples)
         for m in exporter.collect())
-    families = {f.name: {s.name for s in f.samples}
-                for f in text_string_to_metric_families(text) if f.name.startswith("inferq_")}
-    yield families
+    yield {"worker": _families(generate_latest(worker.registry).decode()),
+           "exporter": _families(exporter_text)}
     worker.close()
+
+
+@pytest.fixture(scope="module")
+def exposed(exposed_by: dict[str, dict[str, set[str]]]) -> dict[str, set[str]]:
+    """Family name -> sample names, of everything a worker and the exporter really expose."""
+    return {**exposed_by["worker"], **exposed_by["exporter"]}
 
 
 def test_every_specified_metric_is_exposed(exposed: dict[str, set[str]]) -> None:
@@ -319,13 +346,24 @@ def test_every_specified_metric_is_exposed(exposed: dict[str, set[str]]) -> None
         "inferq_jobs", "inferq_queue_seconds", "inferq_batch_wait_seconds",
         "inferq_compute_seconds", "inferq_job_latency_seconds", "inferq_batch_rows",
         "inferq_queue_depth", "inferq_queue_oldest_age_seconds", "inferq_model_load_seconds",
-        "inferq_model_info", "inferq_gpu_utilization_ratio", "inferq_gpu_memory_used_bytes",
-        "inferq_gpu_memory_total_bytes", "inferq_worker_ready", "inferq_queue_consumers",
-        "inferq_dead_letter_jobs",
+        "inferq_model_info", "inferq_model_ready", "inferq_gpu_utilization_ratio",
+        "inferq_gpu_memory_used_bytes", "inferq_gpu_memory_total_bytes", "inferq_worker_ready",
+        "inferq_queue_consumers", "inferq_dead_letter_jobs", "inferq_redis_up",
+        "inferq_redis_memory_used_bytes", "inferq_redis_maxmemory_bytes",
     }
     assert exposed["inferq_jobs"] == {"inferq_jobs_total"}
     assert exposed["inferq_batch_rows"] == {"inferq_batch_rows_bucket", "inferq_batch_rows_sum",
                                             "inferq_batch_rows_count"}
+
+
+def test_each_series_has_one_owner(exposed_by: dict[str, dict[str, set[str]]]) -> None:
+    """Workers export their own jobs; queues, consumers, dead letters and Redis are the
+    exporter's alone (one series per queue, not one per worker)."""
+    worker, exporter = set(exposed_by["worker"]), set(exposed_by["exporter"])
+    assert not worker & exporter
+    assert exporter == {"inferq_queue_depth", "inferq_queue_oldest_age_seconds",
+                        "inferq_queue_consumers", "inferq_dead_letter_jobs", "inferq_redis_up",
+                        "inferq_redis_memory_used_bytes", "inferq_redis_maxmemory_bytes"}
 
 
 def dashboard() -> dict[str, Any]:
@@ -391,7 +429,7 @@ def test_queries_parse(tmp_path: Path) -> None:
     exprs = dashboard_exprs() + runbook_promql()
     rules = {"groups": [{"name": "parse", "rules": [
         {"record": f"check:q{i}", "expr": e.replace("$__rate_interval", "1m")
-         .replace("$model", ".*")} for i, e in enumerate(exprs)]}]}
+         .replace("$model", ".*").replace("$instance", ".*")} for i, e in enumerate(exprs)]}]}
     path = tmp_path / "queries.yml"
     path.write_text(json.dumps(rules))  # JSON is YAML
     out = run([promtool(), "check", "rules", str(path)])
@@ -407,9 +445,13 @@ def test_dashboard_structure() -> None:
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
     titles = " ".join(p["title"].lower() for p in dash["panels"])
-    for word in ("throughput", "latency", "batch size", "queue depth", "oldest", "errors",
-                 "gpu utilisation", "gpu memory", "workers up", "model"):
+    for word in ("throughput", "latency", "batch size", "queue depth", "oldest",
+                 "client errors", "server errors", "p95", "p99", "gpu utilisation",
+                 "gpu memory", "workers up", "per worker", "model", "redis memory",
+                 "redis up", "exporter up"):
         assert word in titles, word
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert set(variables) == {"model", "instance"}
     for panel in dash["panels"]:
         grid = panel["gridPos"]
         assert grid["x"] + grid["w"] <= 24
@@ -419,6 +461,43 @@ def test_dashboard_structure() -> None:
                 assert ds == {"type": "prometheus", "uid": uid.group(1)}
     provider = (OPS / "grafana" / "provisioning" / "dashboards" / "inferq.yml").read_text()
     assert "path: /var/lib/grafana/dashboards" in provider
+
+
+def test_latency_quantiles_never_mix_models_or_workers() -> None:
+    """A quantile of a sum over models (or workers) describes none of them: every dashboard
+    and alert quantile keeps ``model`` or ``instance`` beside ``le``."""
+    exprs = dashboard_exprs() + alert_exprs() + runbook_promql()
+    quantiles = [e for e in exprs if "histogram_quantile" in e and "inferq_" in e]
+    assert quantiles
+    for expr in quantiles:
+        for by in re.findall(r"histogram_quantile\([^,]+,\s*sum by \(([^)]*)\)", expr):
+            labels = {label.strip() for label in by.split(",")}
+            assert "le" in labels and labels & {"model", "instance"}, expr
+    latency = " ".join(dashboard_exprs())
+    for q in ("0.5", "0.95", "0.99"):
+        assert (f"histogram_quantile({q}, sum by (le, model) "
+                "(rate(inferq_job_latency_seconds_bucket") in latency, q
+
+
+def _code_sets(exprs: list[str]) -> set[frozenset[str]]:
+    """The sets of codes the ``code`` matchers of ``exprs`` name (``code=~"A|B"``)."""
+    return {frozenset(m.split("|")) for e in exprs
+            for m in re.findall(r'code[!=]~"([^"]+)"', e)}
+
+
+def test_client_and_server_codes_are_split_one_way() -> None:
+    """One rule: CLIENT_CODES are the client's, every other error code the service's."""
+    client, server = set(metrics.CLIENT_CODES), set(metrics.SERVER_CODES)
+    assert client == {"INVALID_ARGUMENT", "NOT_FOUND"}
+    assert client | server == set(metrics.CODES) - {"OK"} and not client & server
+    exprs = dashboard_exprs() + alert_exprs() + runbook_promql()
+    assert _code_sets(exprs) == {frozenset(client), frozenset(client | {"OK"})}
+    rules = {r["alert"]: r for r in alert_rules()}
+    assert rules["InferqServerErrorRate"]["labels"]["severity"] == "critical"
+    assert rules["InferqClientErrorRate"]["labels"]["severity"] == "warning"
+    text = (OPS / "RUNBOOK.md").read_text()
+    for code in sorted(client | server):
+        assert f"`{code}`" in text, code
 
 
 # --- Kubernetes ----------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Worker metrics: the per-process registry over real HTTP, the sampler and the exporter
-against fakeredis, NVML through a stand-in module."""
+"""Worker metrics: the per-process registry over real HTTP, the metrics observer, the
+sampler and the exporter against fakeredis, NVML through a stand-in module."""
 
 from __future__ import annotations
 
@@ -19,12 +19,16 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from producer import wire
-from producer.wire import DLQ_KEY
+from producer.errors import DeadlineExceeded, InternalError, InvalidInput, ModelNotFound
+from producer.wire import DLQ_KEY, JobRequest
 from workers.launch.redisproc import free_port
 from workers.ops import exporter as exporter_module
 from workers.ops import gpu, metrics, queues
 from workers.ops.exporter import QueueExporter
-from workers.ops.metrics import WorkerMetrics, metrics_port, port_from_env
+from workers.ops.metrics import MetricsObserver, WorkerMetrics, metrics_port, port_from_env
+from workers.serving.inflight import Message
+from workers.serving.intake import Pending
+from workers.serving.observers import Batch
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -60,9 +64,18 @@ def message(enqueued_at: Any = None, *, bulk: bool = False) -> bytes:
         args=["digits", {}], kwargs={"version": None}, queue="inferq.digits", headers=headers)
 
 
+class InfoRedis(fakeredis.FakeRedis):
+    """fakeredis with the ``INFO memory`` fields the exporter reads (fakeredis has no INFO)."""
+
+    def info(self, section: str | None = None, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        assert section == "memory"
+        return {"used_memory": 3 * 2**30, "maxmemory": 4 * 2**30,
+                "maxmemory_policy": "noeviction"}
+
+
 @pytest.fixture
 def client() -> fakeredis.FakeRedis:
-    return fakeredis.FakeRedis()
+    return InfoRedis()
 
 
 @pytest.fixture
@@ -110,19 +123,24 @@ def test_http_scrape_has_every_worker_metric(worker_metrics: WorkerMetrics) -> N
     s = parse(scrape(port))
 
     assert value(s, "inferq_jobs_total", model="digits", version="2", code="OK") == 31
-    assert value(s, "inferq_jobs_total", model="digits", version="", code="INVALID_ARGUMENT") == 1
+    # No version resolved: "none", never "" (which Prometheus reads as no label at all).
+    assert value(s, "inferq_jobs_total", model="digits", version="none",
+                 code="INVALID_ARGUMENT") == 1
+    assert not [k for k in s if ("version", "") in k[1]]
     # model_loaded starts every code at 0, so rate() sees the first error.
     assert value(s, "inferq_jobs_total", model="digits", version="2", code="POISONED") == 0
+    assert value(s, "inferq_jobs_total", model="digits", version="none", code="NOT_FOUND") == 0
     assert value(s, "inferq_queue_seconds_count", model="digits") == 21
     assert value(s, "inferq_queue_seconds_bucket", model="digits", le="0.001") == 1
     assert value(s, "inferq_queue_seconds_bucket", model="digits", le="0.0025") == 21
     assert value(s, "inferq_queue_seconds_sum", model="digits") == pytest.approx(0.041)
     # A value equal to a bound falls in that bucket (le), on both the single and bulk paths.
     assert value(s, "inferq_batch_wait_seconds_bucket", model="digits", le="0.0005") == 31
-    assert value(s, "inferq_job_latency_seconds_bucket", model="digits", le="0.0025") == 0
-    assert value(s, "inferq_job_latency_seconds_bucket", model="digits", le="0.025") == 1
-    assert value(s, "inferq_job_latency_seconds_bucket", model="digits", le="0.05") == 31
-    assert value(s, "inferq_job_latency_seconds_bucket", model="digits", le="+Inf") == 31
+    ok = {"model": "digits", "code": "OK"}
+    assert value(s, "inferq_job_latency_seconds_bucket", **ok, le="0.0025") == 0
+    assert value(s, "inferq_job_latency_seconds_bucket", **ok, le="0.025") == 1
+    assert value(s, "inferq_job_latency_seconds_bucket", **ok, le="0.05") == 31
+    assert value(s, "inferq_job_latency_seconds_bucket", **ok, le="+Inf") == 31
     assert value(s, "inferq_compute_seconds_count", model="digits", version="2") == 1
     assert value(s, "inferq_batch_rows_bucket", model="digits", le="16.0") == 0
     assert value(s, "inferq_batch_rows_bucket", model="digits", le="32.0") == 1
@@ -131,8 +149,16 @@ def test_http_scrape_has_every_worker_metric(worker_metrics: WorkerMetrics) -> N
     assert value(s, "inferq_model_info", model="digits", version="2",
                  provider="CPUExecutionProvider") == 1
     assert value(s, "inferq_worker_ready") == 1
+    # Loaded, verified and warm is ready.
+    assert value(s, "inferq_model_ready", model="digits", version="2") == 1
     m.set_ready(False)
-    assert value(parse(scrape(port)), "inferq_worker_ready") == 0
+    m.model_ready("digits", 3, False)  # the bootstep logs why
+    s = parse(scrape(port))
+    assert value(s, "inferq_worker_ready") == 0
+    assert value(s, "inferq_model_ready", model="digits", version="3") == 0
+    assert value(s, "inferq_model_ready", model="digits", version="2") == 1
+    assert not [k for k in s if k[0].startswith(("inferq_queue_depth", "inferq_queue_oldest",
+                                                 "inferq_queue_consumers", "inferq_redis_"))]
 
 
 def test_bulk_and_single_paths_agree() -> None:
@@ -147,6 +173,61 @@ def test_bulk_and_single_paths_agree() -> None:
     assert hist == pytest.approx({k: v for k, v in b.items() if k[0].startswith("inferq_")})
     assert value(a, "inferq_queue_seconds_bucket", model="m", le="0.0005") == 9
     assert value(a, "inferq_queue_seconds_bucket", model="m", le="30.0") == 21
+
+
+# --- the observer ----------------------------------------------------------------------------
+
+
+def pending(job_id: str, picked_at: float, enqueued_at: float | None = None) -> Pending:
+    job = JobRequest(job_id, "digits", None, {}, enqueued_at=enqueued_at)
+    return Pending(job, 2, {}, 1, Message("tag", None, 1, []), picked_at=picked_at)
+
+
+def test_observer_counts_each_job_once_and_times_failures_by_code() -> None:
+    m = WorkerMetrics()
+    observer = MetricsObserver(m, "digits")
+    # Refused at intake, before a version was resolved and before any batch.
+    observer.job_failed("early", ModelNotFound("no version 9"), None)
+    observer.job_failed("late", DeadlineExceeded("too late"), 2)
+    jobs = [pending("a", 100.0, 99.0), pending("b", 100.5), pending("c", 100.0, 99.5),
+            pending("d", 100.0, 99.0)]
+    batch = Batch("digits", 2, "CPUExecutionProvider", jobs, 4, started=101.0)
+    observer.batch_started(batch)
+    boom = InternalError("the model failed", job_id="c")
+    bad = InvalidInput("nan", job_id="d")
+    # The loop reports a batch's failures one by one, then the batch.
+    observer.job_failed("c", boom, 2)
+    observer.job_failed("d", bad, 2)
+    batch.finished, batch.stored = 101.25, 101.5
+    observer.batch_done(batch, [{}, {}, boom, bad])
+    s = parse(generate_latest(m.registry).decode())
+
+    def jobs_total(version: str, code: str) -> float:
+        return value(s, "inferq_jobs_total", model="digits", version=version, code=code)
+
+    assert jobs_total("2", "OK") == 2
+    assert jobs_total("2", "INTERNAL") == 1 and jobs_total("2", "INVALID_ARGUMENT") == 1
+    assert jobs_total("none", "NOT_FOUND") == 1
+    assert jobs_total("2", "DEADLINE_EXCEEDED") == 1
+
+    def latency(code: str, le: str = "+Inf") -> float:
+        return value(s, "inferq_job_latency_seconds_bucket", model="digits", code=code, le=le)
+
+    # Enqueue (else pick-up) to stored: a 2.5 s, b 1.0 s, c 2.0 s, d 2.5 s.
+    assert latency("OK") == 2 and latency("OK", "1.0") == 1
+    assert value(s, "inferq_job_latency_seconds_sum", model="digits", code="OK") == 3.5
+    assert latency("INTERNAL") == 1 and latency("INTERNAL", "1.0") == 0
+    assert latency("INVALID_ARGUMENT") == 1
+    # Failures before a batch have no batch timings.
+    assert not [k for k in s if k[0] == "inferq_job_latency_seconds_count"
+                and dict(k[1])["code"] in ("NOT_FOUND", "DEADLINE_EXCEEDED")]
+    assert value(s, "inferq_batch_wait_seconds_count", model="digits") == 4
+    assert value(s, "inferq_queue_seconds_count", model="digits") == 3
+
+    # A later failure outside a batch (a poisoned job runs no batch) is counted again.
+    observer.job_failed("c", boom, 2)
+    s = parse(generate_latest(m.registry).decode())
+    assert value(s, "inferq_jobs_total", model="digits", version="2", code="INTERNAL") == 2
 
 
 def test_registry_is_per_instance() -> None:
@@ -192,32 +273,19 @@ def test_enqueued_at_forms() -> None:
         assert queues._enqueued_at(raw) is None
 
 
-def test_sampler_thread_sets_queue_gauges(client: fakeredis.FakeRedis,
-                                          worker_metrics: WorkerMetrics,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_workers_do_not_export_queue_gauges(client: fakeredis.FakeRedis,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """One owner per series: queue depth and age come from the exporter only."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no NVML on a CPU worker
     client.lpush(wire.queue_name("digits"), message(time.time() - 2))
-    stop = threading.Event()
-    thread = worker_metrics.start_sampler(client, ["digits"], interval_s=0.05, stop=stop)
-    deadline = time.monotonic() + 5
-    text = ""
-    while "inferq_queue_depth" not in text and time.monotonic() < deadline:
-        time.sleep(0.02)
-        text = generate_latest(worker_metrics.registry).decode()
-    s = parse(text)
-    assert value(s, "inferq_queue_depth", model="digits") == 1
-    assert 1.5 < value(s, "inferq_queue_oldest_age_seconds", model="digits") < 30
-    assert "inferq_gpu_utilization_ratio" not in text
-    client.delete(wire.queue_name("digits"))
-    deadline = time.monotonic() + 5
-    while value(s, "inferq_queue_depth", model="digits") != 0:
-        assert time.monotonic() < deadline, "sampler never saw the queue empty"
-        time.sleep(0.02)
-        s = parse(generate_latest(worker_metrics.registry).decode())
-    assert value(s, "inferq_queue_oldest_age_seconds", model="digits") == 0
-    stop.set()
+    m = WorkerMetrics()
+    thread = m.start_sampler(client, ["digits"], interval_s=0.05)  # the former signature
     thread.join(timeout=5)
-    assert not thread.is_alive()
+    assert not thread.is_alive(), "without NVML the sampler has nothing to do"
+    m.sample(None)
+    text = generate_latest(m.registry).decode()
+    assert "inferq_queue_depth" not in text and "inferq_queue_oldest_age_seconds" not in text
+    m.close()
 
 
 def test_close_stops_a_sampler_with_its_own_stop_event(client: fakeredis.FakeRedis) -> None:
@@ -267,7 +335,7 @@ def test_gpu_gauges_follow_cuda_visible_devices(
     nvml = gpu.Nvml.open(mask)
     assert nvml is not None
     m = WorkerMetrics()
-    m.sample(client, ["digits"], nvml)
+    m.sample(nvml)
     s = parse(generate_latest(m.registry).decode())
     found = sorted(dict(k[1])["gpu"] for k in s if k[0] == "inferq_gpu_utilization_ratio")
     assert found == gpus
@@ -329,6 +397,9 @@ def test_exporter_reports_queues_consumers_and_dead_letters(client: fakeredis.Fa
     assert value(s, "inferq_queue_oldest_age_seconds", model="mlp") == pytest.approx(90)
     assert value(s, "inferq_queue_depth", model="digits") == 0
     assert value(s, "inferq_dead_letter_jobs") == 3
+    assert value(s, "inferq_redis_up") == 1
+    assert value(s, "inferq_redis_memory_used_bytes") == 3 * 2**30
+    assert value(s, "inferq_redis_maxmemory_bytes") == 4 * 2**30
 
     # The only worker serving mlp dies: its heartbeat key expires, the jobs stay waiting.
     client.delete(wire.WORKER_KEY_PREFIX + "gpu0@a")
@@ -339,21 +410,41 @@ def test_exporter_reports_queues_consumers_and_dead_letters(client: fakeredis.Fa
     assert value(s, "inferq_queue_oldest_age_seconds", model="mlp") == pytest.approx(150)
 
 
-def test_exporter_forgets_everything_when_redis_fails() -> None:
+def test_exporter_keeps_only_redis_up_when_redis_fails() -> None:
     server = fakeredis.FakeServer()
-    client = fakeredis.FakeRedis(server=server)
+    client = InfoRedis(server=server)
     seed(client, time.time())
     exporter = QueueExporter(client)
     exporter.sample()
-    assert list(exporter.collect())
+    assert len(list(exporter.collect())) > 1
     server.connected = False  # fakeredis: every command raises ConnectionError
     with pytest.raises(redis.exceptions.ConnectionError):
         exporter.sample()
-    assert list(exporter.collect()) == []
+    # Stale queue gauges would look healthy: only the Redis-up gauge is left, at 0.
+    registry = CollectorRegistry()
+    registry.register(exporter)
+    s = parse(generate_latest(registry).decode())
+    assert {k[0] for k in s} == {"inferq_redis_up"}
+    assert value(s, "inferq_redis_up") == 0
+    server.connected = True
+    exporter.sample()
+    assert value(parse(generate_latest(registry).decode()), "inferq_redis_up") == 1
 
 
-def test_run_exporter_serves_http(client: fakeredis.FakeRedis,
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_exporter_without_info_permission_still_exports_queues() -> None:
+    """An ACL without +info: the memory gauges are missing, nothing else is."""
+    client = fakeredis.FakeRedis()  # no INFO command: a refusal, as NOPERM is
+    seed(client, time.time())
+    exporter = QueueExporter(client)
+    exporter.sample()
+    names = {m.name for m in exporter.collect()}
+    assert {"inferq_queue_depth", "inferq_redis_up", "inferq_dead_letter_jobs"} <= names
+    assert not {"inferq_redis_memory_used_bytes", "inferq_redis_maxmemory_bytes"} & names
+
+
+def test_run_exporter_serves_http(monkeypatch: pytest.MonkeyPatch) -> None:
+    server = fakeredis.FakeServer()
+    client = InfoRedis(server=server)
     seed(client, time.time())
     monkeypatch.setattr(exporter_module, "connect", lambda url, **kw: client)
     port, stop = free_port(), threading.Event()
@@ -373,6 +464,13 @@ def test_run_exporter_serves_http(client: fakeredis.FakeRedis,
             assert time.monotonic() < deadline, "exporter never answered"
             time.sleep(0.05)
         assert value(parse(text), "inferq_queue_consumers", model="digits") == 2
+        # Redis goes away: the scrape still answers, and says so.
+        server.connected = False
+        deadline = time.monotonic() + 10
+        while value(s := parse(scrape(port)), "inferq_redis_up") != 0:
+            assert time.monotonic() < deadline, "the exporter never reported Redis down"
+            time.sleep(0.05)
+        assert "inferq_queue_depth" not in {k[0] for k in s}
     finally:
         stop.set()
         thread.join(timeout=10)

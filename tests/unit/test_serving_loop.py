@@ -702,7 +702,8 @@ def test_observers_see_each_step_and_hand_off_after_the_store(world: World) -> N
     assert sorted(received) == sorted([([a], False), ([bad], False), ([marked], False),
                                        ([b, c], False)])
     assert names.index("received") == 0
-    assert calls.index(("job_failed", (bad, "INVALID_ARGUMENT", None))) > calls.index(
+    # Bad inputs fail after the version resolved: the failure carries it.
+    assert calls.index(("job_failed", (bad, "INVALID_ARGUMENT", 1))) > calls.index(
         ("received", ([bad], False)))
     # One batch of every runnable job, the failure inside it reported between its start
     # and its end, with the version that ran it; outcomes line up with the batch's jobs.

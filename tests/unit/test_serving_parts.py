@@ -371,7 +371,7 @@ def test_task_events_of_sampled_jobs(clock: Clock) -> None:
     assert received["a"]["root_id"] == "a" and "'m'" in received["a"]["args"]
     succeeded = [f for k, f in out if k == "task-succeeded"]
     assert succeeded[0]["result"] == "v3 batch 4"
-    assert succeeded[0]["runtime"] == pytest.approx(0.5)
+    assert succeeded[0]["runtime"] == pytest.approx(1.5)  # pick-up 100.0 -> outputs ready 101.5
     [failed] = [f for k, f in out if k == "task-failed"]
     assert failed["exception"] == str(failure)
     # Finished jobs are forgotten: a second batch_done of them sends nothing.

@@ -1,12 +1,17 @@
-"""``inferq exporter``: what no worker can report — jobs waiting for a model nobody
-serves (queue depth and live consumers per model) and the dead-letter list.
+"""``inferq exporter``: what no worker can report — queue depth and age per model, jobs
+waiting for a model nobody serves (live consumers per model), the dead-letter list, and
+Redis itself (reachable, memory used against ``maxmemory``).
+
+It is the only owner of these series: workers export their own jobs only. While Redis
+cannot be read a scrape still answers, with ``inferq_redis_up 0`` and nothing else.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import redis
 import structlog
@@ -37,16 +42,38 @@ def consumers(client: redis.Redis) -> dict[str, int]:
     return counts
 
 
+def redis_up(up: bool) -> Metric:
+    return GaugeMetricFamily("inferq_redis_up",
+                             "1 when the exporter's last read of Redis succeeded, 0 when Redis "
+                             "was unreachable or refused it.", value=1 if up else 0)
+
+
+def memory_families(info: Mapping[str, Any]) -> list[Metric]:
+    """Redis memory in use and its ``maxmemory`` (0: no limit), from ``INFO memory``."""
+    return [
+        GaugeMetricFamily("inferq_redis_memory_used_bytes",
+                          "Memory Redis uses (INFO memory used_memory).",
+                          value=int(info["used_memory"])),
+        GaugeMetricFamily("inferq_redis_maxmemory_bytes",
+                          "Redis maxmemory; 0 means no limit. At the limit (noeviction) "
+                          "producers are refused and workers cannot store results.",
+                          value=int(info.get("maxmemory", 0))),
+    ]
+
+
 class QueueExporter:
-    """What no worker can report: jobs waiting for a model nobody serves, dead letters."""
+    """What no worker can report: queues, consumers, dead letters, Redis itself."""
 
     def __init__(self, client: redis.Redis, models: Sequence[str] = ()) -> None:
         self.client = client
         self.models = tuple(models)
         self._families: list[Metric] = []
+        self._memory_refused = ""  # log a refused INFO once, not every interval
 
     def sample(self, now: float | None = None) -> None:
-        """Read Redis and replace what the next scrape returns; clears it on a Redis error."""
+        """Read Redis and replace what the next scrape returns. On a Redis error only
+        ``inferq_redis_up 0`` is left (stale queue gauges would look healthy), and the error
+        is raised."""
         try:
             known = self.client.hkeys(wire.MODELS_KEY)
             names = sorted({*(k.decode() if isinstance(k, bytes) else str(k) for k in known),
@@ -54,8 +81,9 @@ class QueueExporter:
             stats = queue_stats(self.client, names, now)
             live = consumers(self.client)
             dead = int(self.client.llen(wire.DLQ_KEY))
+            memory = self._memory()
         except redis.exceptions.RedisError:
-            self._families = []
+            self._families = [redis_up(False)]
             raise
         serving = GaugeMetricFamily("inferq_queue_consumers", "Live workers serving the model.",
                                     labels=("model",))
@@ -63,11 +91,23 @@ class QueueExporter:
             serving.add_metric((name,), live.get(name, 0))
         dlq = GaugeMetricFamily("inferq_dead_letter_jobs", f"Jobs in the {wire.DLQ_KEY} list.",
                                 value=dead)
-        self._families = [*queue_families(stats), serving, dlq]
+        self._families = [*queue_families(stats), serving, dlq, redis_up(True), *memory]
+
+    def _memory(self) -> list[Metric]:
+        """The memory gauges; none when Redis refuses ``INFO`` (an ACL without ``+info``):
+        the queues are still worth exporting."""
+        try:
+            info = self.client.info("memory")
+        except redis.exceptions.ResponseError as exc:
+            if str(exc) != self._memory_refused:
+                log.warning("exporter_redis_info_refused", error=str(exc))
+            self._memory_refused = str(exc)
+            return []
+        self._memory_refused = ""
+        return memory_families(info)
 
     def collect(self) -> Iterable[Metric]:
         return list(self._families)
-
 
 
 def run_exporter(redis_url: str, port: int = EXPORTER_PORT, interval_s: float = 5.0, *,
@@ -81,15 +121,20 @@ def run_exporter(redis_url: str, port: int = EXPORTER_PORT, interval_s: float = 
     server, _ = start_http_server(port, addr=addr, registry=registry)
     log.info("exporter_listening", port=server.server_port, interval_s=interval_s)
     stop = threading.Event() if stop is None else stop
+    failing = ""  # warn once per distinct failure, not every interval
     try:
         while True:
             try:
                 exporter.sample()
+                if failing:
+                    log.info("exporter_redis_back")
+                failing = ""
             except redis.exceptions.RedisError as exc:
-                log.warning("exporter_sample_failed", error=str(exc))
+                if str(exc) != failing:
+                    log.warning("exporter_sample_failed", error=str(exc))
+                failing = str(exc)
             if stop.wait(interval_s):
                 break
     finally:
         server.shutdown()
         server.server_close()
-

@@ -3,9 +3,24 @@
 One registry and one HTTP server per worker process (one process per GPU): worker ``i`` of
 a host listens on ``INFERQ_METRICS_PORT + i`` (:func:`metrics_port`). The per-job counter
 and histograms are numpy bucket arrays added to once per batch and rendered at scrape time,
-so the hot path costs well under a microsecond per job. Queue and GPU gauges are sampled by
-a background thread into a snapshot that a scrape reads as it is. The queue exporter is
-:mod:`workers.ops.exporter`.
+so the hot path costs well under a microsecond per job. GPU gauges are sampled by a
+background thread into a snapshot that a scrape reads as it is.
+
+Each series has one owner. A worker exports what it alone knows: its jobs, batches, models
+and readiness. Queue depth and age, consumers, dead letters and Redis itself are the queue
+exporter's (:mod:`workers.ops.exporter`): every worker exporting them made one series per
+worker for one queue.
+
+Label rules:
+
+- ``version`` is the version a job resolved to (the one it ran on, or would have);
+  ``"none"`` when it failed before one was resolved (an unreadable message, an unknown
+  model or version, ...). Never ``""``: Prometheus reads an empty label as no label.
+- ``inferq_job_latency_seconds{model,code}`` holds every job that reached a batch, by the
+  code it ended with (``OK`` or an error code); a job refused before a batch (at intake, or
+  poisoned) has no batch timings and is only counted in ``inferq_jobs_total``.
+- :data:`CLIENT_CODES` are the codes a client causes (fix the client); every other error
+  code is the service's (:data:`SERVER_CODES`). Dashboards and alerts split on this.
 """
 
 from __future__ import annotations
@@ -15,10 +30,9 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import redis
 import structlog
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -27,8 +41,10 @@ from prometheus_client.process_collector import ProcessCollector
 from producer.errors import CODES as ERROR_CODES
 from producer.errors import JobFailed
 from workers.ops.gpu import Nvml
-from workers.ops.queues import queue_families, queue_stats
 from workers.serving.observers import Batch, Observer, Outcome
+
+if TYPE_CHECKING:
+    from workers.serving.intake import Pending
 
 log = structlog.get_logger(__name__)
 
@@ -36,6 +52,14 @@ log = structlog.get_logger(__name__)
 DEFAULT_PORT = 9464
 #: Codes a job ends with: OK, or the error code of its FAILURE result.
 CODES = ("OK", *sorted(ERROR_CODES))
+#: Error codes the client caused: bad inputs, or a model or version no worker serves. The
+#: client must change; no operator action helps. ``DEADLINE_EXCEEDED`` is not one: a job
+#: waited longer than its deadline because the service was too slow for it.
+CLIENT_CODES = ("INVALID_ARGUMENT", "NOT_FOUND")
+#: Error codes the service caused (the model, a worker, Redis, capacity).
+SERVER_CODES = tuple(sorted(ERROR_CODES - set(CLIENT_CODES)))
+#: The ``version`` label of a job that failed before a version was resolved.
+NO_VERSION = "none"
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1.0, 2.5, 5.0, 10.0, 30.0)
 ROWS_BUCKETS = tuple(float(2**i) for i in range(11))  # 1, 2, 4, ... 1024
@@ -64,7 +88,7 @@ def port_from_env(env: Mapping[str, str]) -> int | None:
 
 
 def _label(version: int | str | None) -> str:
-    return "" if version is None else str(version)
+    return NO_VERSION if version is None else str(version)
 
 
 class _Histogram:
@@ -124,8 +148,9 @@ class _JobStats:
         self.compute = _Histogram("inferq_compute_seconds", "Model run time of one batch.",
                                   ("model", "version"), SECONDS_BUCKETS)
         self.latency = _Histogram("inferq_job_latency_seconds",
-                                  "Enqueue (else pick-up) to result stored.", ("model",),
-                                  SECONDS_BUCKETS)
+                                  "Enqueue (else pick-up) to result stored, of the jobs that "
+                                  "reached a batch, by the code they ended with.",
+                                  ("model", "code"), SECONDS_BUCKETS)
         self.rows = _Histogram("inferq_batch_rows", "Rows of one batch.", ("model",),
                                ROWS_BUCKETS)
 
@@ -167,6 +192,10 @@ class WorkerMetrics:
         self._ready = Gauge("inferq_worker_ready",
                             "1 once its models are loaded and their queues consumed.",
                             registry=self.registry)
+        self._model_ready = Gauge("inferq_model_ready",
+                                  "1 once the model version is loaded, verified and warm; "
+                                  "0 when that failed (the worker log says why).",
+                                  ("model", "version"), registry=self.registry)
         self._server: Any = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -176,7 +205,8 @@ class WorkerMetrics:
     def job_done(self, model: str, version: int | str | None, code: str,
                  queue_s: float | None, batch_wait_s: float | None,
                  latency_s: float | None) -> None:
-        """One finished job (OK or an error code); a None timing is not observed."""
+        """One finished job (OK or an error code); a None timing is not observed, a None
+        version is labelled ``"none"``."""
         s = self._stats
         key = (model, _label(version), code)
         with s.lock:
@@ -186,7 +216,7 @@ class WorkerMetrics:
             if batch_wait_s is not None:
                 s.batch_wait.observe((model,), batch_wait_s)
             if latency_s is not None:
-                s.latency.observe((model,), latency_s)
+                s.latency.observe((model, code), latency_s)
 
     def jobs_done_bulk(self, model: str, version: int | str | None, code: str,
                        queue_s: Values, batch_wait_s: Values, latency_s: Values) -> None:
@@ -200,7 +230,7 @@ class WorkerMetrics:
             s.jobs[key] = s.jobs.get(key, 0) + len(latency_s)
             s.queue.observe_many((model,), queue_s)
             s.batch_wait.observe_many((model,), batch_wait_s)
-            s.latency.observe_many((model,), latency_s)
+            s.latency.observe_many((model, code), latency_s)
 
     def batch_done(self, model: str, version: int | str, rows: int, compute_s: float) -> None:
         """One batch ran through the model."""
@@ -213,12 +243,21 @@ class WorkerMetrics:
 
     def model_loaded(self, model: str, version: int | str, provider: str,
                      seconds: float) -> None:
-        """A model version is loaded, verified and warm; its job counters start at 0."""
+        """A model version is loaded, verified and warm (so it is ready); its job counters
+        start at 0, and so do the failures of the model's jobs that resolve no version."""
         self._load.labels(model, str(version)).set(seconds)
         self._info.labels(model, str(version), provider).set(1)
+        self.model_ready(model, version, True)
         with self._stats.lock:
             for code in CODES:
                 self._stats.jobs.setdefault((model, str(version), code), 0)
+            for code in ERROR_CODES:
+                self._stats.jobs.setdefault((model, NO_VERSION, code), 0)
+
+    def model_ready(self, model: str, version: int | str, ready: bool) -> None:
+        """Whether a model version is loaded, verified and warm (1), or failed to be (0);
+        the caller logs why it failed."""
+        self._model_ready.labels(model, str(version)).set(1 if ready else 0)
 
     def set_ready(self, ready: bool) -> None:
         """1 once every model is loaded and its queue consumed; 0 while stopping."""
@@ -234,26 +273,31 @@ class WorkerMetrics:
         self._server, _ = start_http_server(port, addr=addr, registry=self.registry)
         return int(self._server.server_port)
 
-    def sample(self, client: redis.Redis, models: Sequence[str],
-               gpus: Nvml | None = None) -> None:
-        """One pass of the sampler: queue depth and oldest age, and the GPU gauges."""
-        families = queue_families(queue_stats(client, models))
-        self._sampled.families = families + (gpus.families() if gpus is not None else [])
+    def sample(self, gpus: Nvml | None) -> None:
+        """One pass of the sampler: the GPU gauges (none without NVML)."""
+        self._sampled.families = gpus.families() if gpus is not None else []
 
-    def start_sampler(self, redis_client: redis.Redis, models: Sequence[str],
+    def start_sampler(self, redis_client: object = None, models: Sequence[str] = (),
                       interval_s: float = 5.0,
                       stop: threading.Event | None = None) -> threading.Thread:
-        """Sample queues (and GPUs, where NVML works) every ``interval_s`` until ``stop``
-        is set or :meth:`close` is called."""
+        """Sample the GPUs this process may use (``CUDA_VISIBLE_DEVICES``) every
+        ``interval_s`` until ``stop`` is set or :meth:`close` is called; the thread ends at
+        once where NVML does not work.
+
+        ``redis_client`` and ``models`` are ignored: queue gauges are the exporter's. They
+        stay for callers of the former signature.
+        """
         stop = self._stop if stop is None else stop
 
         def loop() -> None:
             gpus = Nvml.open(os.environ.get("CUDA_VISIBLE_DEVICES"))
+            if gpus is None:
+                return
             failing = ""  # warn once per distinct failure, not every interval
             try:
                 while not stop.is_set() and not self._stop.is_set():
                     try:
-                        self.sample(redis_client, models, gpus)
+                        self.sample(gpus)
                         failing = ""
                     except Exception as exc:
                         if str(exc) != failing:
@@ -265,8 +309,7 @@ class WorkerMetrics:
                         if self._stop.wait(min(left, 0.5)):
                             break
             finally:
-                if gpus is not None:
-                    gpus.close()
+                gpus.close()
 
         thread = threading.Thread(target=loop, name="inferq-metrics", daemon=True)
         self._threads.append(thread)
@@ -285,26 +328,49 @@ class WorkerMetrics:
 
 
 class MetricsObserver(Observer):
-    """Feeds one model server's batches and failures into :class:`WorkerMetrics`."""
+    """Feeds one model server's batches and failures into :class:`WorkerMetrics`.
+
+    Each job is counted once: a job that failed inside a batch is counted in
+    :meth:`batch_done`, with its timings, under its code; any other failure in
+    :meth:`job_failed`, without timings.
+    """
 
     def __init__(self, metrics: WorkerMetrics, model: str) -> None:
         self.metrics = metrics
         self.model = model
+        self._batch: Batch | None = None
+        #: The running batch's job IDs, built at its first failure only (failures are rare).
+        self._batch_ids: set[str] | None = None
+
+    def batch_started(self, batch: Batch) -> None:
+        self._batch, self._batch_ids = batch, None
 
     def batch_done(self, batch: Batch, outcomes: Sequence[Outcome]) -> None:
+        self._batch = self._batch_ids = None
         self.metrics.batch_done(self.model, batch.version, batch.rows,
                                 batch.finished - batch.started)
-        ok = [p for p, o in zip(batch.jobs, outcomes, strict=True)
-              if not isinstance(o, JobFailed)]
-        if ok:
+        by_code: dict[str, Sequence[Pending]] = {"OK": batch.jobs}
+        if any(isinstance(o, JobFailed) for o in outcomes):
+            groups: dict[str, list[Pending]] = {}
+            for pending, outcome in zip(batch.jobs, outcomes, strict=True):
+                code = outcome.code if isinstance(outcome, JobFailed) else "OK"
+                groups.setdefault(code, []).append(pending)
+            by_code = dict(groups)
+        for code, jobs in by_code.items():
             self.metrics.jobs_done_bulk(
-                self.model, batch.version, "OK",
-                queue_s=[p.picked_at - p.job.enqueued_at for p in ok
+                self.model, batch.version, code,
+                queue_s=[p.picked_at - p.job.enqueued_at for p in jobs
                          if p.job.enqueued_at is not None],
-                batch_wait_s=[batch.started - p.picked_at for p in ok],
+                batch_wait_s=[batch.started - p.picked_at for p in jobs],
                 latency_s=[batch.stored - (p.picked_at if p.job.enqueued_at is None
-                                           else p.job.enqueued_at) for p in ok])
+                                           else p.job.enqueued_at) for p in jobs])
 
     def job_failed(self, job_id: str, error: JobFailed, version: int | None) -> None:
+        batch = self._batch
+        if batch is not None:
+            if self._batch_ids is None:
+                self._batch_ids = {p.job.id for p in batch.jobs}
+            if job_id in self._batch_ids:
+                return  # counted, with its latency, in batch_done
         # The model label is the server's, never the client's: no unbounded labels.
         self.metrics.job_done(self.model, version, error.code, None, None, None)

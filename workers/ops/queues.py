@@ -1,6 +1,6 @@
 """Queue depth and the age of the oldest waiting message, per model, in one round trip.
 
-Read by every worker's metrics sampler and by the queue exporter.
+Read by the queue exporter, the one owner of these series (workers do not export them).
 """
 
 from __future__ import annotations

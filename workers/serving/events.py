@@ -4,6 +4,20 @@ An observer of the serving loop: events are recorded on the model thread and sen
 buffered publish, by the result writer once the batch's results are stored. Above
 ``max_rate`` jobs per second (0: no limit) only a sample of jobs gets events, so
 monitoring never costs more than a fixed share of a busy worker.
+
+What Flower shows of a job:
+
+- ``args`` ``('digits',)`` and ``kwargs`` ``{'version': 2}``: the model, and the version
+  the job ran on (``None`` when it failed before one was resolved). The task name stays
+  ``inferq.infer``, the wire's. A job's ``task-received`` is therefore sent once its
+  version is known, when its batch starts (or when it fails), stamped with the moment it
+  was picked up.
+- Received, Started: the moment the job was picked up, and its batch's start.
+- ``runtime`` (task-succeeded): the job's own time in the worker, pick-up to its outputs
+  ready = ``batch_wait`` + ``inference`` of its result's ``timings_ms``; the batch's model
+  time alone is ``inference``. Queue time before pick-up is not in it (Flower's Received
+  is the pick-up).
+- ``result``: ``v<version> batch <rows>``.
 """
 
 from __future__ import annotations
@@ -42,16 +56,21 @@ class Sampler:
         return False
 
 
-def received(job_id: str, model: str, retries: int) -> Event:
-    return ("task-received", {
-        "uuid": job_id, "name": wire.TASK_NAME, "args": f"({model!r}, ...)",
-        "kwargs": "{}", "retries": retries, "eta": None, "expires": None,
-        "root_id": job_id, "parent_id": None,
-    })
+def received(job_id: str, model: str, version: int | None, retries: int,
+             timestamp: float | None = None) -> Event:
+    """``timestamp`` (epoch seconds) of the pick-up; None: when the event is sent."""
+    fields: dict[str, Any] = {
+        "uuid": job_id, "name": wire.TASK_NAME, "args": repr((model,)),
+        "kwargs": repr({"version": version}), "retries": retries, "eta": None,
+        "expires": None, "root_id": job_id, "parent_id": None,
+    }
+    if timestamp is not None:
+        fields["timestamp"] = timestamp
+    return ("task-received", fields)
 
 
-def started(job_id: str) -> Event:
-    return ("task-started", {"uuid": job_id})
+def started(job_id: str, timestamp: float) -> Event:
+    return ("task-started", {"uuid": job_id, "timestamp": timestamp})
 
 
 def succeeded(job_id: str, summary: str, runtime: float) -> Event:
@@ -74,36 +93,52 @@ class TaskEvents(Observer):
         self.sampler = Sampler(max_rate)
         self._send = send
         self._events: list[Event] = []
-        #: Jobs picked for events (all of them below the rate limit).
-        self._sampled: set[str] = set()
+        #: Jobs picked for events (all of them below the rate limit) whose task-received is
+        #: not sent yet (it waits for the version), with their retries.
+        self._admitted: dict[str, int] = {}
+        #: Sampled jobs in a batch: received and started, outcome not yet recorded.
+        self._running: set[str] = set()
 
     def received(self, job_ids: Sequence[str], redelivered: bool) -> None:
         retries = int(redelivered)
         for job_id in job_ids:
             if self.sampler.admit():
-                self._sampled.add(job_id)
-                self._events.append(received(job_id, self.model, retries))
+                self._admitted[job_id] = retries
 
     def batch_started(self, batch: Batch) -> None:
-        sampled = self._sampled
-        self._events += [started(p.job.id) for p in batch.jobs if p.job.id in sampled]
+        admitted, model = self._admitted, self.model
+        sampled = [(p, admitted.pop(p.job.id)) for p in batch.jobs if p.job.id in admitted]
+        if not sampled:
+            return
+        self._events += [received(p.job.id, model, p.version, retries, p.picked_at)
+                         for p, retries in sampled]
+        self._events += [started(p.job.id, batch.started) for p, _ in sampled]
+        self._running.update(p.job.id for p, _ in sampled)
 
     def batch_done(self, batch: Batch, outcomes: Sequence[Outcome]) -> None:
-        sampled = self._sampled
+        running = self._running
+        if not running:
+            return
         summary = f"v{batch.version} batch {batch.rows}"
-        runtime = batch.finished - batch.started
         for pending, outcome in zip(batch.jobs, outcomes, strict=True):
             job_id = pending.job.id
-            if job_id in sampled and not isinstance(outcome, JobFailed):
-                sampled.discard(job_id)
-                self._events.append(succeeded(job_id, summary, runtime))
+            if job_id in running and not isinstance(outcome, JobFailed):
+                running.discard(job_id)
+                self._events.append(
+                    succeeded(job_id, summary, batch.finished - pending.picked_at))
 
     def job_failed(self, job_id: str, error: JobFailed, version: int | None) -> None:
-        if job_id in self._sampled:
-            self._sampled.discard(job_id)
+        if job_id in self._running:
+            self._running.discard(job_id)
             self._events.append(failed(job_id, str(error)))
-        elif self.sampler.admit():
-            self._events += [received(job_id, self.model, 0), failed(job_id, str(error))]
+            return
+        retries = self._admitted.pop(job_id, None)
+        if retries is None:
+            if not self.sampler.admit():
+                return
+            retries = 0
+        self._events += [received(job_id, self.model, version, retries),
+                         failed(job_id, str(error))]
 
     def handoff(self) -> Callable[[], None] | None:
         if not self._events:

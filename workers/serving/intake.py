@@ -42,8 +42,9 @@ class Pending:
     suspect: bool = False
 
 
-#: A job that failed before reaching a batch, and the message that carried it.
-Failure = tuple[str, JobFailed, Message]
+#: A job that failed before reaching a batch, the message that carried it, and the version
+#: it resolved to (None when it failed before that).
+Failure = tuple[str, JobFailed, Message, int | None]
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ class Intake:
                                     len(delivery.jobs) + len(delivery.failed),
                                     delivery.owned_blobs())
         for job_id, error in delivery.failed:
-            failures.append((job_id, _job_failed(error), message))
+            failures.append((job_id, _job_failed(error), message, None))
         jobs = delivery.jobs
         if delivery.redelivered:
             done = self._already_done(jobs)
@@ -131,12 +132,8 @@ class Intake:
         for job in jobs:
             try:
                 checked = self._check(job, message, picked_at, blobs)
-            except JobFailed as exc:
-                failures.append((job.id, exc, message))
-                continue
-            except Exception as exc:
-                # Whatever a hostile payload triggers fails that job, never the worker.
-                failures.append((job.id, InvalidInput(f"malformed job: {exc!r}"), message))
+            except _Refused as refused:
+                failures.append((job.id, refused.error, message, refused.version))
                 continue
             checked.suspect = delivery.redelivered
             pending.append(checked)
@@ -153,13 +150,28 @@ class Intake:
     def _check(self, job: JobRequest, message: Message, picked_at: float,
                blobs: Mapping[str, bytes | None]) -> Pending:
         checks = self.checks
-        version = validation.resolve_version(job, checks.model, checks.versions)
-        validation.check_deadline(job, picked_at)
-        arrays, rows = validation.decode_inputs(
-            job.inputs, checks.inputs, blobs, max_tensor_bytes=checks.max_tensor_bytes,
-            reject_nonfinite=checks.reject_nonfinite)
+        version: int | None = None
+        try:
+            version = validation.resolve_version(job, checks.model, checks.versions)
+            validation.check_deadline(job, picked_at)
+            arrays, rows = validation.decode_inputs(
+                job.inputs, checks.inputs, blobs, max_tensor_bytes=checks.max_tensor_bytes,
+                reject_nonfinite=checks.reject_nonfinite)
+        except JobFailed as exc:
+            raise _Refused(exc, version) from None
+        except Exception as exc:
+            # Whatever a hostile payload triggers fails that job, never the worker.
+            raise _Refused(InvalidInput(f"malformed job: {exc!r}"), version) from None
         shape = tuple(arrays[s.name].shape[1:] for s in checks.inputs)
         return Pending(job, version, arrays, rows, message, picked_at, shape)
+
+
+class _Refused(Exception):
+    """A job that failed its checks, with the version it had resolved to by then."""
+
+    def __init__(self, error: JobFailed, version: int | None) -> None:
+        super().__init__(error.message)
+        self.error, self.version = error, version
 
 
 def _job_failed(error: Exception) -> JobFailed:

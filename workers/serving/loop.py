@@ -111,8 +111,8 @@ class ModelServer:
         self._backlog = left > 0
         pending, failures = self.intake.take(drained, wire.now())
         self._waiting += pending
-        for job_id, error, message in failures:
-            self._fail(job_id, error, message, None)
+        for job_id, error, message, version in failures:
+            self._fail(job_id, error, message, version)
         return left == 0
 
     def _run_batch(self) -> int:
