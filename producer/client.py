@@ -44,7 +44,8 @@ class InferenceClient:
 
     ``broker_url`` and ``result_url`` default to ``$INFERQ_BROKER_URL`` and
     ``$INFERQ_RESULT_URL``, else ``redis://localhost:6379/0``. Every Redis call is bounded
-    by ``socket_timeout`` seconds and fails with :class:`Unavailable` past it.
+    by ``socket_timeout`` seconds (2 s, one retry) and fails with :class:`Unavailable` past
+    it.
     """
 
     def __init__(
@@ -120,6 +121,12 @@ class InferenceClient:
                 self._models_read_at = time.monotonic()
         return self._models
 
+    def model(self, name: str, version: int | None = None) -> ModelInfo | None:
+        """The signature a job for ``name`` is checked against, refusing as ``submit`` would
+        (ModelNotFound, Unavailable); None when queueing for workers while none ever
+        registered the model."""
+        return self._model_info(name, version)
+
     def _model_info(self, model: str, version: int | None) -> ModelInfo | None:
         info = self._models.get(model)
         # Re-read at most once a second: a model whose last worker stopped is refused soon
@@ -148,7 +155,8 @@ class InferenceClient:
         RESOURCE_EXHAUSTED (and take the blobs back) when the model's queue is full."""
         if self._server_run_id is None:
             self._server_run_id = self._run_id()
-        info = self._models.get(model)
+        # A model queued for while no worker is live still has its registered bound.
+        info = self._models.get(model) or self._known.get(model)
         bound = info.max_queue if info is not None else 0
         ttl = self.blob_ttl if info is None else max(self.blob_ttl, 4 * info.visibility_timeout)
         queue = wire.queue_name(model)

@@ -7,6 +7,7 @@ Errors of a single job are not here: they cross the wire (:mod:`producer.errors`
 from __future__ import annotations
 
 __all__ = [
+    "EXIT_NOTHING_TO_SERVE",
     "DeviceUnavailable",
     "FlowerConfigError",
     "LaunchError",
@@ -15,6 +16,11 @@ __all__ = [
     "SettingsError",
     "WorkerError",
 ]
+
+
+#: Exit status of a worker none of whose models can be served (EX_CONFIG): a supervisor
+#: does not restart it, since it would fail the same way until the repository is fixed.
+EXIT_NOTHING_TO_SERVE = 78
 
 
 class WorkerError(Exception):

@@ -324,7 +324,9 @@ class Load(threading.Thread):
         self.join(timeout=30)
 
     def run(self) -> None:
-        client = InferenceClient(self.url)
+        # Workers are killed and restarted under this load: it queues for them meanwhile, as
+        # a service that expects workers to come back would.
+        client = InferenceClient(self.url, queue_without_workers=True)
         try:
             while not self._stop_event.is_set():
                 if self.total is not None and len(self.ledger) >= self.total:
@@ -398,7 +400,7 @@ class Rig:
     def burst(self, jobs: int = 1024) -> None:
         """Submit ``jobs`` jobs in one call (so a worker about to be killed holds some)."""
         if self._producer is None:
-            self._producer = InferenceClient(self.url)
+            self._producer = InferenceClient(self.url, queue_without_workers=True)
         rows = list(range(jobs))
         self.ledger.accept([h.id for h in self._producer.submit_many("digits", rows_of(rows))],
                            rows)

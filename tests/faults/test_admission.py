@@ -28,7 +28,8 @@ def test_deadline_passes_while_queued(rig: Rig, figures: Figures) -> None:
     later: each fails DEADLINE_EXCEEDED, and none reaches the model: the worker's ``batch``
     log lines (one per model run, with its row count) count only the control job."""
     url, r = rig.url, rig.r
-    with InferenceClient(url) as client:
+    # No worker runs yet: the jobs wait for one, as for workers that scale from zero.
+    with InferenceClient(url, queue_without_workers=True) as client:
         singles = [client.submit("digits", job, deadline=0.2).id for job in rows_of(range(20))]
         bulk = [h.id for h in client.submit_many("digits", rows_of(range(64)), deadline=0.2)]
     expired = singles + bulk
@@ -65,8 +66,10 @@ def test_bounded_queue_refuses_fast_and_loses_nothing(rig: Rig, figures: Figures
     copy_digits(model_repo, max_queue=5)
     first = rig.worker(model_dir=model_repo)
     assert first.stop() == 0
-    with InferenceClient(url) as client:
-        assert client.models()["digits"].max_queue == 5
+    with InferenceClient(url, queue_without_workers=True) as client:
+        # Stopped, its model is no longer advertised, but its signature (and bound) stays.
+        assert "digits" not in client.models()
+        assert client._known["digits"].max_queue == 5
         accepted = [client.submit("digits", job).id for job in rows_of(range(5))]
         started = time.perf_counter()
         with pytest.raises(ResourceExhausted):

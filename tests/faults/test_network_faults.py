@@ -52,7 +52,7 @@ def test_resets_and_latency(proxied_rig: tuple[Rig, FaultProxy], figures: Figure
     proxy.set_latency(0.0)
     load.stop()
     faults_over = time.monotonic()
-    with InferenceClient(rig.url) as client:
+    with InferenceClient(rig.url, queue_without_workers=True) as client:
         probe = client.submit("digits", rows_of([3])[0])
         probe.result(timeout=10)
     probe_s = time.monotonic() - faults_over
@@ -91,7 +91,7 @@ def test_blackhole_then_heal(proxied_rig: tuple[Rig, FaultProxy], figures: Figur
     time.sleep(5.0)  # the fault: a 5 s blackhole
     proxy.heal()
     healed_at = time.monotonic()
-    with InferenceClient(rig.url) as client:
+    with InferenceClient(rig.url, queue_without_workers=True) as client:
         deadline = healed_at + 30
         while True:  # the producer may still see its own timeouts: retry
             try:

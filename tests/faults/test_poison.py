@@ -140,7 +140,7 @@ class _Pacer(threading.Thread):
         self.first_at = self.last_at = 0.0
 
     def run(self) -> None:
-        clients = [InferenceClient(s.server.url) for s in self.stacks]
+        clients = [InferenceClient(s.server.url, queue_without_workers=True) for s in self.stacks]
         self.first_at = time.monotonic()
         for n in range(self.jobs):
             for ids, client in zip(self.ids, clients, strict=True):
@@ -198,7 +198,7 @@ def test_poison_job_is_dead_lettered_and_others_keep_flowing(
             thread.start()
         pacer.start()
         wait_for(lambda: len(pacer.ids[0]) >= 10, 10, "the first normal jobs")
-        with InferenceClient(episode.server.url) as client:
+        with InferenceClient(episode.server.url, queue_without_workers=True) as client:
             poison = client.submit("slow", {"x": slow_input(poison_iterations)})
         killer = _OomKiller(episode, poison.id)
         killer.start()

@@ -130,7 +130,7 @@ def test_redis_frozen_30s(fresh_redis: RedisServer, rig_for: RigFor, figures: Fi
     stop = threading.Event()
 
     def probe(kind: str) -> None:
-        client = InferenceClient(url)
+        client = InferenceClient(url, queue_without_workers=True)
         client.models()
         pending = [client.submit("digits", rows_of([0])[0]).id]
         probe_ids.extend(pending)
@@ -214,7 +214,7 @@ def test_redelivery_after_a_long_redis_stall(fresh_redis: RedisServer, rig_for: 
     slow = write_slow_model(model_repo)
     iterations = int(0.5 / seconds_per_iteration(slow))
     victim = rig.worker(model_dir=model_repo)
-    with InferenceClient(rig.url) as client:
+    with InferenceClient(rig.url, queue_without_workers=True) as client:
         job = client.submit("slow", {"x": slow_input(iterations * 2)})  # ~1 s
     wait_for(lambda: holding(r, job.id), 10, "the victim to take the job")
     victim.kill()
@@ -229,7 +229,7 @@ def test_redelivery_after_a_long_redis_stall(fresh_redis: RedisServer, rig_for: 
 def _fill(url: str, ledger: Ledger) -> BaseException:
     """Submit bulk digits jobs until Redis refuses one (accepted ones go to ``ledger``);
     return the refusal."""
-    client = InferenceClient(url)
+    client = InferenceClient(url, queue_without_workers=True)
     row = 0
     try:
         while True:
@@ -355,7 +355,7 @@ def test_redis_restarted_without_persistence(redis_factory: type[RedisServer],
     restarted_at = [0.0]
 
     def waiter() -> None:
-        with InferenceClient(url) as client:
+        with InferenceClient(url, queue_without_workers=True) as client:
             ids.extend(h.id for h in client.submit_many("digits", rows_of(range(200))))
             submitted.set()
             deadline = time.monotonic() + 20
@@ -406,6 +406,6 @@ def test_workers_advertise_again_after_redis_lost_its_data(
     r = rig.r
     wait_for(lambda: r.exists(wire.WORKER_KEY_PREFIX + worker.hostname), 20,
              "the worker's heartbeat after the restart")
-    with InferenceClient(server.url) as client:
+    with InferenceClient(server.url, queue_without_workers=True) as client:
         result = client.submit("digits", {"pixels": X[0]}).result(timeout=10)
     assert int(result["label"][0]) == int(LABELS[0])

@@ -103,7 +103,7 @@ def _sigterm_under_load(rig: Rig, figures: Figures, model_repo: Path, *, group: 
     wait_for(lambda: len(ledger) >= 300, 30, "300 accepted jobs")
     victim: WorkerProcess = rig.worker(model_dir=model_repo)
     # A ~1 s job that only the victim serves: it is mid-batch when SIGTERM arrives.
-    with InferenceClient(rig.url) as client:
+    with InferenceClient(rig.url, queue_without_workers=True) as client:
         slow_job = client.submit("slow", {"x": slow_input(iterations)})
     wait_for(lambda: holding(r, slow_job.id), 10, "the slow job in flight")
     signalled_at = time.monotonic()

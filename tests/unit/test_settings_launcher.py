@@ -351,3 +351,68 @@ def test_supervisor_restarts_a_dead_worker_then_gives_up(monkeypatch: pytest.Mon
     sup.procs["gpu1@h"].code = 1  # type: ignore[attr-defined]
     with pytest.raises(LaunchError, match=r"worker gpu1@h exited 2 times in 60 s"):
         sup.poll()
+
+
+# --- workers die with their supervisor -------------------------------------------------------
+
+_linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+#: Prints the calling process's parent-death signal (prctl PR_GET_PDEATHSIG).
+_PDEATHSIG_PROBE = ("import ctypes; v = ctypes.c_int(); "
+                    "ctypes.CDLL(None).prctl(2, ctypes.byref(v), 0, 0, 0); print(v.value)")
+
+
+@_linux_only
+def test_a_worker_gets_sigterm_when_its_supervisor_dies() -> None:
+    import signal
+
+    out = subprocess.run([sys.executable, "-c", _PDEATHSIG_PROBE], capture_output=True,
+                         text=True, timeout=30, preexec_fn=launcher.die_with_parent())
+    assert out.stdout.strip() == str(int(signal.SIGTERM)), out.stderr
+
+
+@_linux_only
+def test_a_worker_whose_supervisor_died_before_it_started_does_not_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    preexec = launcher.die_with_parent()
+    monkeypatch.setattr(launcher.os, "getppid", lambda: 1)  # as the forked child sees it
+    out = subprocess.run([sys.executable, "-c", "print('started')"], capture_output=True,
+                         text=True, timeout=30, preexec_fn=preexec)
+    assert (out.returncode, out.stdout) == (1, "")
+
+
+def test_only_the_main_thread_spawns_workers_that_die_with_it() -> None:
+    import threading
+
+    # PDEATHSIG fires when the forking *thread* exits: from another one, not set at all.
+    found: list[object] = []
+    thread = threading.Thread(target=lambda: found.append(launcher.die_with_parent()))
+    thread.start()
+    thread.join()
+    assert found == [None]
+
+
+@_linux_only
+def test_supervisor_spawns_each_worker_to_die_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[dict[str, Any]] = []
+
+    class Recording:
+        def __init__(self, argv: list[str], **kwargs: Any) -> None:
+            seen.append(kwargs)
+            self.pid = 1
+
+    monkeypatch.setattr(launcher.subprocess, "Popen", Recording)
+    Supervisor([WorkerSpec("cpu0@h", ["true"], {})]).start()
+    assert seen[0]["start_new_session"] and callable(seen[0]["preexec_fn"])
+
+
+def test_check_repository_refuses_a_broken_manifest(tmp_path: Path) -> None:
+    from workers.errors import ManifestError
+
+    (tmp_path / "digits").mkdir()
+    (tmp_path / "digits" / "model.toml").write_text("max_batch_rows = \n")
+    with pytest.raises(ManifestError, match=r"model\.toml"):
+        launcher.check_repository({"INFERQ_MODEL_DIR": str(tmp_path)})
+    launcher.check_repository({})  # the shipped repository
+    with pytest.raises(SettingsError, match="INFERQ_RESULT_TTL"):
+        launcher.check_repository({"INFERQ_RESULT_TTL": "0"})

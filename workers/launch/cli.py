@@ -8,15 +8,78 @@ from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
 
 from producer import InferenceClient, JobFailed, JobResult, JobTimeout
-from producer.errors import InferqError
+from producer.errors import InferqError, Unavailable
+from workers.launch.inputs import load_inputs
 
 
-@click.group()
-def main() -> None:
+def explain(exc: Exception) -> str:
+    """One or two lines for an expected failure: what went wrong, and what to do."""
+    import redis
+
+    from producer.wire.connect import broker_url, result_url
+    from workers.errors import ManifestError, WorkerError
+    from workers.launch.stack import masked
+
+    cause = exc.__cause__ if isinstance(exc, Unavailable) and exc.__cause__ else exc
+    if isinstance(cause, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        broker, results = broker_url(), result_url()
+        where = f"INFERQ_BROKER_URL={masked(broker)}"
+        if results != broker:
+            where += f" or INFERQ_RESULT_URL={masked(results)}"
+        if isinstance(cause, redis.exceptions.AuthenticationError):
+            return f"Redis refused the credentials in {where}: {cause}"
+        return (f"cannot reach Redis at {where} ({cause})\n"
+                "Start Redis there, or set INFERQ_BROKER_URL to one that runs "
+                "(unset, `inferq up` starts a private one).")
+    if isinstance(exc, redis.exceptions.RedisError):
+        return f"Redis at INFERQ_BROKER_URL={masked(broker_url())} answered: {exc}"
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    if isinstance(exc, ManifestError):
+        return (f"model repository: {exc}\n"
+                "Fix the manifest, or point INFERQ_MODEL_DIR at another repository.")
+    if isinstance(exc, WorkerError | InferqError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}\n(unexpected: `inferq --debug ...` shows the traceback)"
+
+
+class InferqGroup(click.Group):
+    """The ``inferq`` group: any command's failure ends in one or two lines on stderr and a
+    non-zero exit, never a traceback (unless ``--debug``)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            if ctx.params.get("debug"):
+                raise
+            raise click.ClickException(explain(exc)) from None
+
+
+@click.group(cls=InferqGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="inferq", prog_name="inferq",
+                      message="%(prog)s %(version)s")
+@click.option("--debug", is_flag=True, envvar="INFERQ_DEBUG",
+              help="Show the full traceback of a failure instead of one line (or "
+                   "INFERQ_DEBUG=1).")
+def main(debug: bool) -> None:
     """inferq: batching ONNX inference workers on a Celery + Redis queue."""
+
+
+def _gpu_indices(gpus: str | None, cpu: bool) -> list[int]:
+    """``--gpus`` / ``--cpu`` -> the GPUs to use; [] for the CPU (the default without GPUs)."""
+    from workers.errors import LaunchError
+    from workers.launch.launcher import detect_gpus, parse_gpus
+
+    if cpu and gpus:
+        raise LaunchError("--cpu and --gpus exclude each other")
+    if cpu:
+        return []
+    return parse_gpus(gpus, detect_gpus()) if gpus else detect_gpus()
 
 
 # --- services ------------------------------------------------------------------------
@@ -29,57 +92,53 @@ def main() -> None:
               help="CPU worker processes (with --cpu).")
 def worker(gpus: str | None, cpu: bool, cpu_workers: int) -> None:
     """Start and supervise worker processes until Ctrl-C."""
-    from workers.errors import LaunchError
-    from workers.launch.launcher import Supervisor, detect_gpus, parse_gpus, plan
+    from producer.wire.connect import broker_url
+    from workers.launch.launcher import Supervisor, check_repository, plan
+    from workers.launch.stack import answers, masked
 
-    try:
-        if cpu and gpus:
-            raise LaunchError("--cpu and --gpus exclude each other")
-        available = detect_gpus()
-        indices = parse_gpus(gpus, available) if gpus else ([] if cpu else available)
-    except LaunchError as exc:
-        raise click.ClickException(str(exc)) from None
+    indices = _gpu_indices(gpus, cpu)
+    check_repository()
+    if not answers(broker_url(), timeout=2.0):
+        # Not fatal: a worker waits for its Redis (one started alongside may come up later).
+        click.echo(f"warning: no Redis answers at INFERQ_BROKER_URL={masked(broker_url())} "
+                   "yet; the workers keep trying to connect", err=True)
     supervisor = Supervisor(plan(indices or None, cpu_workers))
     supervisor.start()
     sys.exit(supervisor.run())
 
 
 @main.command()
+@click.option("--gpus", default=None,
+              help="'all' or indices like 0,1: one worker per GPU (default: every GPU found).")
+@click.option("--cpu", "cpu", is_flag=True, help="Run the workers on the CPU even on a GPU host.")
 @click.option("--workers", "cpu_workers", default=1, show_default=True,
-              help="CPU worker processes when there is no GPU.")
-def up(cpu_workers: int) -> None:
+              help="CPU worker processes when there is no GPU (or with --cpu).")
+@click.option("--flower-port", type=click.IntRange(0, 65535), default=None,
+              help="Flower's port (default 5555, or a free one when 5555 is taken; 0: any "
+                   "free port).")
+def up(gpus: str | None, cpu: bool, cpu_workers: int, flower_port: int | None) -> None:
     """Run Redis (if none is configured), the workers and Flower until Ctrl-C."""
-    import signal
-    import threading
+    from workers.launch.stack import LocalStack, masked
 
-    from workers.errors import LaunchError
-    from workers.launch.stack import LocalStack
-
-    stopped = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopped.set())
-    try:
-        stack = LocalStack(cpu_workers=cpu_workers)
-    except LaunchError as exc:
-        raise click.ClickException(str(exc)) from None
+    stack = LocalStack(gpus=_gpu_indices(gpus, cpu), cpu_workers=cpu_workers,
+                       flower_port=flower_port)
     with stack:
-        click.echo(f"broker  {stack.broker_url}\nflower  {stack.flower_url}\nready; Ctrl-C stops")
-        while not stopped.wait(0.5):
-            assert stack.supervisor is not None
-            stack.supervisor.poll()
+        click.echo(f"broker  {masked(stack.broker_url)}\nflower  {stack.flower_url}\n"
+                   "ready; Ctrl-C stops")
+        stack.run_until_stopped()
     click.echo("stopped")
 
 
 @main.command()
-def demo() -> None:
+@click.option("--keep", is_flag=True,
+              help="After the summary, keep the stack up, with Flower, until Ctrl-C.")
+@click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="File the workers log to (default: a new one in the temporary directory).")
+def demo(keep: bool, log_path: Path | None) -> None:
     """Classify the digits test set through the whole stack and print a summary."""
-    from workers.errors import LaunchError
     from workers.launch import demo as demo_module
 
-    try:
-        sys.exit(demo_module.run(click.echo))
-    except LaunchError as exc:
-        raise click.ClickException(str(exc)) from None
+    sys.exit(demo_module.run(click.echo, keep=keep, log_path=log_path))
 
 
 @main.command()
@@ -100,36 +159,17 @@ def bench(names: str, cpu_workers: int, gpus: str | None, quick: bool, json_path
           plot_path: Path | None, sweep: bool, payloads: bool, soak_jobs: int) -> None:
     """Measure direct ONNX Runtime, naive Celery and inferq in one run."""
     from workers.bench.run import run as run_bench
-    from workers.errors import LaunchError
     from workers.launch.launcher import detect_gpus, parse_gpus
 
-    try:
-        indices = parse_gpus(gpus, detect_gpus()) if gpus else None
-    except LaunchError as exc:
-        raise click.ClickException(str(exc)) from None
+    indices = parse_gpus(gpus, detect_gpus()) if gpus else None
     run_bench([n for n in names.split(",") if n], workers=cpu_workers, gpus=indices,
               quick=quick, json_path=json_path, plot_path=plot_path, sweep=sweep,
               payloads=payloads, soak_jobs=soak_jobs, say=click.echo)
 
 
-@main.command()
-@click.option("--model-dir", type=click.Path(path_type=Path), default=None)
-def models(model_dir: Path | None) -> None:
-    """List the models in the repository with their versions and signatures."""
-    from workers.repository import ManifestError, scan
-    from workers.settings import default_model_dir
+from workers.launch.models_cli import models as models_group  # noqa: E402  (its commands)
 
-    try:
-        found = scan(model_dir or default_model_dir())
-    except ManifestError as exc:
-        raise click.ClickException(str(exc)) from None
-    for name, m in found.items():
-        click.echo(f"{name}  versions {sorted(m.versions)}  max_batch_rows {m.max_batch_rows}  "
-                   f"max_wait_ms {m.max_wait_ms}")
-        click.echo(f"  {m.description}")
-        for kind, specs in (("in ", m.inputs), ("out", m.outputs)):
-            for s in specs:
-                click.echo(f"  {kind} {s.name}: {s.dtype}{list(s.shape)}")
+main.add_command(models_group)
 
 
 @main.command()
@@ -152,8 +192,10 @@ def check(hostname: str | None, path: Path | None) -> None:
 
 
 @main.command()
-@click.option("--port", default=9460, show_default=True)
-@click.option("--interval", "interval_s", default=5.0, show_default=True)
+@click.option("--port", default=9460, show_default=True,
+              help="Port to serve /metrics on (all interfaces).")
+@click.option("--interval", "interval_s", default=5.0, show_default=True,
+              help="Seconds between two reads of the queues from Redis.")
 @click.option("--model", "models", multiple=True, help="Also report this model's queue.")
 def exporter(port: int, interval_s: float, models: tuple[str, ...]) -> None:
     """Queue depth, oldest age, consumers per model and dead letters, for Prometheus."""
@@ -255,55 +297,43 @@ def _result_json(result: JobResult) -> dict[str, Any]:
     }
 
 
-def _load_inputs(client: InferenceClient, model: str, paths: tuple[str, ...]) -> dict[str, Any]:
-    named: dict[str, str] = {}
-    for item in paths:
-        name, sep, path = item.partition("=")
-        named[name if sep else ""] = path if sep else item
-    info = client.models().get(model)
-    inputs: dict[str, Any] = {}
-    for name, path in named.items():
-        if path.endswith(".json"):
-            doc = json.loads(Path(path).read_text())
-            if not isinstance(doc, dict):
-                raise click.ClickException(f"{path}: expected an object of input name -> array")
-            inputs.update(doc)
-        else:
-            if not name:
-                if info is None or len(info.inputs) != 1:
-                    raise click.ClickException("name the input: --input NAME=file.npy")
-                name = info.inputs[0].name
-            inputs[name] = np.load(path, allow_pickle=False)
-    if info is not None:  # JSON numbers carry no dtype: take the model's.
-        for spec in info.inputs:
-            if spec.name in inputs and not isinstance(inputs[spec.name], np.ndarray):
-                inputs[spec.name] = np.asarray(inputs[spec.name], dtype=spec.dtype)
-    return inputs
+def _print_outcome(job_id: str, read: Any) -> None:
+    """Print what ``read()`` returns as JSON; exit 1 when the job failed, 2 while pending."""
+    try:
+        result = read()
+    except JobFailed as exc:
+        if exc.job_id is None:  # refused (Redis unreachable ...): not a failure of the job
+            raise
+        click.echo(json.dumps({"id": job_id, "status": "FAILURE", "code": exc.code,
+                               "message": exc.message}))
+        sys.exit(1)
+    except JobTimeout:
+        click.echo(json.dumps({"id": job_id, "status": "PENDING"}))
+        sys.exit(2)
+    click.echo(json.dumps(_result_json(result)))
 
 
 @main.command()
 @click.argument("model")
 @click.option("--input", "inputs", multiple=True, required=True,
-              help="x.npy, NAME=x.npy, or x.json mapping input names to arrays.")
+              help="x.npy (the model's only input), NAME=x.npy, or x.json mapping input names "
+                   "to arrays; repeat for several. Values are cast to the model's dtype when "
+                   "none changes but for float rounding (float64 -> float32 is what a float32 "
+                   "model computes with); other mismatches are refused.")
 @click.option("--version", type=int, default=None, help="Pin a model version.")
-@click.option("--wait/--no-wait", default=False, help="Wait for and print the result.")
+@click.option("--wait/--no-wait", default=False,
+              help="Wait for and print the result (exit 1 on FAILURE, 2 if still pending).")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait.")
 def submit(model: str, inputs: tuple[str, ...], version: int | None, wait: bool,
            timeout: float) -> None:
     """Submit one job; print its ID (or, with --wait, its result as JSON)."""
-    try:
-        with InferenceClient() as client:
-            handle = client.submit(model, _load_inputs(client, model, inputs), version=version)
-            if not wait:
-                click.echo(handle.id)
-                return
-            click.echo(json.dumps(_result_json(handle.result(timeout=timeout))))
-    except JobFailed as exc:
-        click.echo(json.dumps({"id": exc.job_id, "status": "FAILURE", "code": exc.code,
-                               "message": exc.message}))
-        sys.exit(1)
-    except InferqError as exc:
-        raise click.ClickException(str(exc)) from None
+    with InferenceClient() as client:
+        handle = client.submit(model, load_inputs(client, model, version, inputs),
+                               version=version)
+        if not wait:
+            click.echo(handle.id)
+            return
+        _print_outcome(handle.id, lambda: handle.result(timeout=timeout))
 
 
 @main.command()
@@ -313,17 +343,7 @@ def submit(model: str, inputs: tuple[str, ...], version: int | None, wait: bool,
 def result(job_id: str, timeout: float) -> None:
     """Print a job's result as JSON; exit 1 on FAILURE, 2 while PENDING."""
     with InferenceClient() as client:
-        try:
-            click.echo(json.dumps(_result_json(client.results([job_id], timeout=timeout)[0])))
-        except JobFailed as exc:
-            click.echo(json.dumps({"id": job_id, "status": "FAILURE", "code": exc.code,
-                                   "message": exc.message}))
-            sys.exit(1)
-        except JobTimeout:
-            click.echo(json.dumps({"id": job_id, "status": "PENDING"}))
-            sys.exit(2)
-        except InferqError as exc:
-            raise click.ClickException(str(exc)) from None
+        _print_outcome(job_id, lambda: client.results([job_id], timeout=timeout)[0])
 
 
 if __name__ == "__main__":

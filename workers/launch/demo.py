@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import redis
+import structlog
 
 from producer import InferenceClient, JobResult, wire
 from producer.wire.connect import connect
-from workers.launch.stack import LocalStack
+from workers.launch.stack import LocalStack, masked
 
 STAGES = ("queued", "batch_wait", "inference", "total")
 
@@ -58,21 +62,61 @@ def _workers_serving(url: str, model: str) -> bool:
         return False
 
 
-def run(out: Callable[[str], None] = print, single_jobs: int = 100) -> int:
-    """Run the demo; return the exit code (0 when every job succeeded)."""
+def run(out: Callable[[str], None] = print, single_jobs: int = 100, *, keep: bool = False,
+        log_path: Path | None = None) -> int:
+    """Run the demo; return the exit code (0 when every job succeeded).
+
+    The processes it starts log to ``log_path`` (default: a new file in the temporary
+    directory, kept), so ``out`` gets the summary alone. With ``keep`` the stack stays up,
+    Flower with it, until Ctrl-C.
+    """
     x_test, y_test = digits_test_split()
     configured = os.environ.get("INFERQ_BROKER_URL")
     if configured and _workers_serving(configured, "digits"):
-        out(f"using the running stack at {configured}")
-        return _exercise(configured, "", x_test, y_test, out, single_jobs)
-    out("starting Redis, a worker and Flower ...")
-    with LocalStack() as stack:
-        return _exercise(stack.broker_url, stack.flower_url, x_test, y_test, out, single_jobs)
+        out(f"using the running stack at {masked(configured)}")
+        code = _exercise(configured, x_test, y_test, out, single_jobs)
+        if keep:
+            out("--keep: nothing to keep, the stack was running before the demo")
+        return code
+    if log_path is None:
+        fd, name = tempfile.mkstemp(prefix="inferq-demo-", suffix=".log")
+        os.close(fd)
+        log_path = Path(name)
+    started = "a worker and Flower" if keep else "a worker"
+    started = f"{started} on the Redis at {masked(configured)}" if configured else (
+        f"Redis and {started}")
+    out(f"starting {started}; logs go to {log_path} ...")
+    with _records_to(log_path), LocalStack(flower=keep, log_path=log_path) as stack:
+        code = _exercise(stack.broker_url, x_test, y_test, out, single_jobs)
+        out(f"logs                {log_path}")
+        if not keep:
+            out("Flower              not kept: `inferq demo --keep` keeps the stack up, "
+                "with Flower, until Ctrl-C")
+            return code
+        out(f"Flower              {stack.flower_url}   (Ctrl-C stops the stack)")
+        stack.run_until_stopped()
+    out("stopped")
+    return code
+
+
+@contextlib.contextmanager
+def _records_to(path: Path) -> Iterator[None]:
+    """This process's own log records (Redis started, workers started) as JSON lines in
+    ``path``, where its workers log, instead of between the summary's lines."""
+    with open(path, "a") as log_file:
+        structlog.configure(
+            processors=[structlog.processors.add_log_level,
+                        structlog.processors.TimeStamper(fmt="iso", utc=True),
+                        structlog.processors.JSONRenderer()],
+            logger_factory=structlog.WriteLoggerFactory(file=log_file))
+        try:
+            yield
+        finally:
+            structlog.reset_defaults()
 
 
 def _exercise(
     url: str,
-    flower_url: str,
     x_test: np.ndarray[Any, Any],
     y_test: np.ndarray[Any, Any],
     out: Callable[[str], None],
@@ -102,6 +146,4 @@ def _exercise(
     out(f"one job at a time   p50 {lo['p50']:.2f} ms  p95 {lo['p95']:.2f} ms  "
         f"p99 {lo['p99']:.2f} ms round trip ({len(single)} jobs)")
     out("batch sizes (rows)  " + ", ".join(f"{k}x{v}" for k, v in sorted(sizes.items())))
-    if flower_url:
-        out(f"Flower              {flower_url}")
     return 0 if len(results) == len(y_test) else 1

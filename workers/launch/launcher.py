@@ -6,6 +6,7 @@ only inside the process that uses it, and a stable Celery hostname ``gpu<i>@<hos
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -13,18 +14,24 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO
 
 import structlog
 
 from producer.wire import CONTROL_QUEUE
-from workers.errors import LaunchError
+from workers.errors import EXIT_NOTHING_TO_SERVE, LaunchError
 from workers.ops.metrics import DEFAULT_PORT, metrics_port
+from workers.repository import scan
+from workers.settings import Settings
 
 log = structlog.get_logger(__name__)
+
+#: prctl(2) option: the signal a process gets when the thread that forked it exits.
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,41 @@ def parse_gpus(arg: str, available: Sequence[int]) -> list[int]:
     if missing:
         raise LaunchError(f"GPUs {missing} not found; this host has {list(available)}")
     return wanted
+
+
+def check_repository(env: Mapping[str, str] | None = None) -> None:
+    """Refuse to start anything on settings or a model repository every worker would refuse
+    (SettingsError, ManifestError): one message here instead of a worker dying N times."""
+    settings = Settings.from_env(env)
+    scan(settings.model_dir, settings.models)
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGTERM when this process dies (Linux).
+
+    SIGTERM is a worker's warm shutdown: it finishes the batch in hand, stores it and
+    exits, so a SIGKILLed supervisor leaves no orphan serving on. The kernel sends it
+    when the *thread* that forked the child exits, so it is set only for children forked
+    by the main thread (from any other thread, None: the child would die with the
+    thread). The child also checks that its parent is still this process: one that died
+    between fork and prctl would never signal it.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)  # the supervisor is already gone: start nothing
+
+    return preexec
 
 
 def _metrics_env(env: Mapping[str, str], index: int) -> dict[str, str]:
@@ -141,11 +183,12 @@ class Supervisor:
             self._spawn(spec)
 
     def _spawn(self, spec: WorkerSpec) -> None:
-        # Own process group: a terminal's Ctrl-C reaches only the supervisor, which then
-        # sends each worker a single SIGTERM (warm shutdown).
+        # Own session: a terminal's Ctrl-C reaches only the supervisor, which then sends
+        # each worker a single SIGTERM (warm shutdown). A supervisor that dies without
+        # doing so (SIGKILL, OOM) gets the same SIGTERM sent to its workers by the kernel.
         self.procs[spec.hostname] = subprocess.Popen(
             spec.argv, env=spec.env, start_new_session=True, stdout=self.output,
-            stderr=self.output)
+            stderr=self.output, preexec_fn=die_with_parent())
         log.info("worker_started", worker=spec.hostname, pid=self.procs[spec.hostname].pid)
 
     def poll(self) -> None:
@@ -161,6 +204,10 @@ class Supervisor:
                 log.info("worker_recycled", worker=spec.hostname)
                 self._spawn(spec)
                 continue
+            if code == EXIT_NOTHING_TO_SERVE:
+                # Every model failed to load: a restart would fail the same way.
+                raise LaunchError(f"worker {spec.hostname} has no model it can serve (its log "
+                                  "names each one and why); inferq models check shows them")
             now = time.monotonic()
             recent = [t for t in self._restarts.get(spec.hostname, []) if now - t < 60]
             if len(recent) >= self.max_restarts:

@@ -19,6 +19,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from workers.launch.launcher import die_with_parent
+
 _LIVE: set[RedisServer] = set()
 
 
@@ -159,9 +161,11 @@ class RedisServer:
         argv += ["--dir", str(self.directory), "--logfile", str(log), "--save", ""]
         argv += ["--protected-mode", "yes", "--daemonize", "no", *self._args]
         # Config errors go to stderr before the logfile is opened, so keep stderr too. A session
-        # of its own keeps a Ctrl-C in the parent's terminal from reaching it.
+        # of its own keeps a Ctrl-C in the parent's terminal from reaching it; the parent's
+        # death (kill -9 of inferq up) still stops it, with a SIGTERM that flushes its AOF.
         with open(self.directory / "redis-stderr.log", "wb") as err:
-            proc = Popen(argv, stdin=DEVNULL, stdout=DEVNULL, stderr=err, start_new_session=True)
+            proc = Popen(argv, stdin=DEVNULL, stdout=DEVNULL, stderr=err, start_new_session=True,
+                         preexec_fn=die_with_parent())
         self._proc = proc
         probe = redis.Redis.from_url(self.url, socket_timeout=1.0, retry=Retry(NoBackoff(), 0))
         deadline = time.monotonic() + timeout

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import structlog
@@ -20,13 +24,30 @@ import structlog
 from producer import wire
 from producer.wire.connect import connect
 from workers.errors import FlowerConfigError, LaunchError
-from workers.launch.launcher import Supervisor, detect_gpus, plan
+from workers.launch.launcher import (
+    Supervisor,
+    check_repository,
+    detect_gpus,
+    die_with_parent,
+    plan,
+)
 from workers.launch.redisproc import RedisServer, free_port
 
 log = structlog.get_logger(__name__)
 
 LOCAL_URL = wire.DEFAULT_URL
 FLOWER_ADDRESS = "127.0.0.1"
+FLOWER_PORT = 5555
+
+
+def masked(url: str) -> str:
+    """``url`` with its password replaced by ``***``, fit for a message or a log line."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def is_loopback(address: str) -> bool:
@@ -80,11 +101,15 @@ class LocalStack:
         gpus: list[int] | None = None,
         cpu_workers: int = 1,
         flower: bool = True,
-        flower_port: int = 5555,
+        flower_port: int | None = None,
         flower_address: str | None = None,
         flower_auth: str | None = None,
         ready_timeout_s: float = 120.0,
+        log_path: Path | None = None,
     ) -> None:
+        """``flower_port``: None takes 5555, or any free port when 5555 is taken; 0 any free
+        port; another port must be free. ``log_path``: where the workers and Flower write
+        (default: this process's own output)."""
         # Checked before anything starts: an open Flower must never come up by accident.
         self.flower_address = (flower_address or os.environ.get("INFERQ_FLOWER_ADDRESS")
                                or FLOWER_ADDRESS)
@@ -98,8 +123,17 @@ class LocalStack:
         self.gpus = gpus if gpus is not None else (detect_gpus() or None)
         self.cpu_workers = cpu_workers
         self.want_flower = flower
-        self.flower_port = flower_port if _port_free(flower_port) else free_port()
+        if flower_port is None:
+            flower_port = FLOWER_PORT if _port_free(FLOWER_PORT) else free_port()
+        elif flower_port == 0:
+            flower_port = free_port()
+        elif flower and not _port_free(flower_port):
+            raise LaunchError(f"port {flower_port} is in use: give Flower another port "
+                              "(--flower-port N, or 0 for any free one)")
+        self.flower_port = flower_port
         self.ready_timeout_s = ready_timeout_s
+        self.log_path = log_path
+        self._log: IO[bytes] | None = None
         self.redis: RedisServer | None = None
         self.supervisor: Supervisor | None = None
         self.flower: subprocess.Popen[bytes] | None = None
@@ -128,20 +162,33 @@ class LocalStack:
         self.close()
 
     def _start(self) -> None:
+        # What every worker would refuse, refused once, before anything starts.
+        check_repository()
         url = os.environ.get("INFERQ_BROKER_URL")
-        if not url:
-            if answers(LOCAL_URL):
-                url = LOCAL_URL
-            else:
+        if url:
+            if not answers(url, timeout=2.0):
+                raise LaunchError(
+                    f"no Redis answers at INFERQ_BROKER_URL={masked(url)}: start it, or "
+                    "unset INFERQ_BROKER_URL and a private Redis is started for you")
+        elif answers(LOCAL_URL):
+            url = LOCAL_URL
+        else:
+            try:
                 self.redis = RedisServer(appendonly=True).start()
-                url = self.redis.url
-                log.info("redis_started", url=url, dir=str(self.redis.directory))
+            except RuntimeError as exc:
+                raise LaunchError(f"{exc}; or set INFERQ_BROKER_URL to a running Redis"
+                                  ) from None
+            url = self.redis.url
+            log.info("redis_started", url=url, dir=str(self.redis.directory))
         self.broker_url = url
+        if self.log_path is not None:
+            self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed by close())
         # Flower's credentials go to Flower only.
         env = {k: v for k, v in os.environ.items() if k != "INFERQ_FLOWER_AUTH"}
         env["INFERQ_BROKER_URL"] = url
         env.setdefault("INFERQ_RESULT_URL", url)
-        self.supervisor = Supervisor(plan(self.gpus, self.cpu_workers, base_env=env))
+        self.supervisor = Supervisor(plan(self.gpus, self.cpu_workers, base_env=env),
+                                     output=self._log)
         self.supervisor.start()
         if self.want_flower:
             flower_env = {k: v for k, v in env.items() if k != "FLOWER_UNAUTHENTICATED_API"}
@@ -156,9 +203,15 @@ class LocalStack:
             self.flower = subprocess.Popen(
                 [sys.executable, "-m", "celery", f"--broker={url}", "flower",
                  f"--address={self.flower_address}", f"--port={self.flower_port}",
-                 "--max_tasks=10000", "--logging=warning"],
+                 "--max_tasks=10000",
+                 # The model and version are in a job's args/kwargs: show them in the list.
+                 "--tasks_columns=name,uuid,state,args,kwargs,result,received,started,runtime,"
+                 "worker", "--logging=warning"],
                 env=flower_env,
                 start_new_session=True,
+                stdout=self._log,
+                stderr=self._log,
+                preexec_fn=die_with_parent(),
             )
         self.wait_ready()
 
@@ -168,15 +221,39 @@ class LocalStack:
         client = connect(self.broker_url, timeout=5)
         keys = [wire.worker_key(s.hostname) for s in self.supervisor.specs]
         deadline = time.monotonic() + self.ready_timeout_s
-        while client.exists(*keys) < len(keys):
+        where = f"its log: {self.log_path}" if self.log_path else "its log is above"
+        while self._ready(client, keys) < len(keys):
             for spec in self.supervisor.specs:
                 code = self.supervisor.procs[spec.hostname].poll()
                 if code is not None:
                     raise LaunchError(f"worker {spec.hostname} exited with code {code} during "
-                                      "start-up; its log is above")
+                                      f"start-up; {where}")
             if time.monotonic() > deadline:
-                raise LaunchError(f"workers not ready after {self.ready_timeout_s}s")
+                raise LaunchError(f"workers not ready after {self.ready_timeout_s}s; {where}")
             time.sleep(0.1)
+
+    def _ready(self, client: redis.Redis, keys: list[str]) -> int:
+        try:
+            return int(client.exists(*keys))
+        except redis.exceptions.RedisError as exc:
+            raise LaunchError(f"Redis at {masked(self.broker_url)} stopped answering while the "
+                              f"workers started: {exc}") from exc
+
+    def run_until_stopped(self) -> None:
+        """Keep the workers up (restarting one that dies) until SIGINT or SIGTERM.
+
+        Raises LaunchError when a worker keeps dying.
+        """
+        assert self.supervisor is not None
+        stopped = threading.Event()
+        handlers = {sig: signal.signal(sig, lambda *_: stopped.set())
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while not stopped.wait(0.5):
+                self.supervisor.poll()
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
 
     def close(self) -> None:
         """Stop Flower, the workers and a private Redis, in that order."""
@@ -192,3 +269,6 @@ class LocalStack:
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None

@@ -2,7 +2,14 @@
 
 from workers.errors import ManifestError
 from workers.repository.integrity import verify_external_data, verify_file
-from workers.repository.manifest import Manifest, ModelVersion, check_graph, load_manifest, scan
+from workers.repository.manifest import (
+    Manifest,
+    ModelVersion,
+    check_graph,
+    load_manifest,
+    scan,
+    scan_all,
+)
 from workers.repository.onnxproto import external_locations
 
 __all__ = [
@@ -13,6 +20,7 @@ __all__ = [
     "external_locations",
     "load_manifest",
     "scan",
+    "scan_all",
     "verify_external_data",
     "verify_file",
 ]

@@ -24,6 +24,25 @@ else:  # pragma: no cover
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
+#: Batching of a manifest that names none, when every input and output has a -1 leading
+#: axis: a batch of up to 64 rows waits at most 2 ms to fill. Without one: single rows.
+DEFAULT_MAX_BATCH_ROWS = 64
+DEFAULT_MAX_WAIT_MS = 2.0
+
+
+def check_model_name(name: str) -> None:
+    """Raise :class:`ManifestError` unless ``name`` can name a model (and its queue)."""
+    if not _NAME.match(name):
+        raise ManifestError(f"model name {name!r} must match {_NAME.pattern}")
+
+
+def batching_defaults(specs: Sequence[TensorSpec]) -> tuple[int, float]:
+    """``(max_batch_rows, max_wait_ms)`` for a manifest that leaves them out."""
+    if specs and all(s.shape[:1] == (-1,) for s in specs):
+        return DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_WAIT_MS
+    return 1, 0.0
+
+
 @dataclass(frozen=True)
 class ModelVersion:
     """One version of a model: its file and the checksum recorded for it."""
@@ -97,8 +116,7 @@ def _specs(raw: Any, where: str) -> tuple[TensorSpec, ...]:
 def load_manifest(folder: Path) -> Manifest:
     """Read and check ``folder/model.toml`` and the version folders beside it."""
     name = folder.name
-    if not _NAME.match(name):
-        raise ManifestError(f"model name {name!r} must match {_NAME.pattern}")
+    check_model_name(name)
     path = folder / "model.toml"
     try:
         doc = tomllib.loads(path.read_text())
@@ -118,7 +136,11 @@ def load_manifest(folder: Path) -> Manifest:
             external_file(versions[number], name)  # present, and inside the version folder
     if not versions:
         raise ManifestError(f"{path}: no [versions.N] entries")
-    max_rows, max_wait = doc.get("max_batch_rows", 1), doc.get("max_wait_ms", 0.0)
+    inputs = _specs(doc.get("inputs"), f"{path} inputs")
+    outputs = _specs(doc.get("outputs"), f"{path} outputs")
+    rows_default, wait_default = batching_defaults((*inputs, *outputs))
+    max_rows = doc.get("max_batch_rows", rows_default)
+    max_wait = doc.get("max_wait_ms", wait_default)
     max_queue = doc.get("max_queue", 100_000)
     if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0:
         raise ManifestError(f"{path}: max_queue must be an integer >= 0 (0: no bound)")
@@ -133,8 +155,8 @@ def load_manifest(folder: Path) -> Manifest:
     manifest = Manifest(
         name=name,
         description=str(doc.get("description", "")),
-        inputs=_specs(doc.get("inputs"), f"{path} inputs"),
-        outputs=_specs(doc.get("outputs"), f"{path} outputs"),
+        inputs=inputs,
+        outputs=outputs,
         max_batch_rows=max_rows,
         max_wait_ms=float(max_wait),
         versions=versions,
@@ -161,8 +183,33 @@ def scan(root: Path, only: Sequence[str] = ()) -> dict[str, Manifest]:
     return found
 
 
-_ORT_TYPES = {f"tensor({t})": t for t in DTYPES if t not in ("bool", "float32", "float64")}
-_ORT_TYPES.update({"tensor(bool)": "bool", "tensor(float)": "float32",
+def scan_all(root: Path, only: Sequence[str] = ()
+             ) -> tuple[dict[str, Manifest], dict[str, str]]:
+    """Like :func:`scan`, but a bad model does not stop the others.
+
+    Returns the manifests that load, by name, and the reason for each model that does not
+    (a model named in ``only`` but absent is one). Raises :class:`ManifestError` only when
+    ``root`` is not a directory: then there is no model to isolate.
+    """
+    if not root.is_dir():
+        raise ManifestError(f"model repository {root} does not exist")
+    found: dict[str, Manifest] = {}
+    failed: dict[str, str] = {}
+    for folder in sorted(root.iterdir()):
+        if not (folder / "model.toml").is_file() or (only and folder.name not in only):
+            continue
+        try:
+            found[folder.name] = load_manifest(folder)
+        except ManifestError as exc:
+            failed[folder.name] = str(exc)
+    for name in sorted(set(only) - found.keys() - failed.keys()):
+        failed[name] = f"not found in {root} (no {root / name / 'model.toml'})"
+    return found, failed
+
+
+#: ONNX Runtime's type names (``NodeArg.type``) of the tensors inferq carries, to dtypes.
+ORT_DTYPES = {f"tensor({t})": t for t in DTYPES if t not in ("bool", "float32", "float64")}
+ORT_DTYPES.update({"tensor(bool)": "bool", "tensor(float)": "float32",
                    "tensor(double)": "float64"})
 
 
@@ -177,30 +224,48 @@ def check_graph(
         ("input", manifest.inputs, graph_inputs),
         ("output", manifest.outputs, graph_outputs),
     ):
-        by_name = {n: (_ORT_TYPES.get(t, t), s) for n, t, s in graph}
+        by_name = {n: (ORT_DTYPES.get(t, t), s) for n, t, s in graph}
         want = {s.name for s in specs}
         if kind == "input" and want != set(by_name):
             raise ManifestError(
-                f"{manifest.name} v{version}: manifest inputs {sorted(want)} but the graph has "
-                f"{sorted(by_name)}"
+                f"model {manifest.name} v{version}: manifest inputs {sorted(want)} but the graph "
+                f"has {sorted(by_name)}"
             )
         for spec in specs:
             if spec.name not in by_name:
                 raise ManifestError(
-                    f"{manifest.name} v{version}: {kind} '{spec.name}' is not in the graph "
+                    f"model {manifest.name} v{version}: {kind} '{spec.name}' is not in the graph "
                     f"(graph has {sorted(by_name)})"
                 )
             dtype, shape = by_name[spec.name]
             if dtype != spec.dtype or len(shape) != len(spec.shape):
                 raise ManifestError(
-                    f"{manifest.name} v{version}: {kind} '{spec.name}' is {dtype} rank "
+                    f"model {manifest.name} v{version}: {kind} '{spec.name}' is {dtype} rank "
                     f"{len(shape)} in the graph, {spec.dtype} rank {len(spec.shape)} in the "
                     "manifest"
                 )
             for axis, (fixed, got) in enumerate(zip(spec.shape, shape, strict=True)):
                 # The graph names free axes ("N") or leaves them None; fixed ones are ints.
-                if fixed != -1 and isinstance(got, int) and got != fixed:
+                if not isinstance(got, int) or got == fixed:
+                    continue
+                if fixed != -1:
                     raise ManifestError(
-                        f"{manifest.name} v{version}: {kind} '{spec.name}' dimension {axis} is "
-                        f"{got} in the graph, {fixed} in the manifest"
+                        f"model {manifest.name} v{version}: {kind} '{spec.name}' dimension "
+                        f"{axis} is {got} in the graph, {fixed} in the manifest"
                     )
+                _check_free_axis(manifest, version, f"{kind} '{spec.name}'", axis, got)
+
+
+def _check_free_axis(manifest: Manifest, version: int, what: str, axis: int, got: int) -> None:
+    # A -1 in the manifest where the graph fixes the dimension: only a batch axis fixed to
+    # 1 works, with batches of one row (the serving loop cuts larger jobs into rows).
+    where = f"model {manifest.name} v{version}: the graph's {what}"
+    if axis > 0:
+        raise ManifestError(f"{where} has dimension {axis} fixed to {got}, the manifest says -1 "
+                            f"(any size); write {got} in the manifest")
+    if got == 1 and manifest.max_batch_rows > 1:
+        raise ManifestError(f"{where} has a fixed batch dimension 1; set max_batch_rows = 1 "
+                            "(or re-export with a dynamic batch axis)")
+    if got != 1:
+        raise ManifestError(f"{where} has a fixed batch dimension {got}, the manifest says -1 "
+                            "(any number of rows); re-export with a dynamic batch axis")

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from workers.errors import DeviceUnavailable
+from producer.wire import dtype_name
+from workers.errors import DeviceUnavailable, ManifestError, WorkerError
 from workers.repository import Manifest, check_graph, verify_external_data, verify_file
 
 
@@ -83,13 +84,51 @@ class LoadedModel:
         return dict(zip(names, self.session.run(names, feeds), strict=True))
 
     def warm_up(self) -> None:
-        """Run a batch of 1 and of the largest batch so allocations happen before traffic."""
-        for rows in sorted({1, self.manifest.max_batch_rows}):
+        """Run a batch of 1 and of the largest batch so allocations happen before traffic,
+        and check that the outputs fit the manifest as the serving loop will split them."""
+        m = self.manifest
+        batch_axis = any(s.shape[:1] == (-1,) for s in m.inputs)
+        for rows in sorted({1, m.max_batch_rows}):
             feeds = {
-                s.name: np.zeros([rows if d == -1 else d for d in s.shape], dtype=s.dtype)
-                for s in self.manifest.inputs
+                # The batch axis gets the rows; other free axes the smallest real length, so a
+                # [-1, 3, -1, -1] image model does not warm up on gigabytes of zeros.
+                s.name: np.zeros([(rows if axis == 0 else 1) if d == -1 else d
+                                  for axis, d in enumerate(s.shape)], dtype=s.dtype)
+                for s in m.inputs
             }
-            self.run(feeds)
+            try:
+                outputs = self.run(feeds)
+            except Exception as exc:  # ONNX Runtime raises its own classes, not RuntimeError
+                shapes = ", ".join(f"{n} {list(a.shape)}" for n, a in feeds.items())
+                raise ManifestError(
+                    f"model {m.name} v{self.version}: warm-up failed on a batch of {rows} "
+                    f"row(s) ({shapes}): {_first_line(exc)}; make the manifest's shapes and "
+                    "max_batch_rows match the graph (inferq models check shows each model)"
+                ) from None
+            self._check_outputs(outputs, rows if batch_axis else 1)
+
+    def _check_outputs(self, outputs: dict[str, np.ndarray[Any, Any]], rows: int) -> None:
+        where = f"model {self.manifest.name} v{self.version}"
+        for spec in self.manifest.outputs:
+            arr = outputs[spec.name]
+            if dtype_name(arr.dtype) != spec.dtype or arr.ndim != len(spec.shape):
+                raise ManifestError(
+                    f"{where}: output '{spec.name}' came back {arr.dtype} {list(arr.shape)}, the "
+                    f"manifest says {spec.dtype} {list(spec.shape)}")
+            if arr.ndim == 0 or arr.shape[0] != rows:
+                # The serving loop hands each job its rows of every output (axis 0).
+                raise ManifestError(
+                    f"{where}: output '{spec.name}' has shape {list(arr.shape)} for a batch of "
+                    f"{rows} row(s); inferq needs one output row per input row (axis 0)")
+            if any(d not in (-1, got) for d, got in zip(spec.shape, arr.shape, strict=True)):
+                raise ManifestError(
+                    f"{where}: output '{spec.name}' has shape {list(arr.shape)}, the manifest "
+                    f"says {list(spec.shape)}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
 
 
 def load(manifest: Manifest, version: int, device: str, intra_op_threads: int) -> LoadedModel:
@@ -98,11 +137,23 @@ def load(manifest: Manifest, version: int, device: str, intra_op_threads: int) -
     External data is checked first: every location the model names must be declared in the
     manifest and stay inside the version folder, and every declared file must match its
     sha256. Then a model with external data is loaded from its path (the files beside it).
+    A model that ONNX Runtime cannot load or run raises :class:`ManifestError` naming the
+    model and version.
     """
     entry = manifest.versions[version]
-    data = verify_file(entry)
-    external = verify_external_data(entry, data)
-    session = create_session(entry.path if external else data, device, intra_op_threads)
+    try:
+        data = verify_file(entry)
+        external = verify_external_data(entry, data)
+    except ManifestError as exc:
+        raise ManifestError(f"model {manifest.name} v{version}: {exc}") from None
+    try:
+        session = create_session(entry.path if external else data, device, intra_op_threads)
+    except WorkerError:
+        raise
+    except Exception as exc:  # ONNX Runtime's errors derive from Exception only
+        raise ManifestError(
+            f"model {manifest.name} v{version}: ONNX Runtime cannot load {entry.path}: "
+            f"{_first_line(exc)}") from None
 
     def describe(args: Any) -> list[tuple[str, str, list[Any]]]:
         return [(a.name, a.type, list(a.shape)) for a in args]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -23,11 +24,12 @@ from celery import bootsteps, signals
 from producer import wire
 from producer.wire import TensorSpec
 from producer.wire.connect import connect
-from workers.errors import RedisRefused
+from workers.errors import EXIT_NOTHING_TO_SERVE, DeviceUnavailable, RedisRefused
 from workers.ops import metrics as metrics_module
 from workers.ops.health import Monitor
 from workers.ops.metrics import MetricsObserver, WorkerMetrics
-from workers.repository import Manifest, scan
+from workers.ops.sweeper import UnknownQueueSweeper
+from workers.repository import Manifest, scan_all
 from workers.serving import runtime
 from workers.serving.batching import BatchPolicy
 from workers.serving.events import Dispatcher, TaskEvents
@@ -41,6 +43,7 @@ from workers.serving.writer import ResultStore, ResultWriter
 from workers.settings import Settings
 
 log = structlog.get_logger(__name__)
+
 
 
 def _redis(url: str) -> Any:
@@ -113,44 +116,74 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
                 log.info("metrics_listening", port=metrics.start_http(port))
             except OSError as exc:
                 log.warning("metrics_port_unavailable", port=port, error=str(exc))
-        manifests = scan(settings.model_dir, settings.models)
         control = _redis(settings.broker_url)
         if settings.profile == "production":
             check_redis_durability(control)
+        manifests, failed = scan_all(settings.model_dir, settings.models)
+        for name, reason in failed.items():
+            log.error("model_not_served", model=name, reason=reason)
         servers: list[ModelServer] = []
+        served: dict[str, tuple[Manifest, list[int]]] = {}
         for name, manifest in manifests.items():
             instances = manifest.instances or settings.instances
-            versions = self._load(manifest, settings.session_threads(instances), instances)
+            versions = self._load(manifest, settings.session_threads(instances), instances,
+                                  failed)
+            if not versions:
+                continue
+            served[name] = (manifest, sorted(versions))
             for instance in range(instances):
                 server = self._server(worker, hostname, manifest, versions, instance, instances)
                 servers.append(server)
                 self.threads.append(threading.Thread(
                     target=self._run, args=(server,), name=f"inferq-{name}-{instance}",
                     daemon=True))
+        if failed and not served:
+            # Nothing at all can be served: restarting would fail the same way.
+            log.critical("no_model_served", reasons=failed)
+            sys.stderr.flush()
+            os._exit(EXIT_NOTHING_TO_SERVE)
+        if not served:
+            log.warning("no_models_in_repository", model_dir=str(settings.model_dir),
+                        hint="add one with: inferq models add PATH.onnx --name NAME")
         # Producers keep by-reference data alive across a redelivery: they need to know how
-        # long one can take.
-        signatures = {name: json.dumps(m.signature()
-                                       | {"visibility_timeout": settings.visibility_timeout_s})
-                      for name, m in manifests.items()}
-        monitor = Monitor(settings, hostname, servers, control, self.stop_event, signatures)
+        # long one can take. Only the versions that loaded are advertised.
+        signatures = {name: json.dumps(m.signature() | {
+            "versions": versions, "visibility_timeout": settings.visibility_timeout_s})
+            for name, (m, versions) in served.items()}
+        sweeper = UnknownQueueSweeper(
+            control, ResultStore(_redis(settings.result_url), settings.result_ttl_s,
+                                 None if settings.result_url == settings.broker_url
+                                 else control), hostname, settings.unknown_model_grace_s)
+        monitor = Monitor(settings, hostname, servers, control, self.stop_event, signatures,
+                          failed, sweeper)
         self.threads.append(threading.Thread(target=monitor.run, name="inferq-monitor",
                                              daemon=True))
         for thread in self.threads:
             thread.start()
         metrics.set_ready(True)
-        metrics.start_sampler(_redis(settings.broker_url), sorted(manifests),
-                              stop=self.stop_event)
-        log.info("worker_ready", worker=hostname, models=sorted(manifests),
-                 device=settings.device)
+        metrics.start_sampler(stop=self.stop_event)
+        log.info("worker_ready", worker=hostname, models=sorted(served),
+                 device=settings.device, not_served=sorted(failed))
 
-    def _load(self, manifest: Manifest, threads: int, instances: int
-              ) -> dict[int, runtime.LoadedModel]:
+    def _load(self, manifest: Manifest, threads: int, instances: int,
+              failed: dict[str, str]) -> dict[int, runtime.LoadedModel]:
+        """Every version of ``manifest`` that loads; the others go into ``failed``."""
         loaded = {}
         for v in sorted(manifest.versions):
             started = time.perf_counter()
-            model = runtime.load(manifest, v, self.settings.device, threads)
+            try:
+                model = runtime.load(manifest, v, self.settings.device, threads)
+            except DeviceUnavailable:
+                raise  # the whole worker is on the wrong device: not one model's problem
+            except Exception as exc:
+                # One bad model (or version) is that model's problem: the rest are served.
+                failed[f"{manifest.name} v{v}"] = str(exc)
+                log.error("model_not_served", model=manifest.name, version=v, reason=str(exc))
+                self.metrics.model_ready(manifest.name, v, False)
+                continue
             seconds = time.perf_counter() - started
             self.metrics.model_loaded(manifest.name, v, model.provider, seconds)
+            self.metrics.model_ready(manifest.name, v, True)
             log.info("model_loaded", model=manifest.name, version=v, provider=model.provider,
                      load_ms=round(seconds * 1000, 1), instances=instances,
                      intra_op_threads=threads)
