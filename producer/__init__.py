@@ -15,6 +15,7 @@ from producer.errors import (
     Poisoned,
     ResourceExhausted,
     Unavailable,
+    UnknownJob,
 )
 from producer.jobs import JobHandle, JobResult, JobStatus
 
@@ -34,4 +35,5 @@ __all__ = [
     "Poisoned",
     "ResourceExhausted",
     "Unavailable",
+    "UnknownJob",
 ]

@@ -20,6 +20,7 @@ from producer.errors import (
     JobTimeout,
     ResourceExhausted,
     Unavailable,
+    UnknownJob,
 )
 from producer.jobs import JobHandle, JobResult, JobStatus
 from producer.submission import ModelInfo
@@ -149,10 +150,12 @@ class InferenceClient:
                                   blob_threshold=self.blob_threshold)
 
     def _push(
-        self, model: str, messages: list[bytes], blobs: submission.Blobs
+        self, model: str, messages: list[bytes], blobs: submission.Blobs,
+        jobs: list[list[str]],
     ) -> None:
-        """Blobs first, then the messages that name them, in one round trip; refuse with
-        RESOURCE_EXHAUSTED (and take the blobs back) when the model's queue is full."""
+        """Blobs first, then the messages that name them (``jobs``: each message's job
+        IDs), in one round trip; refuse with RESOURCE_EXHAUSTED (and take the blobs back)
+        when the model's queue is full."""
         if self._server_run_id is None:
             self._server_run_id = self._run_id()
         # A model queued for while no worker is live still has its registered bound.
@@ -160,7 +163,7 @@ class InferenceClient:
         bound = info.max_queue if info is not None else 0
         ttl = self.blob_ttl if info is None else max(self.blob_ttl, 4 * info.visibility_timeout)
         queue = wire.queue_name(model)
-        replies = self._transact(queue, bound, ttl, messages, blobs)
+        replies = self._transact(queue, bound, ttl, messages, blobs, jobs)
         if any(r == -1 for r in replies[len(blobs):]):
             # The transaction ran, blobs included: take them back before refusing.
             if blobs:
@@ -170,17 +173,17 @@ class InferenceClient:
                                     "retry later or add workers")
 
     def _transact(self, queue: str, bound: int, ttl: int, messages: list[bytes],
-                  blobs: submission.Blobs) -> list[Any]:
+                  blobs: submission.Blobs, jobs: list[list[str]]) -> list[Any]:
         try:
-            return self._transaction(queue, bound, ttl, messages, blobs)
+            return self._transaction(queue, bound, ttl, messages, blobs, jobs)
         except redis.exceptions.NoScriptError:
             # Redis lost its script cache (restart, SCRIPT FLUSH): nothing was pushed and the
             # blob writes repeat harmlessly, so load the script and run it all again.
             self._call(self._broker.script_load, submission.PUSH_SCRIPT)
-            return self._transaction(queue, bound, ttl, messages, blobs)
+            return self._transaction(queue, bound, ttl, messages, blobs, jobs)
 
     def _transaction(self, queue: str, bound: int, ttl: int, messages: list[bytes],
-                     blobs: submission.Blobs) -> list[Any]:
+                     blobs: submission.Blobs, jobs: list[list[str]]) -> list[Any]:
         # MULTI/EXEC: a refused write (noeviction) aborts the whole call, so a caller told
         # "refused" never has half its jobs enqueued.
         pipe = self._broker.pipeline(transaction=True)
@@ -189,8 +192,10 @@ class InferenceClient:
         for start in range(0, len(messages), submission.PUSH_CHUNK):
             # EVALSHA itself: a script object in a pipeline asks SCRIPT EXISTS first, one
             # more round trip on every submit.
-            pipe.evalsha(self._push_script.sha, 1, queue, bound,
-                         *messages[start:start + submission.PUSH_CHUNK])
+            chunk = slice(start, start + submission.PUSH_CHUNK)
+            ids = [i for message_ids in jobs[chunk] for i in message_ids]
+            pipe.evalsha(self._push_script.sha, 1, queue, bound, ttl, len(ids), *ids,
+                         *messages[chunk])
         return list(self._call(pipe.execute))
 
     def _run_id(self) -> str:
@@ -222,7 +227,7 @@ class InferenceClient:
                                 text=self.serializer == "json")
         message = submission.single_message(self._envelope(model, version, deadline), job_id,
                                             tensors)
-        self._push(model, [message], blobs)
+        self._push(model, [message], blobs, [[job_id]])
         return JobHandle(self, job_id, model, fresh=True)
 
     def submit_many(
@@ -250,14 +255,22 @@ class InferenceClient:
         messages = submission.bulk_messages(self._envelope(model, version, deadline), ids,
                                             prepared, blobs, jobs_per_message)
         if messages:
-            self._push(model, messages, blobs)
+            per = [ids[s:s + jobs_per_message] for s in range(0, len(ids), jobs_per_message)]
+            self._push(model, messages, blobs, per)
         return [JobHandle(self, i, model, fresh=True) for i in ids]
 
     # --- reading ---------------------------------------------------------------------
 
     def status(self, job_id: str) -> JobStatus:
-        """PENDING until the job's result is stored, then SUCCESS or FAILURE."""
-        return JobStatus(wire.read_status(self._call(self._results.get, wire.result_key(job_id))))
+        """PENDING until the job's result is stored, then SUCCESS or FAILURE; UNKNOWN for an
+        ID with neither a result nor a record of being accepted."""
+        key = wire.result_key(job_id)
+        state = wire.read_status(self._call(self._results.get, key))
+        if state != "PENDING" or self._call(self._broker.exists, wire.accepted_key(job_id)):
+            return JobStatus(state)
+        # The result may have been stored (and the marker deleted) between the two reads.
+        state = wire.read_status(self._call(self._results.get, key))
+        return JobStatus.UNKNOWN if state == "PENDING" else JobStatus(state)
 
     def results(self, job_ids: Sequence[str], timeout: float = 60.0) -> list[JobResult]:
         """Wait for every job; return results in order, raising the first JobFailed."""
@@ -291,10 +304,17 @@ class InferenceClient:
         total = len(pending)
         check: list[str] = [] if just_submitted else list(pending)
         quiet_since = time.monotonic()
+        # Jobs this client just enqueued were accepted; others are looked up once.
+        unverified = not just_submitted
         while True:
             yield from self._read(pending, check)
             if not pending:
                 return
+            if unverified:
+                unverified = False
+                yield from self._unknown(pending)
+                if not pending:
+                    return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 waiting = sorted(pending)
@@ -329,6 +349,24 @@ class InferenceClient:
             raise Unavailable(
                 f"Redis restarted without append-only persistence while {pending} jobs were "
                 "pending: their messages and results are lost; submit them again")
+
+    def _unknown(self, pending: set[str]) -> Iterator[tuple[str, JobResult | JobFailed]]:
+        """Jobs of ``pending`` with no record of acceptance: an UnknownJob each (after one
+        more look for a result stored meanwhile)."""
+        ids = list(pending)
+        pipe = self._broker.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.exists(wire.accepted_key(job_id))
+        missing = [i for i, known in zip(ids, self._call(pipe.execute), strict=True)
+                   if not known]
+        yield from self._read(pending, missing)
+        for job_id in missing:
+            if job_id in pending:
+                pending.discard(job_id)
+                yield job_id, UnknownJob(
+                    "no such job: no result and no record of it being accepted (a wrong ID, "
+                    "one whose result expired, or a job sent without inferq's client, which "
+                    "becomes known only when answered)", job_id=job_id)
 
     def _read(
         self, pending: set[str], ids: list[str]

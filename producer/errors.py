@@ -22,6 +22,7 @@ __all__ = [
     "Poisoned",
     "ResourceExhausted",
     "Unavailable",
+    "UnknownJob",
     "error_for_code",
 ]
 
@@ -100,6 +101,13 @@ class InternalError(JobFailed):
     """An unexpected failure inside the worker, or the model failed on the job."""
 
     code = "INTERNAL"
+
+
+class UnknownJob(JobFailed):
+    """No result and no record of the job being accepted: never submitted (a wrong ID),
+    expired, or sent by a client that records no acceptance (plain Celery)."""
+
+    code = "NOT_FOUND"
 
 
 class JobTimeout(InferqError):

@@ -17,9 +17,12 @@ __all__ = ["JobHandle", "JobResult", "JobStatus"]
 class JobStatus(str, enum.Enum):
     """Where a job stands, as far as its result key tells."""
 
-    PENDING = "PENDING"  # queued, running, or unknown: Celery does not tell these apart
+    PENDING = "PENDING"  # accepted: queued or running
     SUCCESS = "SUCCESS"
     FAILURE = "FAILURE"
+    #: No result and no record of acceptance: a wrong ID, an expired one, or a job sent by a
+    #: plain Celery client (those are PENDING to Celery, UNKNOWN here, until answered).
+    UNKNOWN = "UNKNOWN"
 
 
 class JobHandle:

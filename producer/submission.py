@@ -24,13 +24,19 @@ DEFAULT_JOBS_PER_MESSAGE = 32
 #: base64 inside the message (which kombu's transport would then copy into ``unacked``).
 DEFAULT_BLOB_THRESHOLD = 16 * 1024
 
-# KEYS[1]: queue. ARGV[1]: most messages allowed to wait (0: no bound), ARGV[2..]: messages.
+# KEYS[1]: queue. ARGV[1]: most messages allowed to wait (0: no bound), ARGV[2]: seconds a
+# job's accepted marker lives at most, ARGV[3]: n job IDs, ARGV[4 .. 3 + n]: the IDs, then
+# the messages. Refused as a whole: no marker is written for a job that is not queued.
 PUSH_SCRIPT = """
 local bound = tonumber(ARGV[1])
-if bound > 0 and redis.call('LLEN', KEYS[1]) + #ARGV - 1 > bound then
+local n = tonumber(ARGV[3])
+if bound > 0 and redis.call('LLEN', KEYS[1]) + #ARGV - 3 - n > bound then
   return -1
 end
-return redis.call('LPUSH', KEYS[1], unpack(ARGV, 2))
+for i = 4, 3 + n do
+  redis.call('SET', '""" + wire.ACCEPTED_KEY_PREFIX + """' .. ARGV[i], '1', 'EX', ARGV[2])
+end
+return redis.call('LPUSH', KEYS[1], unpack(ARGV, 4 + n))
 """
 #: Messages per push script call (Lua's unpack has a stack limit).
 PUSH_CHUNK = 2000

@@ -18,6 +18,7 @@ from producer.wire.envelope import (
     parse_message,
 )
 from producer.wire.names import (
+    ACCEPTED_KEY_PREFIX,
     ATTEMPTS_PREFIX,
     BLOB_KEY_PREFIX,
     BULK_TASK_NAME,
@@ -41,6 +42,7 @@ from producer.wire.names import (
     UNACKED,
     UNACKED_INDEX,
     WORKER_KEY_PREFIX,
+    accepted_key,
     attempts_key,
     blob_key,
     live_key,
@@ -80,6 +82,7 @@ from producer.wire.tensors import (
 )
 
 __all__ = [
+    "ACCEPTED_KEY_PREFIX",
     "ATTEMPTS_PREFIX",
     "BLOB_KEY_PREFIX",
     "BULK_TASK_NAME",
@@ -111,6 +114,7 @@ __all__ = [
     "JobResult",
     "Tensor",
     "TensorSpec",
+    "accepted_key",
     "attach_entries",
     "attempts_key",
     "blob_key",

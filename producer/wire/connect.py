@@ -10,7 +10,7 @@ import os
 import ssl
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -32,6 +32,16 @@ def result_url(env: Mapping[str, str] | None = None) -> str:
     """``$INFERQ_RESULT_URL``, else the broker URL."""
     env = os.environ if env is None else env
     return env.get("INFERQ_RESULT_URL") or broker_url(env)
+
+
+def masked(url: str) -> str:
+    """``url`` with its password replaced by ``***``, fit for a message or a log line."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def require_verified_tls(url: str) -> None:

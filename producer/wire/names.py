@@ -40,6 +40,9 @@ HEARTBEAT_TTL_S = 15
 NOTIFY_KEY_PREFIX = "inferq:notify:"
 #: Prefix of the Redis keys holding data sent by reference (``{"ref": key}``).
 BLOB_KEY_PREFIX = "inferq:blob:"
+#: Marker of a job accepted and not yet answered (``inferq:job:<id>``), written with its
+#: message and deleted with its result: "queued or running" apart from "never seen".
+ACCEPTED_KEY_PREFIX = "inferq:job:"
 #: The dead-letter list: poisoned jobs and unreadable messages (``inferq dlq``).
 DLQ_KEY = "inferq:dlq"
 #: Counter of how often a redelivered job was started (``inferq:attempts:<job id>``).
@@ -87,6 +90,11 @@ def blob_key(owner_id: str, part: str) -> str:
 def owns_blob(owner_id: str, key: str) -> bool:
     """Whether ``key`` is a blob of ``owner_id`` (which may then delete it once done)."""
     return key.startswith(f"{BLOB_KEY_PREFIX}{owner_id}:")
+
+
+def accepted_key(job_id: str) -> str:
+    """Marker of an accepted job that has no result yet."""
+    return ACCEPTED_KEY_PREFIX + job_id
 
 
 def notify_key(client_id: str) -> str:

@@ -152,3 +152,35 @@ def test_plain_celery_jobs_for_an_unknown_model_end_not_found(
         assert isinstance(failed, ModelNotFound) and failed.model == "digitz"
     finally:
         worker.stop()
+
+
+def test_a_worker_without_redis_says_so_once_and_is_not_ready(tmp_path: Path) -> None:
+    from workers.launch.launcher import celery_argv
+    from workers.launch.redisproc import free_port
+    from workers.ops.health import check
+
+    url = f"redis://:secret@127.0.0.1:{free_port()}/0"
+    hostname = "cpu-noredis@test"
+    env = python_env(INFERQ_BROKER_URL=url, INFERQ_RESULT_URL=url, INFERQ_HOSTNAME=hostname,
+                     INFERQ_LOG_FORMAT="json", INFERQ_METRICS_PORT="0", CUDA_VISIBLE_DEVICES="",
+                     INFERQ_INTRA_OP_THREADS="1", INFERQ_HEALTH_FILE=str(tmp_path / "h.json"))
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(celery_argv(hostname), env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "h.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(6)  # more than a heartbeat of failing calls
+        ok, why = check(tmp_path / "h.json")
+        assert not ok and "unreachable" in why and "secret" not in why
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    events = [json.loads(line).get("event") for line in log_path.read_text().splitlines()
+              if line.startswith("{")]
+    # Each component says so once (queue reader, heartbeat), not twice a second.
+    assert 1 <= events.count("redis_unreachable") <= 3, events
+    assert "worker_ready" not in events and "worker_waiting_for_redis" in events
+    assert "secret" not in log_path.read_text()

@@ -24,7 +24,9 @@ from producer.errors import (
     JobFailed,
     JobTimeout,
     ModelNotFound,
+    ResourceExhausted,
     Unavailable,
+    UnknownJob,
 )
 from producer.jobs import JobHandle, JobResult, JobStatus
 
@@ -398,8 +400,15 @@ def test_plain_celery_failure_is_internal(client: InferenceClient, r: Any) -> No
     assert "ZeroDivisionError" in failed.message
 
 
+def accept(r: Any, *job_ids: str) -> None:
+    """What a submit records for each job it enqueues."""
+    for job_id in job_ids:
+        r.set(wire.accepted_key(job_id), 1)
+
+
 def test_timeout_when_nothing_arrives(client: InferenceClient, r: Any) -> None:
     r.set(wire.result_key("done"), success("done", [1]))
+    accept(r, "never")
     started = time.monotonic()
     with pytest.raises(JobTimeout, match=r"1 of 2 jobs have no result after 0.2s"):
         client.outcomes(["done", "never"], timeout=0.2)
@@ -408,6 +417,7 @@ def test_timeout_when_nothing_arrives(client: InferenceClient, r: Any) -> None:
 
 def test_as_completed_yields_each_job_once(client: InferenceClient, r: Any) -> None:
     r.set(wire.result_key("a"), success("a", [1]))
+    accept(r, "b")
     got: list[str] = []
     with pytest.raises(JobTimeout, match="1 of 2 jobs"):
         for job_id, outcome in client.as_completed(["a", "b", "a"], timeout=0.2):
@@ -417,6 +427,8 @@ def test_as_completed_yields_each_job_once(client: InferenceClient, r: Any) -> N
 
 
 def test_result_written_while_waiting_is_picked_up(client: InferenceClient, r: Any) -> None:
+    accept(r, "late")
+
     def worker() -> None:
         r.set(wire.result_key("late"), success("late", [9]))
         r.rpush(wire.NOTIFY_KEY_PREFIX + client.client_id, "late")
@@ -434,6 +446,8 @@ def test_result_written_while_waiting_is_picked_up(client: InferenceClient, r: A
 
 
 def test_status(client: InferenceClient, r: Any) -> None:
+    assert client.status("j") is JobStatus.UNKNOWN
+    accept(r, "j")
     assert client.status("j") is JobStatus.PENDING
     assert JobHandle(client, "j", "digits").status() is JobStatus.PENDING
     r.set(wire.result_key("j"), success("j", [1]))
@@ -586,3 +600,41 @@ def test_blob_ttl_ignores_the_producers_environment(
     client.submit("digits", {"pixels": np.zeros((100, 64), np.float32)})
     (key,) = [k for k in r.keys(wire.BLOB_KEY_PREFIX + "*")]
     assert r.ttl(key) <= 4 * wire.DEFAULT_VISIBILITY_TIMEOUT_S
+
+
+def test_an_unknown_job_is_an_outcome_at_once(client: InferenceClient, r: Any) -> None:
+    """An ID with no result and no acceptance record is answered, not waited on."""
+    r.set(wire.result_key("done"), success("done", [1]))
+    started = time.monotonic()
+    done, unknown = client.outcomes(["done", "no-such-job"], timeout=30)
+    assert time.monotonic() - started < 1
+    assert isinstance(done, JobResult)
+    assert isinstance(unknown, UnknownJob) and unknown.job_id == "no-such-job"
+    assert isinstance(unknown, JobFailed) and unknown.code == "NOT_FOUND"
+    with pytest.raises(UnknownJob, match="no such job"):
+        client.results(["no-such-job"], timeout=30)
+
+
+def test_submit_records_acceptance_until_the_result(client: InferenceClient, r: Any) -> None:
+    from workers.serving.writer import ResultStore
+
+    advertise(r)
+    client.models()
+    one = client.submit("digits", {"pixels": np.zeros(64, np.float32)}).id
+    many = [h.id for h in client.submit_many("digits", [{"pixels": np.zeros(64, np.float32)}
+                                                        for _ in range(40)])]
+    assert all(client.status(i) is JobStatus.PENDING for i in [one, *many])
+    assert 0 < r.ttl(wire.accepted_key(one)) <= client.blob_ttl
+    if HAS_LUPA:
+        ResultStore(r, 60).commit([(one, success(one, [1]), None)], [], [])
+        assert not r.exists(wire.accepted_key(one)), "the result takes the marker's place"
+        assert client.status(one) is JobStatus.SUCCESS
+
+
+def test_a_refused_submit_records_no_acceptance(client: InferenceClient, r: Any) -> None:
+    advertise(r, max_queue=1)
+    client.models()
+    client.submit("digits", {"pixels": np.zeros(64, np.float32)})
+    with pytest.raises(ResourceExhausted):
+        client.submit_many("digits", [{"pixels": np.zeros(64, np.float32)}] * 3)
+    assert len(r.keys(wire.ACCEPTED_KEY_PREFIX + "*")) == 1

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from producer import InferenceClient, JobFailed, JobResult, JobTimeout
-from producer.errors import InferqError, Unavailable
+from producer.errors import InferqError, Unavailable, UnknownJob
 from workers.launch.inputs import load_inputs
 
 
@@ -18,9 +18,8 @@ def explain(exc: Exception) -> str:
     """One or two lines for an expected failure: what went wrong, and what to do."""
     import redis
 
-    from producer.wire.connect import broker_url, result_url
+    from producer.wire.connect import broker_url, masked, result_url
     from workers.errors import ManifestError, WorkerError
-    from workers.launch.stack import masked
 
     cause = exc.__cause__ if isinstance(exc, Unavailable) and exc.__cause__ else exc
     if isinstance(cause, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
@@ -92,9 +91,9 @@ def _gpu_indices(gpus: str | None, cpu: bool) -> list[int]:
               help="CPU worker processes (with --cpu).")
 def worker(gpus: str | None, cpu: bool, cpu_workers: int) -> None:
     """Start and supervise worker processes until Ctrl-C."""
-    from producer.wire.connect import broker_url
+    from producer.wire.connect import broker_url, masked
     from workers.launch.launcher import Supervisor, check_repository, plan
-    from workers.launch.stack import answers, masked
+    from workers.launch.stack import answers
 
     indices = _gpu_indices(gpus, cpu)
     check_repository()
@@ -118,7 +117,8 @@ def worker(gpus: str | None, cpu: bool, cpu_workers: int) -> None:
                    "free port).")
 def up(gpus: str | None, cpu: bool, cpu_workers: int, flower_port: int | None) -> None:
     """Run Redis (if none is configured), the workers and Flower until Ctrl-C."""
-    from workers.launch.stack import LocalStack, masked
+    from producer.wire.connect import masked
+    from workers.launch.stack import LocalStack
 
     stack = LocalStack(gpus=_gpu_indices(gpus, cpu), cpu_workers=cpu_workers,
                        flower_port=flower_port)
@@ -301,6 +301,9 @@ def _print_outcome(job_id: str, read: Any) -> None:
     """Print what ``read()`` returns as JSON; exit 1 when the job failed, 2 while pending."""
     try:
         result = read()
+    except UnknownJob as exc:
+        click.echo(json.dumps({"id": job_id, "status": "UNKNOWN", "message": exc.message}))
+        sys.exit(3)
     except JobFailed as exc:
         if exc.job_id is None:  # refused (Redis unreachable ...): not a failure of the job
             raise
@@ -341,7 +344,8 @@ def submit(model: str, inputs: tuple[str, ...], version: int | None, wait: bool,
 @click.option("--timeout", default=0.0, show_default=True,
               help="Seconds to wait for a pending job (0: answer at once).")
 def result(job_id: str, timeout: float) -> None:
-    """Print a job's result as JSON; exit 1 on FAILURE, 2 while PENDING."""
+    """Print a job's result as JSON; exit 1 on FAILURE (3 for an unknown job ID), 2 while
+    PENDING."""
     with InferenceClient() as client:
         _print_outcome(job_id, lambda: client.results([job_id], timeout=timeout)[0])
 

@@ -16,8 +16,8 @@ import redis
 import structlog
 
 from producer import InferenceClient, JobResult, wire
-from producer.wire.connect import connect
-from workers.launch.stack import LocalStack, masked
+from producer.wire.connect import connect, masked
+from workers.launch.stack import LocalStack
 
 STAGES = ("queued", "batch_wait", "inference", "total")
 

@@ -16,13 +16,12 @@ import threading
 import time
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import structlog
 
 from producer import wire
-from producer.wire.connect import connect
+from producer.wire.connect import connect, masked
 from workers.errors import FlowerConfigError, LaunchError
 from workers.launch.launcher import (
     Supervisor,
@@ -38,16 +37,6 @@ log = structlog.get_logger(__name__)
 LOCAL_URL = wire.DEFAULT_URL
 FLOWER_ADDRESS = "127.0.0.1"
 FLOWER_PORT = 5555
-
-
-def masked(url: str) -> str:
-    """``url`` with its password replaced by ``***``, fit for a message or a log line."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def is_loopback(address: str) -> bool:

@@ -113,6 +113,9 @@ def requeue(client: redis.Redis, entry_id: str, results: redis.Redis | None = No
     if is_job:
         # The POISONED result would otherwise win over the new one (first result wins).
         pipe.delete(wire.result_key(doc["id"]), attempts_key(doc["id"]))
+    if is_job:
+        # Known again while it waits: its status reads PENDING, not UNKNOWN.
+        pipe.set(wire.accepted_key(doc["id"]), 1, ex=86_400)
     pipe.lpush(doc["queue"], base64.b64decode(doc["message_b64"]))
     pipe.execute()
     return True

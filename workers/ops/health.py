@@ -22,6 +22,7 @@ import redis
 import structlog
 
 from producer import wire
+from workers.serving.outage import Outage
 from workers.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -61,7 +62,8 @@ def check(path: Path, max_age_s: float = 3 * HEARTBEAT_S) -> tuple[bool, str]:
     failed = doc.get("failed") or {}
     not_ready = "; ".join(f"{m} not ready: {why}" for m, why in sorted(failed.items()))
     if not doc.get("ready"):
-        return False, "worker is not consuming" + (f" ({not_ready})" if not_ready else "")
+        why = doc.get("reason") or "worker is not consuming"
+        return False, why + (f" ({not_ready})" if not_ready else "")
     served = ", ".join(doc.get("models", [])) or "nothing"
     return True, f"ready: {doc.get('hostname')} serving {served}" + (
         f"; {not_ready}" if not_ready else "")
@@ -90,6 +92,7 @@ class Monitor:
         self.path = health_file(hostname)
         self._warned: set[int] = set()
         self._recycling = False
+        self.outage = Outage(log, "heartbeat", settings.broker_url, every_s=60.0)
 
     def run(self) -> None:
         next_beat = 0.0
@@ -98,7 +101,7 @@ class Monitor:
             self._maybe_recycle()
             if time.monotonic() >= next_beat:
                 self._beat(ready=bool(self.servers))
-                if self.sweeper is not None:
+                if self.sweeper is not None and not self.outage.ongoing:
                     self.sweeper()
                 next_beat = time.monotonic() + HEARTBEAT_S
         self._beat(ready=False)
@@ -144,9 +147,9 @@ class Monitor:
         doc = {"hostname": self.hostname, "pid": os.getpid(), "models": models,
                "failed": self.failed, "device": self.settings.device, "ready": ready,
                "updated": time.time()}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc))
-        tmp.replace(self.path)  # atomic: a reader never sees half a record
+        if not self.servers:
+            doc["reason"] = (f"no model to serve in {self.settings.model_dir} (add one: "
+                             "inferq models add PATH.onnx --name NAME)")
         if ready:
             try:
                 pipe = self.client.pipeline(transaction=False)
@@ -161,5 +164,13 @@ class Monitor:
                 pipe.set(wire.worker_key(self.hostname), json.dumps(doc),
                          ex=wire.HEARTBEAT_TTL_S)
                 pipe.execute()
+                if self.outage.ongoing:
+                    self.outage.recovered()
             except redis.exceptions.RedisError as exc:
-                log.warning("heartbeat_failed", error=str(exc))
+                # Not ready while Redis is unreachable: `inferq check` says why.
+                self.outage.failed(exc)
+                doc.update(ready=False, reason=f"Redis at {self.outage.url} is unreachable: "
+                                               f"{exc}")
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc))
+        tmp.replace(self.path)  # atomic: a reader never sees half a record

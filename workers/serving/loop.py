@@ -32,6 +32,7 @@ from workers.serving.batching import (
 from workers.serving.inflight import InFlight, Message
 from workers.serving.intake import Intake, Pending
 from workers.serving.observers import Batch, Observer, Outcome
+from workers.serving.outage import Outage
 from workers.serving.poison import PoisonGuard
 from workers.serving.reader import QueueReader
 from workers.serving.runtime import LoadedModel
@@ -45,8 +46,8 @@ class ModelServer:
 
     def __init__(self, name: str, versions: Mapping[int, LoadedModel], *, reader: QueueReader,
                  intake: Intake, writer: ResultWriter, poison: PoisonGuard,
-                 observer: Observer, policy: BatchPolicy, worker: str, instance: int = 0
-                 ) -> None:
+                 observer: Observer, policy: BatchPolicy, worker: str, instance: int = 0,
+                 redis_url: str = "") -> None:
         self.name = name
         self.versions = dict(versions)
         self.reader, self.intake, self.writer = reader, intake, writer
@@ -65,6 +66,7 @@ class ModelServer:
         self._backlog = False
         self._docs: list[tuple[str, bytes, str | None]] = []
         self.log = log.bind(model=name, worker=worker, instance=instance)
+        self.outage = Outage(self.log, "queue", redis_url)
 
     def serve(self, stop: threading.Event, block_s: float = 1.0, grace_s: float = 10.0
               ) -> None:
@@ -76,8 +78,10 @@ class ModelServer:
                 self.cycle(block_s)
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                 # Taken jobs stay in memory and in kombu's unacked set; retry until Redis is back.
-                self.log.warning("redis_unavailable", error=str(exc))
-                stop.wait(0.5)
+                stop.wait(self.outage.failed(exc))
+                continue
+            if self.outage.ongoing:
+                self.outage.recovered()
         self.writer.give_up_after(grace_s)
         try:
             while self._waiting:

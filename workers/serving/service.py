@@ -23,7 +23,7 @@ from celery import bootsteps, signals
 
 from producer import wire
 from producer.wire import TensorSpec
-from producer.wire.connect import connect
+from producer.wire.connect import connect, masked
 from workers.errors import EXIT_NOTHING_TO_SERVE, DeviceUnavailable, RedisRefused
 from workers.ops import metrics as metrics_module
 from workers.ops.health import Monitor
@@ -81,10 +81,11 @@ def model_server(name: str, versions: Mapping[int, runtime.LoadedModel],
         name, versions,
         reader=QueueReader(broker, wire.queue_name(name)),
         intake=Intake(checks, broker, results, InFlight(), observer),
-        writer=ResultWriter(store),
+        writer=ResultWriter(store, redis_url=settings.result_url),
         # Dead letters live on the broker, where `inferq dlq` and the exporter read them.
         poison=PoisonGuard(broker, settings.max_executions, settings.result_ttl_s),
-        observer=observer, policy=policy, worker=worker, instance=instance)
+        observer=observer, policy=policy, worker=worker, instance=instance,
+        redis_url=settings.broker_url)
 
 
 class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -162,8 +163,14 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
             thread.start()
         metrics.set_ready(True)
         metrics.start_sampler(stop=self.stop_event)
-        log.info("worker_ready", worker=hostname, models=sorted(served),
-                 device=settings.device, not_served=sorted(failed))
+        try:
+            control.ping()
+            log.info("worker_ready", worker=hostname, models=sorted(served),
+                     device=settings.device, not_served=sorted(failed))
+        except redis.exceptions.RedisError as exc:
+            # Not "ready": every loop retries with backoff and says so once.
+            log.warning("worker_waiting_for_redis", worker=hostname, error=str(exc),
+                        redis=masked(settings.broker_url), models=sorted(served))
 
     def _load(self, manifest: Manifest, threads: int, instances: int,
               failed: dict[str, str]) -> dict[int, runtime.LoadedModel]:

@@ -21,6 +21,7 @@ import structlog
 
 from producer import wire
 from producer.wire import UNACKED, UNACKED_INDEX
+from workers.serving.outage import Outage
 
 log = structlog.get_logger(__name__)
 
@@ -78,13 +79,14 @@ class ResultStore:
 
     def commit(self, docs: Sequence[tuple[str, bytes, str | None]], acks: Sequence[str],
                blobs: Sequence[str]) -> None:
-        """Store ``docs``, then ack ``acks`` and delete ``blobs``; the acks only once the
-        documents are stored."""
+        """Store ``docs``, then ack ``acks`` and delete ``blobs`` and the jobs' accepted
+        markers; the acks only once the documents are stored."""
+        gone = [*blobs, *(wire.accepted_key(job_id) for job_id, _, _ in docs)]
         if self.broker is None:
-            self.store(docs, acks, blobs)
+            self.store(docs, acks, gone)
         else:
             self.store(docs)
-            self.ack(acks, blobs)
+            self.ack(acks, gone)
 
     def ack(self, tags: Sequence[str], blobs: Sequence[str] = ()) -> None:
         """Forget delivered messages (kombu's unacked records) and delete their blobs."""
@@ -135,8 +137,9 @@ class ResultWriter:
     A bounded queue turns a slow or absent Redis into backpressure on the model thread.
     """
 
-    def __init__(self, store: ResultStore, depth: int = 4) -> None:
+    def __init__(self, store: ResultStore, depth: int = 4, redis_url: str = "") -> None:
         self.store = store
+        self.outage = Outage(log, "results", redis_url, max_delay_s=2.0)
         self._queue: queue.Queue[Completed | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         #: Items handed to the thread, and items it has finished: one writer thread each,
@@ -200,10 +203,11 @@ class ResultWriter:
             raise
 
     def _write(self, item: Completed) -> None:
-        delay = 0.05
         while True:
             try:
                 self.store.commit(item.docs, item.acks, item.blobs)
+                if self.outage.ongoing:
+                    self.outage.recovered()
                 break
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                     redis.exceptions.OutOfMemoryError) as exc:
@@ -213,9 +217,7 @@ class ResultWriter:
                     log.error("results_abandoned_at_shutdown", error=str(exc),
                               jobs=len(item.docs), messages=len(item.acks))
                     return
-                log.warning("result_write_retry", error=str(exc), jobs=len(item.docs))
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                time.sleep(self.outage.failed(exc, jobs=len(item.docs)))
         for after in item.after:
             try:
                 after()
