@@ -16,6 +16,7 @@ import redis
 from producer import submission, wire
 from producer.errors import (
     InferqError,
+    InvalidInput,
     JobFailed,
     JobTimeout,
     ResourceExhausted,
@@ -150,7 +151,7 @@ class InferenceClient:
                                   blob_threshold=self.blob_threshold)
 
     def _push(
-        self, model: str, messages: list[bytes], blobs: submission.Blobs,
+        self, target: str, model: str, messages: list[bytes], blobs: submission.Blobs,
         jobs: list[list[str]],
     ) -> None:
         """Blobs first, then the messages that name them (``jobs``: each message's job
@@ -163,7 +164,8 @@ class InferenceClient:
         bound = info.max_queue if info is not None else 0
         ttl = self.blob_ttl if info is None else max(self.blob_ttl, 4 * info.visibility_timeout)
         queue = wire.queue_name(model)
-        replies = self._transact(queue, bound, ttl, messages, blobs, jobs)
+        lists = [target, *wire.priority_queues(queue)]
+        replies = self._transact(lists, bound, ttl, messages, blobs, jobs)
         if any(r == -1 for r in replies[len(blobs):]):
             # The transaction ran, blobs included: take them back before refusing.
             if blobs:
@@ -172,17 +174,17 @@ class InferenceClient:
             raise ResourceExhausted(f"queue {queue!r} is full ({bound} messages waiting); "
                                     "retry later or add workers")
 
-    def _transact(self, queue: str, bound: int, ttl: int, messages: list[bytes],
+    def _transact(self, lists: list[str], bound: int, ttl: int, messages: list[bytes],
                   blobs: submission.Blobs, jobs: list[list[str]]) -> list[Any]:
         try:
-            return self._transaction(queue, bound, ttl, messages, blobs, jobs)
+            return self._transaction(lists, bound, ttl, messages, blobs, jobs)
         except redis.exceptions.NoScriptError:
             # Redis lost its script cache (restart, SCRIPT FLUSH): nothing was pushed and the
             # blob writes repeat harmlessly, so load the script and run it all again.
             self._call(self._broker.script_load, submission.PUSH_SCRIPT)
-            return self._transaction(queue, bound, ttl, messages, blobs, jobs)
+            return self._transaction(lists, bound, ttl, messages, blobs, jobs)
 
-    def _transaction(self, queue: str, bound: int, ttl: int, messages: list[bytes],
+    def _transaction(self, lists: list[str], bound: int, ttl: int, messages: list[bytes],
                      blobs: submission.Blobs, jobs: list[list[str]]) -> list[Any]:
         # MULTI/EXEC: a refused write (noeviction) aborts the whole call, so a caller told
         # "refused" never has half its jobs enqueued.
@@ -194,8 +196,8 @@ class InferenceClient:
             # more round trip on every submit.
             chunk = slice(start, start + submission.PUSH_CHUNK)
             ids = [i for message_ids in jobs[chunk] for i in message_ids]
-            pipe.evalsha(self._push_script.sha, 1, queue, bound, ttl, len(ids), *ids,
-                         *messages[chunk])
+            pipe.evalsha(self._push_script.sha, len(lists), *lists, bound, ttl, len(ids),
+                         *ids, *messages[chunk])
         return list(self._call(pipe.execute))
 
     def _run_id(self) -> str:
@@ -204,9 +206,13 @@ class InferenceClient:
         except redis.exceptions.ResponseError:
             return ""  # INFO not allowed (ACL) or not served: restarts go undetected
 
-    def _envelope(self, model: str, version: int | None, deadline: float | None
-                  ) -> submission.Envelope:
-        return submission.Envelope(model, self.client_id, self.serializer, version, deadline)
+    def _envelope(self, model: str, version: int | None, deadline: float | None,
+                  priority: int) -> submission.Envelope:
+        if not isinstance(priority, int) or not 0 <= priority <= 9:
+            raise InvalidInput(f"priority must be an integer from 0 (first) to 9 (last), "
+                               f"got {priority!r}")
+        return submission.Envelope(model, self.client_id, self.serializer, version, deadline,
+                                   priority)
 
     def submit(
         self,
@@ -215,19 +221,22 @@ class InferenceClient:
         *,
         version: int | None = None,
         deadline: float | None = None,
+        priority: int = 0,
     ) -> JobHandle:
         """Enqueue one job and return its handle at once.
 
         ``inputs`` maps input names to arrays (or nested lists). ``deadline`` is in seconds
-        from now; a job still queued past it fails with DEADLINE_EXCEEDED.
+        from now; a job still queued past it fails with DEADLINE_EXCEEDED. ``priority``: as
+        in Celery on Redis, 0 (the default) is served first and 9 last; a worker always
+        drains higher-priority messages first (batch jobs use 9).
         """
         job_id = wire.new_id()
         blobs: submission.Blobs = {}
         tensors = self._prepare(model, inputs, version, job_id, blobs,
                                 text=self.serializer == "json")
-        message = submission.single_message(self._envelope(model, version, deadline), job_id,
-                                            tensors)
-        self._push(model, [message], blobs, [[job_id]])
+        env = self._envelope(model, version, deadline, priority)
+        message = submission.single_message(env, job_id, tensors)
+        self._push(env.queue, model, [message], blobs, [[job_id]])
         return JobHandle(self, job_id, model, fresh=True)
 
     def submit_many(
@@ -238,6 +247,7 @@ class InferenceClient:
         version: int | None = None,
         deadline: float | None = None,
         jobs_per_message: int = submission.DEFAULT_JOBS_PER_MESSAGE,
+        priority: int = 0,
     ) -> list[JobHandle]:
         """Enqueue many jobs in one pipelined round trip; each job keeps its own ID.
 
@@ -252,11 +262,11 @@ class InferenceClient:
             self._prepare(model, item, version, job_id, blobs, text=False)
             for job_id, item in zip(ids, items, strict=True)
         ]
-        messages = submission.bulk_messages(self._envelope(model, version, deadline), ids,
-                                            prepared, blobs, jobs_per_message)
+        env = self._envelope(model, version, deadline, priority)
+        messages = submission.bulk_messages(env, ids, prepared, blobs, jobs_per_message)
         if messages:
             per = [ids[s:s + jobs_per_message] for s in range(0, len(ids), jobs_per_message)]
-            self._push(model, messages, blobs, per)
+            self._push(env.queue, model, messages, blobs, per)
         return [JobHandle(self, i, model, fresh=True) for i in ids]
 
     # --- reading ---------------------------------------------------------------------

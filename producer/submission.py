@@ -24,14 +24,22 @@ DEFAULT_JOBS_PER_MESSAGE = 32
 #: base64 inside the message (which kombu's transport would then copy into ``unacked``).
 DEFAULT_BLOB_THRESHOLD = 16 * 1024
 
-# KEYS[1]: queue. ARGV[1]: most messages allowed to wait (0: no bound), ARGV[2]: seconds a
-# job's accepted marker lives at most, ARGV[3]: n job IDs, ARGV[4 .. 3 + n]: the IDs, then
-# the messages. Refused as a whole: no marker is written for a job that is not queued.
+# KEYS[1]: the list to push to (the queue, or its priority list), KEYS[2..]: every list of
+# the queue (the bound counts them all). ARGV[1]: most messages allowed to wait (0: no
+# bound), ARGV[2]: seconds a job's accepted marker lives at most, ARGV[3]: n job IDs,
+# ARGV[4 .. 3 + n]: the IDs, then the messages. Refused as a whole: no marker is written
+# for a job that is not queued.
 PUSH_SCRIPT = """
 local bound = tonumber(ARGV[1])
 local n = tonumber(ARGV[3])
-if bound > 0 and redis.call('LLEN', KEYS[1]) + #ARGV - 3 - n > bound then
-  return -1
+if bound > 0 then
+  local waiting = 0
+  for k = 2, #KEYS do
+    waiting = waiting + redis.call('LLEN', KEYS[k])
+  end
+  if waiting + #ARGV - 3 - n > bound then
+    return -1
+  end
 end
 for i = 4, 3 + n do
   redis.call('SET', '""" + wire.ACCEPTED_KEY_PREFIX + """' .. ARGV[i], '1', 'EX', ARGV[2])
@@ -139,7 +147,14 @@ class Envelope:
     serializer: str = "msgpack"
     version: int | None = None
     deadline: float | None = None
+    #: As in Celery on Redis: 0 (the default) is served first, 9 last.
+    priority: int = 0
     extra_headers: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def queue(self) -> str:
+        """The list this envelope's messages are pushed to."""
+        return wire.priority_queue(wire.queue_name(self.model), self.priority)
 
     def headers(self) -> dict[str, Any]:
         return {wire.HEADER_ENQUEUED_AT: wire.now(), wire.HEADER_NOTIFY: self.client_id,
@@ -159,6 +174,7 @@ def single_message(env: Envelope, job_id: str, tensors: dict[str, wire.Tensor]) 
         reply_to=env.client_id,
         expires=expires(env.deadline),
         argsrepr=f"({env.model!r}, <{len(tensors)} tensors>)",
+        priority=env.priority,
     )
 
 
@@ -192,5 +208,6 @@ def bulk_messages(env: Envelope, ids: Sequence[str], prepared: Sequence[dict[str
             reply_to=env.client_id,
             expires=stamp,
             argsrepr=f"({env.model!r}, <{len(entries)} jobs>)",
+            priority=env.priority,
         ))
     return messages

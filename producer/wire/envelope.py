@@ -59,6 +59,7 @@ def build_message(
     reply_to: str = "",
     expires: datetime | None = None,
     argsrepr: str = "",
+    priority: int = 0,
 ) -> bytes:
     """Build a Celery protocol-2 message exactly as kombu's Redis transport stores it."""
     body = pack_body([args, kwargs, _EMBED], serializer)
@@ -86,7 +87,7 @@ def build_message(
             "reply_to": reply_to,
             "delivery_mode": 2,
             "delivery_info": {"exchange": "", "routing_key": queue},
-            "priority": 0,
+            "priority": priority,
             "body_encoding": "base64",
             "delivery_tag": str(uuid.uuid4()),
         },

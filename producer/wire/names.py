@@ -77,6 +77,15 @@ def priority_queues(queue: str) -> list[str]:
     return [queue, *(f"{queue}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS)]
 
 
+def priority_queue(queue: str, priority: int) -> str:
+    """The list kombu's Redis transport keeps ``queue``'s messages of ``priority`` in: as in
+    Celery on Redis, 0 is served first and 9 last (0-2, 3-5, 6-8 and 9 share a list)."""
+    if not 0 <= priority <= 9:
+        raise ValueError(f"priority must be 0 (first) to 9 (last), got {priority}")
+    step = max(s for s in (0, *PRIORITY_STEPS) if s <= priority)
+    return queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}"
+
+
 def result_key(job_id: str) -> str:
     """Redis key of a job's result document."""
     return RESULT_KEY_PREFIX + job_id

@@ -638,3 +638,22 @@ def test_a_refused_submit_records_no_acceptance(client: InferenceClient, r: Any)
     with pytest.raises(ResourceExhausted):
         client.submit_many("digits", [{"pixels": np.zeros(64, np.float32)}] * 3)
     assert len(r.keys(wire.ACCEPTED_KEY_PREFIX + "*")) == 1
+
+
+def test_priority_goes_to_kombus_priority_list(client: InferenceClient, r: Any) -> None:
+    advertise(r, max_queue=3)
+    client.models()
+    low = client.submit("digits", {"pixels": np.zeros(64, np.float32)}, priority=9)
+    client.submit_many("digits", [{"pixels": np.zeros(64, np.float32)}], priority=4)
+    lowest = wire.priority_queue(QUEUE, 9)
+    assert lowest == QUEUE + "\x06\x169"
+    [raw] = r.lrange(lowest, 0, -1)
+    envelope = json.loads(raw)
+    assert envelope["headers"]["id"] == low.id and envelope["properties"]["priority"] == 9
+    assert r.llen(wire.priority_queue(QUEUE, 4)) == 1 and r.llen(QUEUE) == 0
+    client.submit("digits", {"pixels": np.zeros(64, np.float32)})
+    # The bound counts every list of the queue: 3 waiting, the 4th is refused.
+    with pytest.raises(ResourceExhausted):
+        client.submit("digits", {"pixels": np.zeros(64, np.float32)}, priority=9)
+    with pytest.raises(InvalidInput, match="priority"):
+        client.submit("digits", {"pixels": np.zeros(64, np.float32)}, priority=10)

@@ -800,3 +800,17 @@ def test_a_job_larger_than_a_batch_runs_in_parts_joined_in_order(world: World) -
     got = world.ok(job_id)
     np.testing.assert_array_equal(got["y"], big.sum(axis=1, keepdims=True))
     assert got.batch_size == 8
+
+
+def test_higher_priority_messages_are_served_first(world: World) -> None:
+    client = world.client()
+    low = [client.submit(MODEL, {"x": rows_of(1, i)}, priority=9).id for i in range(6)]
+    high = client.submit(MODEL, {"x": rows_of(1, 99)}, priority=0).id
+    server = world.server(max_rows=2)
+    server.intake.rows_per_message = 1.0
+    server.cycle(block_s=0.01)
+    settle(server.writer)
+    assert world.result(high) is not None, "the online job went first"
+    assert sum(world.result(i) is not None for i in low) == 1
+    world.run(server)
+    assert all(world.result(i) is not None for i in low)
