@@ -26,6 +26,7 @@ from producer.wire.names import (
     HEADER_ENQUEUED_AT,
     HEADER_JOB_IDS,
     HEADER_NOTIFY,
+    HEADER_ROUTE,
     TASK_NAME,
     owns_blob,
 )
@@ -105,6 +106,8 @@ class JobRequest:
     inputs: Any
     enqueued_at: float | None = None
     deadline: float | None = None
+    #: How the producer chose ``version`` (None: it named it, or the worker chooses).
+    route: str | None = None
 
     @property
     def refs(self) -> list[str]:
@@ -131,6 +134,7 @@ class Delivery:
     model: Any = None
     deadline: float | None = None
     enqueued_at: Any = None
+    route: str | None = None
 
     def owned_blobs(self) -> list[str]:
         """Blob keys to delete once this message is acked: its entries, and each job's own
@@ -190,12 +194,14 @@ def parse_message(raw: bytes | str, queue: str) -> Delivery:
     if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids):
         raise InvalidInput("message carries no usable job id")
     notify = headers.get(HEADER_NOTIFY)
+    route = headers.get(HEADER_ROUTE)
     delivery = Delivery(
         queue=queue,
         notify=notify if isinstance(notify, str) and notify else None,
         redelivered=bool(headers.get("redelivered") or props.get("redelivered")),
         ids=ids,
         enqueued_at=headers.get(HEADER_ENQUEUED_AT),
+        route=route if isinstance(route, str) and route else None,
     )
     try:
         delivery.deadline = _parse_time(headers.get("expires"))
@@ -258,6 +264,7 @@ def _add_jobs(delivery: Delivery, entries: Any) -> None:
             job = _job(job_id, delivery.model, entry.get("inputs"), entry.get("version"))
             job.enqueued_at = _parse_time(entry.get("enqueued_at", delivery.enqueued_at))
             job.deadline = delivery.deadline
+            job.route = delivery.route
             delivery.jobs.append(job)
         except (InvalidInput, ValueError, TypeError) as exc:
             err = exc if isinstance(exc, InvalidInput) else InvalidInput(str(exc))

@@ -52,6 +52,8 @@ ATTEMPTS_PREFIX = "inferq:attempts:"
 HEADER_ENQUEUED_AT = "inferq_enqueued_at"
 HEADER_NOTIFY = "inferq_notify"
 HEADER_JOB_IDS = "inferq_job_ids"
+#: How the producer chose the version it pinned (``alias:canary``, ``split:<rev>``, ...).
+HEADER_ROUTE = "inferq_route"
 
 #: Message serializers a worker accepts, by name; anything else fails the job.
 CONTENT_TYPES = {"msgpack": "application/x-msgpack", "json": "application/json"}
@@ -99,6 +101,11 @@ def blob_key(owner_id: str, part: str) -> str:
 def owns_blob(owner_id: str, key: str) -> bool:
     """Whether ``key`` is a blob of ``owner_id`` (which may then delete it once done)."""
     return key.startswith(f"{BLOB_KEY_PREFIX}{owner_id}:")
+
+
+def pin_key(job_id: str) -> str:
+    """The version a worker gave a job that named none, so a redelivery runs the same."""
+    return f"inferq:pin:{job_id}"
 
 
 def accepted_key(job_id: str) -> str:

@@ -43,9 +43,11 @@ def timings_ms(*, enqueued_at: float | None, picked_at: float, started: float,
 
 
 def success_result(outputs: Arrays, *, model: str, version: int, worker: str,
-                   batch_size: int, timings: Mapping[str, float | None]) -> dict[str, Any]:
-    """The ``result`` body of a successful job: its outputs and how it was served."""
-    return {
+                   batch_size: int, timings: Mapping[str, float | None],
+                   route: str | None = None) -> dict[str, Any]:
+    """The ``result`` body of a successful job: its outputs and how it was served (``route``:
+    how its version was chosen)."""
+    body = {
         "outputs": {k: encode_tensor(v, text=True) for k, v in outputs.items()},
         "model": model,
         "version": version,
@@ -53,6 +55,9 @@ def success_result(outputs: Arrays, *, model: str, version: int, worker: str,
         "batch_size": batch_size,
         "timings_ms": timings,
     }
+    if route is not None:
+        body["route"] = route
+    return body
 
 
 def _meta(job_id: str, status: str, result: Any, done: str | None, **extra: Any
@@ -108,6 +113,8 @@ class JobResult:
     worker: str
     batch_size: int
     timings_ms: dict[str, float | None] = field(default_factory=dict)
+    #: How the version was chosen: ``pinned``, ``alias:<name>``, ``split:<rev>``, ``latest``.
+    route: str | None = None
 
     def __getitem__(self, name: str) -> np.ndarray[Any, Any]:
         return self.outputs[name]
@@ -138,6 +145,7 @@ def read_result(job_id: str, raw: bytes | str) -> JobResult | JobFailed:
             worker=res["worker"],
             batch_size=int(res["batch_size"]),
             timings_ms=dict(res.get("timings_ms") or {}),
+            route=res.get("route"),
         )
     error = doc.get("error")
     if isinstance(error, dict):

@@ -178,6 +178,7 @@ def test_bad_jobs_fail_alone_inside_a_batch(
         pipe.lpush(queue, wire.build_message(
             task=wire.TASK_NAME, task_id=job_id, args=["digits", inputs],
             kwargs={"version": None}, queue=queue))
+        pipe.set(wire.accepted_key(job_id), 1, ex=600)  # accepted, as inferq's client records
     pipe.execute()
     with InferenceClient(redis_server.url) as inferq:
         outcomes = inferq.outcomes(ids, timeout=30)
@@ -319,7 +320,8 @@ def test_cli_submit_and_result(
     assert json.loads(got.stdout)["outputs"]["label"] == [int(Y[12])]
     missing = subprocess.run([*inferq, "result", str(uuid.uuid4())], capture_output=True,
                              text=True, env=env, timeout=60, cwd=ROOT)
-    assert missing.returncode == 2 and json.loads(missing.stdout)["status"] == "PENDING"
+    # An ID nobody submitted is told apart from a pending job, at once.
+    assert missing.returncode == 3 and json.loads(missing.stdout)["status"] == "UNKNOWN"
 
 
 def test_models_command_lists_signatures() -> None:
@@ -360,6 +362,7 @@ def test_malformed_messages_never_stop_the_worker(
         client.lpush(queue, wire.build_message(
             task=wire.TASK_NAME, task_id=ids[name], args=["digits", inputs],
             kwargs={"version": None}, queue=queue, headers={wire.HEADER_NOTIFY: 5}))
+        client.set(wire.accepted_key(ids[name]), 1, ex=600)  # as an inferq producer records
     with InferenceClient(redis_server.url) as inferq:
         outcomes = inferq.outcomes(list(ids.values()), timeout=30)
         assert all(isinstance(o, JobFailed) and o.code == "INVALID_ARGUMENT" for o in outcomes)

@@ -353,3 +353,38 @@ def test_workers_stop_when_their_supervisor_is_killed(
             supervisor.wait()
         for pid in marked_pids(mark):
             os.kill(pid, signal.SIGKILL)
+
+
+# --- answers that must not wait -----------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_result_of_an_id_never_submitted_is_unknown_at_once(fresh_redis: RedisServer) -> None:
+    """Neither a result nor a record of the job being accepted: UNKNOWN (exit 3) at once,
+    even when told to wait 60 s for it."""
+    for extra in ([], ["--timeout", "60"]):
+        job_id = str(uuid.uuid4())
+        started = time.monotonic()
+        result = invoke("result", job_id, *extra, INFERQ_BROKER_URL=fresh_redis.url)
+        took = time.monotonic() - started
+        assert result.exit_code == 3, result.output
+        doc = json.loads(result.stdout)
+        assert (doc["id"], doc["status"]) == (job_id, "UNKNOWN")
+        assert "no such job" in doc["message"]
+        assert took < 5, f"{extra}: {took:.1f}s"
+
+
+@pytest.mark.integration
+def test_submit_with_no_live_worker_says_how_to_start_one(fresh_redis: RedisServer,
+                                                          tmp_path: Path) -> None:
+    """A Redis no worker serves: ``submit --wait`` fails at once (no 60 s wait for a job
+    nobody will take), naming the model and the command that starts a worker."""
+    np.save(tmp_path / "x.npy", DIGITS.data[:1].astype(np.float32))
+    started = time.monotonic()
+    result = invoke("submit", "digits", "--input", str(tmp_path / "x.npy"), "--wait",
+                    INFERQ_BROKER_URL=fresh_redis.url)
+    took = time.monotonic() - started
+    assert_short_failure(result, "no live worker serves model 'digits'", "inferq worker")
+    assert took < 5, f"{took:.1f}s"
+    # Nothing was queued for nobody.
+    assert fresh_redis.client().llen(wire.queue_name("digits")) == 0

@@ -73,6 +73,7 @@ def _expired_unacked(admin: redis.Redis, job_id: str) -> None:
     tag = f"dead-worker-{job_id}"
     admin.hset("unacked", tag, "[" + message.decode() + ', "", "inferq.digits"]')
     admin.zadd("unacked_index", {tag: 1.0})
+    admin.set(wire.accepted_key(job_id), 1, ex=600)  # it had been accepted by a producer
 
 
 # --- the file itself --------------------------------------------------------------------------

@@ -168,8 +168,11 @@ def bench(names: str, cpu_workers: int, gpus: str | None, quick: bool, json_path
 
 
 from workers.launch.models_cli import models as models_group  # noqa: E402  (its commands)
+from workers.launch.routes_cli import COMMANDS as ROUTE_COMMANDS  # noqa: E402
 
 main.add_command(models_group)
+for _command in ROUTE_COMMANDS:
+    main.add_command(_command)
 
 
 @main.command()

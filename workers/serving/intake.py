@@ -17,11 +17,13 @@ import structlog
 from producer import wire
 from producer.errors import InvalidInput, JobFailed
 from producer.wire import Delivery, JobRequest, TensorSpec
+from producer.wire.routes import choose
 from workers.ops import deadletter
 from workers.serving import validation
 from workers.serving.batching import Arrays, rows_per_message
 from workers.serving.inflight import InFlight, Message
 from workers.serving.observers import Observer
+from workers.serving.routing import RouteBook
 
 log = structlog.get_logger(__name__)
 
@@ -38,6 +40,8 @@ class Pending:
     picked_at: float
     #: Non-batch dimensions per input, in signature order: jobs batch only with equal ones.
     shape: tuple[tuple[int, ...], ...] = ()
+    #: How the version was chosen (``pinned``, ``alias:canary``, ``split:<rev>``, ``latest``).
+    route: str = "latest"
     #: Redelivered after a crash: run alone, and counted, so a poison job is isolated.
     suspect: bool = False
 
@@ -62,8 +66,11 @@ class Intake:
     """Turns drained messages into pending jobs and early failures for one model server."""
 
     def __init__(self, checks: Checks, broker: redis.Redis, results: redis.Redis,
-                 inflight: InFlight, observer: Observer) -> None:
+                 inflight: InFlight, observer: Observer, routes: RouteBook | None = None,
+                 pin_ttl_s: int = 86_400) -> None:
         self.checks = checks
+        self.routes = routes
+        self.pin_ttl_s = pin_ttl_s
         self.broker, self.results = broker, results
         self.inflight = inflight
         self.observer = observer
@@ -128,10 +135,11 @@ class Intake:
             jobs = [j for j in jobs if j.id not in done]
         if jobs:
             self.observer.received([j.id for j in jobs], delivery.redelivered)
+        routed = self._route(jobs, delivery.redelivered)
         rows = 0
         for job in jobs:
             try:
-                checked = self._check(job, message, picked_at, blobs)
+                checked = self._check(job, message, picked_at, blobs, routed.get(job.id))
             except _Refused as refused:
                 failures.append((job.id, refused.error, message, refused.version))
                 continue
@@ -141,6 +149,27 @@ class Intake:
         if delivery.jobs:
             self.rows_per_message = rows_per_message(self.rows_per_message, rows)
 
+    def _route(self, jobs: list[JobRequest], redelivered: bool
+               ) -> dict[str, tuple[int, str]]:
+        """Versions the model's split gives jobs that name none, pinned in Redis so that a
+        redelivery runs the same version even if the route changed meanwhile."""
+        route = self.routes.get(self.checks.model) if self.routes is not None else None
+        unnamed = [j for j in jobs if j.version is None]
+        if route is None or not route.split or not unnamed:
+            return {}
+        pins: list[Any] = (self.results.mget([wire.pin_key(j.id) for j in unnamed])
+                           if redelivered else [None] * len(unnamed))
+        out, pipe = {}, self.results.pipeline(transaction=False)
+        for job, pin in zip(unnamed, pins, strict=True):
+            if pin is not None:
+                out[job.id] = (int(pin), f"split:{route.rev}")
+                continue
+            version = choose(route.split, job.id)
+            out[job.id] = (version, f"split:{route.rev}")
+            pipe.set(wire.pin_key(job.id), version, ex=self.pin_ttl_s)
+        pipe.execute()
+        return out
+
     def _already_done(self, jobs: list[JobRequest]) -> set[str]:
         pipe = self.results.pipeline(transaction=False)
         for job in jobs:
@@ -148,11 +177,13 @@ class Intake:
         return {j.id for j, found in zip(jobs, pipe.execute(), strict=True) if found}
 
     def _check(self, job: JobRequest, message: Message, picked_at: float,
-               blobs: Mapping[str, bytes | None]) -> Pending:
+               blobs: Mapping[str, bytes | None], routed: tuple[int, str] | None = None
+               ) -> Pending:
         checks = self.checks
         version: int | None = None
         try:
-            version = validation.resolve_version(job, checks.model, checks.versions)
+            version = validation.resolve_version(job, checks.model, checks.versions,
+                                                 routed[0] if routed else None)
             validation.check_deadline(job, picked_at)
             arrays, rows = validation.decode_inputs(
                 job.inputs, checks.inputs, blobs, max_tensor_bytes=checks.max_tensor_bytes,
@@ -163,7 +194,9 @@ class Intake:
             # Whatever a hostile payload triggers fails that job, never the worker.
             raise _Refused(InvalidInput(f"malformed job: {exc!r}"), version) from None
         shape = tuple(arrays[s.name].shape[1:] for s in checks.inputs)
-        return Pending(job, version, arrays, rows, message, picked_at, shape)
+        route = job.route or (routed[1] if routed else
+                              "pinned" if job.version is not None else "latest")
+        return Pending(job, version, arrays, rows, message, picked_at, shape, route)
 
 
 class _Refused(Exception):

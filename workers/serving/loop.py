@@ -176,7 +176,8 @@ class ModelServer:
                                   started=batch.started, finished=batch.finished,
                                   stored=batch.stored)
         result = wire.success_result(outputs, model=self.name, version=batch.version,
-                                     worker=self.worker, batch_size=rows, timings=timings)
+                                     worker=self.worker, batch_size=rows, timings=timings,
+                                     route=pending.route)
         self._docs.append((job.id, wire.success_document(job.id, result, date_done),
                            pending.message.notify))
         self.inflight.close(pending.message)

@@ -8,6 +8,7 @@ heartbeats, Flower events and the visibility sweep).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -39,6 +40,7 @@ from workers.serving.loop import ModelServer
 from workers.serving.observers import BatchLog, Observer, Observers
 from workers.serving.poison import PoisonGuard
 from workers.serving.reader import QueueReader
+from workers.serving.routing import RouteBook
 from workers.serving.writer import ResultStore, ResultWriter
 from workers.settings import Settings
 
@@ -69,7 +71,8 @@ def model_server(name: str, versions: Mapping[int, runtime.LoadedModel],
                  inputs: Sequence[TensorSpec], *, broker: redis.Redis, results: redis.Redis,
                  same_server: bool, observer: Observer, policy: BatchPolicy,
                  settings: Settings, worker: str, instance: int = 0,
-                 store: ResultStore | None = None) -> ModelServer:
+                 store: ResultStore | None = None, routes: RouteBook | None = None
+                 ) -> ModelServer:
     """One model instance's serving loop with its reader, intake, writer and poison guard.
 
     ``store`` replaces the result store (tests use it to inject failures).
@@ -80,7 +83,8 @@ def model_server(name: str, versions: Mapping[int, runtime.LoadedModel],
     return ModelServer(
         name, versions,
         reader=QueueReader(broker, wire.queue_name(name)),
-        intake=Intake(checks, broker, results, InFlight(), observer),
+        intake=Intake(checks, broker, results, InFlight(), observer, routes,
+                      pin_ttl_s=max(settings.result_ttl_s, 4 * settings.visibility_timeout_s)),
         writer=ResultWriter(store, redis_url=settings.result_url),
         # Dead letters live on the broker, where `inferq dlq` and the exporter read them.
         poison=PoisonGuard(broker, settings.max_executions, settings.result_ttl_s),
@@ -125,6 +129,7 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
             log.error("model_not_served", model=name, reason=reason)
         servers: list[ModelServer] = []
         served: dict[str, tuple[Manifest, list[int]]] = {}
+        self.routes = RouteBook(_redis(settings.broker_url), sorted(manifests))
         for name, manifest in manifests.items():
             instances = manifest.instances or settings.instances
             versions = self._load(manifest, settings.session_threads(instances), instances,
@@ -155,8 +160,22 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
             control, ResultStore(_redis(settings.result_url), settings.result_ttl_s,
                                  None if settings.result_url == settings.broker_url
                                  else control), hostname, settings.unknown_model_grace_s)
+        self.routes.models = sorted(served)
+
+        def on_beat() -> None:
+            try:
+                self.routes.refresh()  # a route change whose message this worker missed
+            except redis.exceptions.RedisError as exc:
+                log.debug("routes_not_refreshed", error=str(exc))
+            sweeper()
+
+        with contextlib.suppress(redis.exceptions.RedisError):
+            self.routes.refresh()  # before the first job is taken
+
         monitor = Monitor(settings, hostname, servers, control, self.stop_event, signatures,
-                          failed, sweeper)
+                          failed, on_beat)
+        self.threads.append(threading.Thread(target=self.routes.listen, args=(self.stop_event,),
+                                             name="inferq-routes", daemon=True))
         self.threads.append(threading.Thread(target=monitor.run, name="inferq-monitor",
                                              daemon=True))
         for thread in self.threads:
@@ -217,7 +236,8 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
                             observer=Observers(observers),
                             policy=BatchPolicy(manifest.max_batch_rows,
                                                manifest.max_wait_ms / 1000.0),
-                            settings=settings, worker=hostname, instance=instance)
+                            settings=settings, worker=hostname, instance=instance,
+                            routes=self.routes)
 
     def _shutting_down(self, *args: Any, **kwargs: Any) -> None:
         self.stop_event.set()

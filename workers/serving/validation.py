@@ -16,11 +16,14 @@ from producer.wire import JobRequest, TensorSpec
 from workers.serving.batching import Arrays
 
 
-def resolve_version(job: JobRequest, model: str, versions: Collection[int]) -> int:
-    """The version that serves ``job`` (its pin, else the latest); NOT_FOUND otherwise."""
+def resolve_version(job: JobRequest, model: str, versions: Collection[int],
+                    routed: int | None = None) -> int:
+    """The version that serves ``job``: its pin, else ``routed`` (the model's route chose
+    it), else the latest; NOT_FOUND otherwise."""
     if job.model != model:
         raise ModelNotFound(f"job for model {job.model!r} arrived on the queue of {model!r}")
-    version = max(versions) if job.version is None else job.version
+    version = job.version if job.version is not None else (
+        routed if routed is not None else max(versions))
     if version not in versions:
         raise ModelNotFound(f"model {model!r} has no version {version}; served: "
                             f"{sorted(versions)}")
