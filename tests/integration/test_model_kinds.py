@@ -308,12 +308,10 @@ def test_inferq_check_names_the_zipmap_model_as_not_ready(stack: Stack) -> None:
     assert check.returncode == 0, check.stdout + check.stderr
     out = check.stdout
     assert f"ready: {stack.worker.hostname} serving {', '.join(SERVED)}" in out
-    assert "zipped v1 not ready: model zipped v1: output 'output_probability' is " \
+    assert "zipped v1 not ready: model 'zipped': output 'output_probability' is " \
            "seq(map(int64,tensor(float)))" in out
 
 
-@pytest.mark.xfail(strict=True, reason="the load path names the ZipMap output's type but not "
-                                       "the fix that `models add` gives (zipmap False)")
 def test_the_worker_says_how_to_fix_a_zipmap_model(stack: Stack) -> None:
     [refused] = [r for r in stack.worker.log_records() if r.get("event") == "model_not_served"]
     assert "zipmap" in str(refused["reason"]).lower()

@@ -347,8 +347,11 @@ class MetricsObserver(Observer):
 
     def batch_done(self, batch: Batch, outcomes: Sequence[Outcome]) -> None:
         self._batch = self._batch_ids = None
-        self.metrics.batch_done(self.model, batch.version, batch.rows,
-                                batch.finished - batch.started)
+        # One observation per model run: a job larger than a batch ran in parts.
+        runs = batch.runs or [batch.rows]
+        for rows in runs:
+            self.metrics.batch_done(self.model, batch.version, rows,
+                                    (batch.finished - batch.started) / len(runs))
         by_code: dict[str, Sequence[Pending]] = {"OK": batch.jobs}
         if any(isinstance(o, JobFailed) for o in outcomes):
             groups: dict[str, list[Pending]] = {}

@@ -51,7 +51,9 @@ def _ort() -> Any:
     return onnxruntime
 
 
-def _refusal(model: str, kind: str, name: str, ort_type: str) -> str | None:
+def refusal(model: str, kind: str, name: str, ort_type: str) -> str | None:
+    """Why a graph input or output of ONNX Runtime type ``ort_type`` cannot be served, with
+    the fix; None when it can."""
     if ort_type in ORT_DTYPES:
         return None
     where = f"model '{model}': {kind} '{name}' is {ort_type}"
@@ -86,7 +88,7 @@ def read_graph(path: Path, model: str) -> Graph:
         raise ManifestError(f"model '{model}': ONNX Runtime cannot load {path}: {first}") from None
     args = [("input", a) for a in session.get_inputs()]
     args += [("output", a) for a in session.get_outputs()]
-    problems = [p for kind, a in args if (p := _refusal(model, kind, a.name, a.type))]
+    problems = [p for kind, a in args if (p := refusal(model, kind, a.name, a.type))]
     if problems:
         raise ManifestError("\n".join(problems))
     return Graph(

@@ -224,6 +224,14 @@ def check_graph(
         ("input", manifest.inputs, graph_inputs),
         ("output", manifest.outputs, graph_outputs),
     ):
+        from workers.repository.graph import refusal  # graph.py imports this module
+
+        for name, ort_type, _ in graph:
+            # Even an output the manifest leaves out: serving a ZipMap classifier without
+            # its probabilities, silently, is not what anyone exported it for.
+            why = refusal(manifest.name, kind, name, ort_type)
+            if why is not None:
+                raise ManifestError(f"{why} (version {version})")
         by_name = {n: (ORT_DTYPES.get(t, t), s) for n, t, s in graph}
         want = {s.name for s in specs}
         if kind == "input" and want != set(by_name):

@@ -65,6 +65,7 @@ class ModelServer:
         #: would move the oldest message behind the others).
         self._backlog = False
         self._docs: list[tuple[str, bytes, str | None]] = []
+        self._runs: list[int] = []
         self.log = log.bind(model=name, worker=worker, instance=instance)
         self.outage = Outage(self.log, "queue", redis_url)
 
@@ -132,11 +133,13 @@ class ModelServer:
                       sum(p.rows for p in jobs), started=wire.now())
         self.observer.batch_started(batch)
         self.batch_started = time.monotonic()
+        self._runs = []
         try:
             ran = self._infer(model, jobs)
         finally:
             self.batch_started = None
         batch.finished = wire.now()
+        batch.runs = self._runs or [batch.rows]
         self.jobs_done += len(jobs)
         batch.stored = wire.now()
         done = wire.date_done()
@@ -155,7 +158,9 @@ class ModelServer:
         try:
             if rows > limit and len(jobs) == 1:
                 # A job larger than a batch runs as several, its outputs joined in order.
-                outputs = join([model.run(part) for part in parts(jobs[0].inputs, limit)])
+                pieces = parts(jobs[0].inputs, limit)
+                outputs = join([model.run(part) for part in pieces])
+                self._runs = [len(next(iter(p.values()))) for p in pieces]
                 return [(outputs, limit)]
             outputs = model.run(collate([p.inputs for p in jobs], self.input_names))
             return [(o, rows) for o in split(outputs, [p.rows for p in jobs])]

@@ -34,6 +34,8 @@ class Batch:
     started: float
     finished: float = 0.0
     stored: float = 0.0
+    #: Rows of each model run: one run, or a job larger than a batch run in parts.
+    runs: Sequence[int] = ()
 
 
 #: A job's outcome in a batch: its outputs, or the error it failed with.
@@ -106,7 +108,7 @@ class BatchLog(Observer):
     def batch_done(self, batch: Batch, outcomes: Sequence[Outcome]) -> None:
         self.log.info(
             "batch", version=batch.version, device=batch.provider, jobs=len(batch.jobs),
-            rows=batch.rows,
+            rows=batch.rows, runs=len(batch.runs) or 1,
             oldest_wait_ms=round((batch.started - min(p.picked_at for p in batch.jobs)) * 1000,
                                  3),
             compute_ms=round((batch.finished - batch.started) * 1000, 3),
