@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import threading
 import time
@@ -13,26 +12,15 @@ from typing import Any
 
 import redis
 
-from producer import submission, wire
-from producer.errors import (
-    InferqError,
-    InvalidInput,
-    JobFailed,
-    JobTimeout,
-    ResourceExhausted,
-    Unavailable,
-    UnknownJob,
-)
+from producer import submission, waiting, wire
+from producer.catalog import ModelCatalog, live_count_args, parse_models
+from producer.errors import InferqError, JobFailed
 from producer.jobs import JobHandle, JobResult, JobStatus
 from producer.submission import ModelInfo
 from producer.wire.connect import broker_url as env_broker_url
 from producer.wire.connect import connect
 
 __all__ = ["InferenceClient", "ModelInfo"]
-#: How often a waiting caller re-reads every pending key, in case a notification was missed.
-_FULL_RECHECK_S = 0.1
-_MGET_CHUNK = 1000
-_SIGNATURE_REFRESH_S = 1.0
 
 
 def _redis(url: str, timeout: float) -> redis.Redis:
@@ -70,9 +58,7 @@ class InferenceClient:
         self.validate = validate
         #: Accept jobs for a model no live worker serves (they wait for workers that scale
         #: from zero); by default such a submit fails at once with Unavailable.
-        self.queue_without_workers = (
-            os.environ.get("INFERQ_QUEUE_WITHOUT_WORKERS", "").lower() in ("1", "true", "yes")
-            if queue_without_workers is None else queue_without_workers)
+        self.queue_without_workers = waiting.queue_without_workers(queue_without_workers)
         self.blob_threshold = blob_threshold
         #: Seconds by-reference data lives at least; longer when the serving workers'
         #: visibility timeout needs it to outlive a redelivery (they advertise it).
@@ -85,11 +71,8 @@ class InferenceClient:
             if self.result_url == self.broker_url
             else _redis(self.result_url, socket_timeout)
         )
-        self._push_script = self._broker.register_script(submission.PUSH_SCRIPT)
-        self._server_run_id: str | None = None
-        self._models: dict[str, ModelInfo] = {}
-        self._known: dict[str, ModelInfo] = {}
-        self._models_read_at = -1e9
+        self._restarts = waiting.RestartWatch()
+        self._catalog = ModelCatalog()
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -106,22 +89,26 @@ class InferenceClient:
 
     # --- models --------------------------------------------------------------------
 
+    @property
+    def _models(self) -> dict[str, ModelInfo]:
+        return self._catalog.live
+
+    @property
+    def _known(self) -> dict[str, ModelInfo]:
+        return self._catalog.known
+
     def models(self, refresh: bool = True) -> dict[str, ModelInfo]:
         """Models that live workers serve, by name (a worker's heartbeat keeps its models
         advertised; they drop out within seconds of its last one)."""
-        if refresh or time.monotonic() - self._models_read_at > _SIGNATURE_REFRESH_S:
-            raw = self._call(self._broker.hgetall, wire.MODELS_KEY)
-            known = {k.decode(): ModelInfo(k.decode(), json.loads(v)) for k, v in raw.items()}
+        if refresh or not self._catalog.fresh():
+            known = parse_models(self._call(self._broker.hgetall, wire.MODELS_KEY))
             pipe = self._broker.pipeline(transaction=False)
             for name in known:
-                pipe.zcount(wire.live_key(name), wire.now(), "+inf")
+                pipe.zcount(*live_count_args(name))
             counts = self._call(pipe.execute) if known else []
             with self._lock:
-                self._known = known
-                self._models = {n: i for (n, i), c in zip(known.items(), counts, strict=True)
-                                if c}
-                self._models_read_at = time.monotonic()
-        return self._models
+                self._catalog.update(known, counts)
+        return self._catalog.live
 
     def model(self, name: str, version: int | None = None) -> ModelInfo | None:
         """The signature a job for ``name`` is checked against, refusing as ``submit`` would
@@ -130,14 +117,11 @@ class InferenceClient:
         return self._model_info(name, version)
 
     def _model_info(self, model: str, version: int | None) -> ModelInfo | None:
-        info = self._models.get(model)
-        # Re-read at most once a second: a model whose last worker stopped is refused soon
-        # after, not only when this cache misses.
-        stale = time.monotonic() - self._models_read_at > _SIGNATURE_REFRESH_S
-        if stale or info is None or (version is not None and version not in info.versions):
-            live = self.models(refresh=False)
-            return submission.lookup(live, self._known, model, version,
-                                     queue_without_workers=self.queue_without_workers)
+        info = self._catalog.cached(model, version)
+        if info is None:
+            self.models(refresh=False)
+            return self._catalog.lookup(model, version,
+                                        queue_without_workers=self.queue_without_workers)
         return info
 
     # --- submitting ------------------------------------------------------------------
@@ -157,61 +141,48 @@ class InferenceClient:
         """Blobs first, then the messages that name them (``jobs``: each message's job
         IDs), in one round trip; refuse with RESOURCE_EXHAUSTED (and take the blobs back)
         when the model's queue is full."""
-        if self._server_run_id is None:
-            self._server_run_id = self._run_id()
-        # A model queued for while no worker is live still has its registered bound.
-        info = self._models.get(model) or self._known.get(model)
-        bound = info.max_queue if info is not None else 0
-        ttl = self.blob_ttl if info is None else max(self.blob_ttl, 4 * info.visibility_timeout)
-        queue = wire.queue_name(model)
-        lists = [target, *wire.priority_queues(queue)]
-        replies = self._transact(lists, bound, ttl, messages, blobs, jobs)
-        if any(r == -1 for r in replies[len(blobs):]):
+        if not self._restarts.started:
+            self._restarts.restarted(self._run_id())
+        push = submission.Push.plan(target, model, self._catalog.registered(model),
+                                    self.blob_ttl)
+        replies = self._transact(push, messages, blobs, jobs)
+        if push.refused(replies, len(blobs)):
             # The transaction ran, blobs included: take them back before refusing.
             if blobs:
                 with contextlib.suppress(InferqError, redis.exceptions.RedisError):
                     self._call(self._broker.unlink, *blobs)
-            raise ResourceExhausted(f"queue {queue!r} is full ({bound} messages waiting); "
-                                    "retry later or add workers")
+            raise push.full()
 
-    def _transact(self, lists: list[str], bound: int, ttl: int, messages: list[bytes],
+    def _transact(self, push: submission.Push, messages: list[bytes],
                   blobs: submission.Blobs, jobs: list[list[str]]) -> list[Any]:
         try:
-            return self._transaction(lists, bound, ttl, messages, blobs, jobs)
+            return self._transaction(push, messages, blobs, jobs)
         except redis.exceptions.NoScriptError:
             # Redis lost its script cache (restart, SCRIPT FLUSH): nothing was pushed and the
             # blob writes repeat harmlessly, so load the script and run it all again.
             self._call(self._broker.script_load, submission.PUSH_SCRIPT)
-            return self._transaction(lists, bound, ttl, messages, blobs, jobs)
+            return self._transaction(push, messages, blobs, jobs)
 
-    def _transaction(self, lists: list[str], bound: int, ttl: int, messages: list[bytes],
+    def _transaction(self, push: submission.Push, messages: list[bytes],
                      blobs: submission.Blobs, jobs: list[list[str]]) -> list[Any]:
-        # MULTI/EXEC: a refused write (noeviction) aborts the whole call, so a caller told
-        # "refused" never has half its jobs enqueued.
         pipe = self._broker.pipeline(transaction=True)
         for key, data in blobs.items():
-            pipe.set(key, data, ex=ttl)
-        for start in range(0, len(messages), submission.PUSH_CHUNK):
+            pipe.set(key, data, ex=push.ttl)
+        for args in push.script_calls(messages, jobs):
             # EVALSHA itself: a script object in a pipeline asks SCRIPT EXISTS first, one
             # more round trip on every submit.
-            chunk = slice(start, start + submission.PUSH_CHUNK)
-            ids = [i for message_ids in jobs[chunk] for i in message_ids]
-            pipe.evalsha(self._push_script.sha, len(lists), *lists, bound, ttl, len(ids),
-                         *ids, *messages[chunk])
+            pipe.evalsha(submission.PUSH_SCRIPT_SHA, *args)
         return list(self._call(pipe.execute))
 
     def _run_id(self) -> str:
         try:
-            return str(self._call(self._results.info, "server").get("run_id", ""))
+            return waiting.run_id_of(self._call(self._results.info, "server"))
         except redis.exceptions.ResponseError:
             return ""  # INFO not allowed (ACL) or not served: restarts go undetected
 
     def _envelope(self, model: str, version: int | None, deadline: float | None,
                   priority: int) -> submission.Envelope:
-        if not isinstance(priority, int) or not 0 <= priority <= 9:
-            raise InvalidInput(f"priority must be an integer from 0 (first) to 9 (last), "
-                               f"got {priority!r}")
-        return submission.Envelope(model, self.client_id, self.serializer, version, deadline,
+        return submission.envelope(model, self.client_id, self.serializer, version, deadline,
                                    priority)
 
     def submit(
@@ -268,6 +239,35 @@ class InferenceClient:
             per = [ids[s:s + jobs_per_message] for s in range(0, len(ids), jobs_per_message)]
             self._push(env.queue, model, messages, blobs, per)
         return [JobHandle(self, i, model, fresh=True) for i in ids]
+
+    def map(
+        self,
+        model: str,
+        rows: Iterable[Mapping[str, Any]],
+        *,
+        chunk_rows: int | None = None,
+        max_in_flight: int = 16,
+        version: int | None = None,
+        priority: int = 9,
+        timeout: float = 600.0,
+    ) -> Iterator[JobResult | JobFailed]:
+        """Run every item of ``rows`` through ``model``; yield one outcome per item, in
+        input order.
+
+        An item is one job's inputs as :meth:`submit` takes them (usually one row, without
+        the batch axis). Consecutive items are stacked into jobs of up to ``chunk_rows``
+        rows (default: the model's ``max_batch_rows``), submitted at ``priority`` (9, last:
+        online jobs go first) only as outcomes are consumed, with at most
+        ``max_in_flight`` jobs submitted and not yet handed back. Item ``i``'s outcome is
+        what ``submit(model, rows[i]).result()`` would return, its outputs sliced from the
+        job it travelled in, or the job's :class:`JobFailed` (shared by the job's items).
+        The model is looked up at once; :class:`JobTimeout` ends the iteration when a job
+        stays unanswered for ``timeout`` seconds.
+        """
+        from producer.mapping import map_rows
+
+        return map_rows(self, model, rows, chunk_rows=chunk_rows, max_in_flight=max_in_flight,
+                        version=version, priority=priority, timeout=timeout)
 
     # --- reading ---------------------------------------------------------------------
 
@@ -327,17 +327,14 @@ class InferenceClient:
                     return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                waiting = sorted(pending)
-                shown = ", ".join(waiting[:5]) + (" ..." if len(waiting) > 5 else "")
-                raise JobTimeout(
-                    f"{len(pending)} of {total} jobs have no result after {timeout}s (still "
-                    f"waiting: {shown}); they may still finish: read them later", waiting)
-            notified = self._wait_notified(min(remaining, _FULL_RECHECK_S), len(pending) > 1)
+                raise waiting.timed_out(list(pending), total, timeout)
+            notified = self._wait_notified(min(remaining, waiting.FULL_RECHECK_S),
+                                           len(pending) > 1)
             now = time.monotonic()
             if notified:
                 quiet_since = now
                 check = [i for i in notified if i in pending]
-            elif now - quiet_since >= _FULL_RECHECK_S:
+            elif now - quiet_since >= waiting.FULL_RECHECK_S:
                 # No notification for a while (another thread took them, or a worker that
                 # does not notify wrote the result): read every pending key once.
                 check, quiet_since = list(pending), now
@@ -347,18 +344,12 @@ class InferenceClient:
 
     def _check_server(self, pending: int) -> None:
         """Raise Unavailable when Redis restarted without persistence: jobs are gone."""
-        if self._server_run_id is None:
-            self._server_run_id = self._run_id()
-            return
-        run_id = self._run_id()
-        if run_id == self._server_run_id:
-            return
-        self._server_run_id = run_id
+        if not self._restarts.restarted(self._run_id()):
+            return  # the first look, or the same server
         persistence = self._call(self._results.info, "persistence")
-        if not int(persistence.get("aof_enabled", 0)):
-            raise Unavailable(
-                f"Redis restarted without append-only persistence while {pending} jobs were "
-                "pending: their messages and results are lost; submit them again")
+        lost = self._restarts.lost(pending, bool(int(persistence.get("aof_enabled", 0))))
+        if lost is not None:
+            raise lost
 
     def _unknown(self, pending: set[str]) -> Iterator[tuple[str, JobResult | JobFailed]]:
         """Jobs of ``pending`` with no record of acceptance: an UnknownJob each (after one
@@ -373,16 +364,12 @@ class InferenceClient:
         for job_id in missing:
             if job_id in pending:
                 pending.discard(job_id)
-                yield job_id, UnknownJob(
-                    "no such job: no result and no record of it being accepted (a wrong ID, "
-                    "one whose result expired, or a job sent without inferq's client, which "
-                    "becomes known only when answered)", job_id=job_id)
+                yield job_id, waiting.unknown_job(job_id)
 
     def _read(
         self, pending: set[str], ids: list[str]
     ) -> Iterator[tuple[str, JobResult | JobFailed]]:
-        for start in range(0, len(ids), _MGET_CHUNK):
-            chunk = ids[start : start + _MGET_CHUNK]
+        for chunk in waiting.chunks(ids):
             docs = self._call(self._results.mget, [wire.result_key(i) for i in chunk])
             for job_id, raw in zip(chunk, docs, strict=True):
                 if raw is not None and job_id in pending:
@@ -403,13 +390,8 @@ class InferenceClient:
     def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except redis.exceptions.ResponseError as exc:
-            # redis-py raises OutOfMemoryError, and inside a pipeline a ResponseError that
-            # quotes the command; both mean noeviction refused the write.
-            if isinstance(exc, redis.exceptions.OutOfMemoryError) or "maxmemory" in str(exc):
-                raise ResourceExhausted(f"Redis is full and refused the write: {exc}") from exc
-            raise
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            raise Unavailable(f"Redis did not answer: {exc}") from exc
-        except InferqError:
-            raise
+        except redis.exceptions.RedisError as exc:
+            error = waiting.redis_failure(exc)
+            if error is None:
+                raise
+            raise error from exc

@@ -1,12 +1,14 @@
 """Turning a caller's inputs into queue messages, without touching Redis.
 
 Checks inputs against the signature the workers advertise, decides which tensors travel by
-reference, and builds single-job and bulk messages with their blobs. Every client (the
-synchronous one, and any other front end of the same queue) submits through these.
+reference, and builds single-job and bulk messages with their blobs, and plans the one
+transaction that pushes them (:class:`Push`). Every client (the synchronous one, the asyncio
+one, and any other front end of the same queue) submits through these.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -15,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from producer import wire
-from producer.errors import InvalidInput, ModelNotFound, Unavailable
+from producer.errors import InvalidInput, ModelNotFound, ResourceExhausted, Unavailable
 from producer.wire import TensorSpec
 
 #: Jobs per bulk message in submit_many: enough to amortise a message, small enough to batch.
@@ -46,6 +48,8 @@ for i = 4, 3 + n do
 end
 return redis.call('LPUSH', KEYS[1], unpack(ARGV, 4 + n))
 """
+#: What EVALSHA names the push script by (SHA-1 of its text, as Redis computes it).
+PUSH_SCRIPT_SHA = hashlib.sha1(PUSH_SCRIPT.encode()).hexdigest()
 #: Messages per push script call (Lua's unpack has a stack limit).
 PUSH_CHUNK = 2000
 
@@ -211,3 +215,64 @@ def bulk_messages(env: Envelope, ids: Sequence[str], prepared: Sequence[dict[str
             priority=env.priority,
         ))
     return messages
+
+
+def envelope(model: str, client_id: str, serializer: str, version: int | None,
+             deadline: float | None, priority: int) -> Envelope:
+    """The envelope of a submit, refusing a priority Celery on Redis does not have."""
+    if not isinstance(priority, int) or not 0 <= priority <= 9:
+        raise InvalidInput(f"priority must be an integer from 0 (first) to 9 (last), "
+                           f"got {priority!r}")
+    return Envelope(model, client_id, serializer, version, deadline, priority)
+
+
+@dataclass(frozen=True)
+class Push:
+    """One submit as one MULTI/EXEC: its blobs (``SET … EX ttl``), then the push script
+    once per :data:`PUSH_CHUNK` messages (EVALSHA :data:`PUSH_SCRIPT_SHA`).
+
+    A refused write (noeviction) aborts the whole transaction, so a caller told "refused"
+    never has half its jobs enqueued; a full queue refuses the messages, and the caller
+    takes the blobs back (UNLINK) before raising :meth:`full`.
+    """
+
+    queue: str
+    #: The list pushed to first, then every list of the queue (the bound counts them all).
+    lists: list[str]
+    #: Messages allowed to wait in the queue (0: no bound).
+    bound: int
+    #: Seconds blobs and acceptance markers live.
+    ttl: int
+
+    @classmethod
+    def plan(cls, target: str, model: str, info: ModelInfo | None, blob_ttl: int) -> Push:
+        """The push of ``model``'s messages to ``target`` (its queue or a priority list);
+        ``info`` the model's registered signature (its queue bound, and the visibility
+        timeout by-reference data must outlive: 4 times that, at least ``blob_ttl``)."""
+        queue = wire.queue_name(model)
+        bound = info.max_queue if info is not None else 0
+        ttl = blob_ttl if info is None else max(blob_ttl, 4 * info.visibility_timeout)
+        return cls(queue, [target, *wire.priority_queues(queue)], bound, ttl)
+
+    def script_calls(self, messages: Sequence[bytes], jobs: Sequence[Sequence[str]]
+                     ) -> list[list[Any]]:
+        """The EVALSHA arguments after the SHA, one list per chunk of messages; ``jobs``
+        holds each message's job IDs."""
+        calls = []
+        for start in range(0, len(messages), PUSH_CHUNK):
+            chunk = slice(start, start + PUSH_CHUNK)
+            ids = [i for message_ids in jobs[chunk] for i in message_ids]
+            calls.append([len(self.lists), *self.lists, self.bound, self.ttl, len(ids), *ids,
+                          *messages[chunk]])
+        return calls
+
+    @staticmethod
+    def refused(replies: Sequence[Any], blobs: int) -> bool:
+        """Whether the queue bound refused the push (the script's -1 after the ``blobs``
+        SET replies)."""
+        return any(r == -1 for r in replies[blobs:])
+
+    def full(self) -> ResourceExhausted:
+        """The refusal of a push to a full queue."""
+        return ResourceExhausted(f"queue {self.queue!r} is full ({self.bound} messages "
+                                 "waiting); retry later or add workers")

@@ -20,6 +20,7 @@ from producer.wire.envelope import (
 from producer.wire.names import (
     ACCEPTED_KEY_PREFIX,
     ATTEMPTS_PREFIX,
+    BATCH_RUN_PREFIX,
     BLOB_KEY_PREFIX,
     BULK_TASK_NAME,
     CONTENT_TYPES,
@@ -87,6 +88,7 @@ from producer.wire.tensors import (
 __all__ = [
     "ACCEPTED_KEY_PREFIX",
     "ATTEMPTS_PREFIX",
+    "BATCH_RUN_PREFIX",
     "BLOB_KEY_PREFIX",
     "BULK_TASK_NAME",
     "CONTENT_TYPES",

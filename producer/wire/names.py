@@ -43,6 +43,8 @@ BLOB_KEY_PREFIX = "inferq:blob:"
 #: Marker of a job accepted and not yet answered (``inferq:job:<id>``), written with its
 #: message and deleted with its result: "queued or running" apart from "never seen".
 ACCEPTED_KEY_PREFIX = "inferq:job:"
+#: State of a batch run (``inferq batch``): a hash per run, with a TTL.
+BATCH_RUN_PREFIX = "inferq:batch:"
 #: The dead-letter list: poisoned jobs and unreadable messages (``inferq dlq``).
 DLQ_KEY = "inferq:dlq"
 #: Counter of how often a redelivered job was started (``inferq:attempts:<job id>``).

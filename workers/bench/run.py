@@ -146,7 +146,7 @@ def bench_model(name: str, model_dir: Path, url: str, redis_pid: int, load: Load
 def run(models: Sequence[str], *, workers: int = 1, gpus: Sequence[int] | None = None,
         quick: bool = False, json_path: Path | None = None, plot_path: Path | None = None,
         sweep: bool = False, payloads: bool = False, soak_jobs: int = 0,
-        say: Callable[[str], None] = print) -> dict[str, Any]:
+        batch_rows: int = 0, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the benchmark on a private Redis and return (and optionally write) the figures."""
     loads = QUICK_LOADS if quick else DEFAULT_LOADS
     with tempfile.TemporaryDirectory(prefix="inferq-bench-") as tmp:
@@ -175,6 +175,12 @@ def run(models: Sequence[str], *, workers: int = 1, gpus: Sequence[int] | None =
                         InferenceClient(server.url) as c:
                     report["soak"] = growth.soak(c, "mlp", measure.make_inputs(manifest, 256),
                                                  soak_jobs, pids[0], server.url, say)
+            if batch_rows:
+                from workers.bench.batch import batch_phase
+
+                report["batch"] = batch_phase(
+                    server.url, root, batch_rows, gpus, logs,
+                    report.get("mlp", {}).get("inferq_jobs_per_s"), say)
             if sweep or plot_path:
                 from workers.bench.sweep import sweep as run_sweep
 

@@ -155,8 +155,12 @@ def demo(keep: bool, log_path: Path | None) -> None:
 @click.option("--sweep", is_flag=True, help="Also drive an open-loop arrival-rate sweep.")
 @click.option("--payloads", is_flag=True, help="Also measure 4 KB, 48 KB and 1 MB rows.")
 @click.option("--soak", "soak_jobs", default=0, help="Also run this many MLP jobs, tracking RSS.")
+@click.option("--batch", "batch_rows", type=int, default=None, is_flag=False, flag_value=1_000_000,
+              help="Also score a Parquet file of this many MLP rows with inferq batch "
+                   "(--batch alone: 1,000,000).")
 def bench(names: str, cpu_workers: int, gpus: str | None, quick: bool, json_path: Path | None,
-          plot_path: Path | None, sweep: bool, payloads: bool, soak_jobs: int) -> None:
+          plot_path: Path | None, sweep: bool, payloads: bool, soak_jobs: int,
+          batch_rows: int | None) -> None:
     """Measure direct ONNX Runtime, naive Celery and inferq in one run."""
     from workers.bench.run import run as run_bench
     from workers.launch.launcher import detect_gpus, parse_gpus
@@ -164,13 +168,17 @@ def bench(names: str, cpu_workers: int, gpus: str | None, quick: bool, json_path
     indices = parse_gpus(gpus, detect_gpus()) if gpus else None
     run_bench([n for n in names.split(",") if n], workers=cpu_workers, gpus=indices,
               quick=quick, json_path=json_path, plot_path=plot_path, sweep=sweep,
-              payloads=payloads, soak_jobs=soak_jobs, say=click.echo)
+              payloads=payloads, soak_jobs=soak_jobs, batch_rows=batch_rows or 0, say=click.echo)
 
 
+from workers.batch.cli import batch as batch_group  # noqa: E402  (inferq batch ...)
+from workers.gateway.cli import gateway as gateway_group  # noqa: E402  (HTTP API)
 from workers.launch.models_cli import models as models_group  # noqa: E402  (its commands)
 from workers.launch.routes_cli import COMMANDS as ROUTE_COMMANDS  # noqa: E402
 
 main.add_command(models_group)
+main.add_command(batch_group)
+main.add_command(gateway_group)
 for _command in ROUTE_COMMANDS:
     main.add_command(_command)
 

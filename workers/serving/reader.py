@@ -10,6 +10,7 @@ message between them. Acks are the result writer's (:mod:`workers.serving.writer
 from __future__ import annotations
 
 import itertools
+import time
 import uuid
 from typing import Any
 
@@ -45,6 +46,12 @@ return out
 """
 
 
+#: While priority lists were used this recently (seconds), a wait blocks in steps of
+#: ``PRIORITY_POLL_S`` and looks at them between steps, so batch jobs never stall for long.
+PRIORITY_ACTIVE_S = 10.0
+PRIORITY_POLL_S = 0.02
+
+
 class QueueReader:
     """Drains one Celery queue in bulk, recording what it takes as in flight."""
 
@@ -55,6 +62,7 @@ class QueueReader:
         self._lists = priority_queues(queue)
         self._drain = client.register_script(_DRAIN)
         self._prefix = f"inferq-{uuid.uuid4().hex[:12]}-"
+        self._priority_seen = -1e9
         self._calls = itertools.count()
 
     def wait(self, timeout: float) -> bool:
@@ -63,17 +71,30 @@ class QueueReader:
         It looks first (every priority list, one round trip) and blocks only on an empty
         queue: moving the tail to the head of the same list blocks like BRPOP but leaves the
         message in Redis, and the queue was empty a moment ago, so order barely changes.
-        Redis cannot block on several lists without popping, so a message sent with a
-        priority while this blocks waits for the next look (``timeout``).
+        Redis cannot block on several lists without popping, so while priority lists are in
+        use (a batch run) it blocks in short steps and looks again between them; otherwise
+        a message sent with a priority waits for the next look (``timeout``).
         """
-        pipe = self.client.pipeline(transaction=False)
-        for key in self._lists:
-            pipe.llen(key)
-        if any(pipe.execute()):
-            return True
-        # redis-py types the timeout as int; Redis >= 6 takes fractional seconds.
-        moved = self.client.blmove(self.queue, self.queue, timeout, "RIGHT", "LEFT")  # type: ignore[arg-type]
-        return moved is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            pipe = self.client.pipeline(transaction=False)
+            for key in self._lists:
+                pipe.llen(key)
+            counts = pipe.execute()
+            now = time.monotonic()
+            if any(counts[1:]):
+                self._priority_seen = now
+            if any(counts):
+                return True
+            left = deadline - now
+            if left <= 0:
+                return False
+            if now - self._priority_seen < PRIORITY_ACTIVE_S:
+                left = min(left, PRIORITY_POLL_S)
+            # redis-py types the timeout as int; Redis >= 6 takes fractional seconds.
+            moved = self.client.blmove(self.queue, self.queue, left, "RIGHT", "LEFT")  # type: ignore[arg-type]
+            if moved is not None:
+                return True
 
     def drain(self, max_messages: int) -> tuple[list[tuple[str, bytes]], int]:
         """Pop up to ``max_messages`` (oldest first) and record them as unacknowledged.

@@ -1,0 +1,81 @@
+"""The models live workers serve, as a client keeps them between two reads of Redis.
+
+Every client (the synchronous one and the asyncio one) reads ``inferq:models`` (HGETALL)
+and each model's live set (``ZCOUNT inferq:live:<model> now +inf``) and decides from this
+catalog when to read again and which signature a job is checked against; only how they
+call Redis differs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from producer import wire
+from producer.submission import ModelInfo, lookup
+
+#: Seconds a catalog read stays fresh: a model whose last worker stopped is refused soon
+#: after, not only when the cache misses.
+REFRESH_S = 1.0
+
+
+def parse_models(raw: Mapping[Any, Any]) -> dict[str, ModelInfo]:
+    """``HGETALL inferq:models`` (names and JSON signatures, bytes or text) as ModelInfo."""
+    out = {}
+    for key, value in raw.items():
+        name = key.decode() if isinstance(key, bytes) else str(key)
+        out[name] = ModelInfo(name, json.loads(value))
+    return out
+
+
+def live_count_args(model: str) -> tuple[str, float, str]:
+    """The ``ZCOUNT`` arguments that count the workers whose heartbeat still serves
+    ``model``."""
+    return wire.live_key(model), wire.now(), "+inf"
+
+
+class ModelCatalog:
+    """Signatures every worker ever registered (``known``) and the ones a live worker
+    serves now (``live``), with when they were read."""
+
+    def __init__(self, refresh_s: float = REFRESH_S) -> None:
+        self.refresh_s = refresh_s
+        self.live: dict[str, ModelInfo] = {}
+        self.known: dict[str, ModelInfo] = {}
+        self.read_at = -1e9
+
+    def update(self, known: dict[str, ModelInfo], live_counts: Sequence[int]
+               ) -> dict[str, ModelInfo]:
+        """Take a fresh read: ``known`` models and, in its order, each one's live count."""
+        self.known = known
+        self.live = {n: i for (n, i), c in zip(known.items(), live_counts, strict=True) if c}
+        self.read_at = time.monotonic()
+        return self.live
+
+    def fresh(self) -> bool:
+        """Whether the last read is recent enough to answer without reading again."""
+        return time.monotonic() - self.read_at <= self.refresh_s
+
+    def cached(self, model: str, version: int | None) -> ModelInfo | None:
+        """The live signature of ``model`` when the cache can answer alone; None: read the
+        catalog again (stale, unknown model or version), then :meth:`lookup`."""
+        info = self.live.get(model)
+        if not self.fresh() or info is None or (version is not None
+                                                and version not in info.versions):
+            return None
+        return info
+
+    def lookup(self, model: str, version: int | None, *, queue_without_workers: bool
+               ) -> ModelInfo | None:
+        """The signature a job is checked against, refusing as a submit does
+        (ModelNotFound, Unavailable); None when queueing for workers while none ever
+        registered the model."""
+        return lookup(self.live, self.known, model, version,
+                      queue_without_workers=queue_without_workers)
+
+    def registered(self, model: str) -> ModelInfo | None:
+        """The signature of a model served now or once: a model queued for while no worker
+        is live keeps its registered queue bound and visibility timeout."""
+        return self.live.get(model) or self.known.get(model)
