@@ -314,17 +314,13 @@ class InferenceClient:
         total = len(pending)
         check: list[str] = [] if just_submitted else list(pending)
         quiet_since = time.monotonic()
-        # Jobs this client just enqueued were accepted; others are looked up once.
+        # Jobs this client just enqueued were accepted; others are looked up once, when no
+        # result came for a while (a busy wait never pays the lookup).
         unverified = not just_submitted
         while True:
             yield from self._read(pending, check)
             if not pending:
                 return
-            if unverified:
-                unverified = False
-                yield from self._unknown(pending)
-                if not pending:
-                    return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise waiting.timed_out(list(pending), total, timeout)
@@ -339,6 +335,12 @@ class InferenceClient:
                 # does not notify wrote the result): read every pending key once.
                 check, quiet_since = list(pending), now
                 self._check_server(len(pending))
+                if unverified:
+                    unverified = False
+                    yield from self._unknown(pending)
+                    if not pending:
+                        return
+                    check = list(pending)
             else:
                 check = []
 

@@ -35,15 +35,19 @@ _STORE = """
 local ttl = ARGV[1]
 local n = tonumber(ARGV[2])
 local t = tonumber(ARGV[3])
+local markers = ARGV[4] == '1'
 local stored = 0
 for i = 1, n do
-  if redis.call('SET', KEYS[i], ARGV[i + 3], 'EX', ttl, 'NX') then
-    redis.call('PUBLISH', KEYS[i], ARGV[i + 3])
+  if redis.call('SET', KEYS[i], ARGV[i + 4], 'EX', ttl, 'NX') then
+    redis.call('PUBLISH', KEYS[i], ARGV[i + 4])
     stored = stored + 1
+  end
+  if markers then
+    redis.call('UNLINK', 'ACCEPTED_PREFIX' .. string.sub(KEYS[i], RESULT_PREFIX_LEN + 1))
   end
 end
 local lists = {}
-for i = n + t + 4, #ARGV, 2 do
+for i = n + t + 5, #ARGV, 2 do
   redis.call('RPUSH', ARGV[i], ARGV[i + 1])
   lists[ARGV[i]] = true
 end
@@ -51,7 +55,7 @@ for key, _ in pairs(lists) do
   redis.call('EXPIRE', key, ttl)
   redis.call('LTRIM', key, -100000, -1)
 end
-for i = n + 4, n + t + 3 do
+for i = n + 5, n + t + 4 do
   redis.call('ZREM', KEYS[n + 2], ARGV[i])
   redis.call('HDEL', KEYS[n + 1], ARGV[i])
 end
@@ -59,7 +63,8 @@ for i = n + 3, #KEYS do
   redis.call('UNLINK', KEYS[i])
 end
 return stored
-"""
+""".replace("ACCEPTED_PREFIX", wire.ACCEPTED_KEY_PREFIX).replace(
+    "RESULT_PREFIX_LEN", str(len(wire.RESULT_KEY_PREFIX)))
 
 
 class ResultStore:
@@ -81,12 +86,12 @@ class ResultStore:
                blobs: Sequence[str]) -> None:
         """Store ``docs``, then ack ``acks`` and delete ``blobs`` and the jobs' accepted
         markers; the acks only once the documents are stored."""
-        gone = [*blobs, *(wire.accepted_key(job_id) for job_id, _, _ in docs)]
         if self.broker is None:
-            self.store(docs, acks, gone)
+            # The script deletes each job's accepted marker with its result.
+            self.store(docs, acks, blobs, markers=True)
         else:
             self.store(docs)
-            self.ack(acks, gone)
+            self.ack(acks, [*blobs, *(wire.accepted_key(job_id) for job_id, _, _ in docs)])
 
     def ack(self, tags: Sequence[str], blobs: Sequence[str] = ()) -> None:
         """Forget delivered messages (kombu's unacked records) and delete their blobs."""
@@ -100,18 +105,20 @@ class ResultStore:
             pipe.execute()
 
     def store(self, docs: Sequence[tuple[str, bytes, str | None]],
-              acks: Sequence[str] = (), blobs: Sequence[str] = ()) -> int:
+              acks: Sequence[str] = (), blobs: Sequence[str] = (), *,
+              markers: bool = False) -> int:
         """Store ``(job_id, document, notify client or None)``; return how many were new.
 
         ``acks`` and ``blobs`` (when the broker is this same Redis) are acknowledged and
-        deleted in the same round trip, after the documents.
+        deleted in the same round trip, after the documents; with ``markers``, so are the
+        jobs' accepted markers.
         """
         if not docs and not acks and not blobs:
             return 0
         keys = [wire.result_key(job_id) for job_id, _, _ in docs]
         keys += [UNACKED, UNACKED_INDEX, *blobs]
-        args: list[Any] = [self.ttl_s, len(docs), len(acks), *(doc for _, doc, _ in docs),
-                           *acks]
+        args: list[Any] = [self.ttl_s, len(docs), len(acks), 1 if markers else 0,
+                           *(doc for _, doc, _ in docs), *acks]
         for job_id, _, notify in docs:
             if notify:
                 args += [wire.notify_key(notify), job_id]
