@@ -322,6 +322,12 @@ class InferenceClient:
             if not pending:
                 return
             remaining = deadline - time.monotonic()
+            if remaining <= 0 and unverified:
+                # Out of time before any quiet look: tell unknown IDs apart first.
+                unverified = False
+                yield from self._unknown(pending)
+                if not pending:
+                    return
             if remaining <= 0:
                 raise waiting.timed_out(list(pending), total, timeout)
             notified = self._wait_notified(min(remaining, waiting.FULL_RECHECK_S),

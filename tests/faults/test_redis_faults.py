@@ -16,6 +16,7 @@ from producer.errors import (
     JobTimeout,
     ResourceExhausted,
     Unavailable,
+    UnknownJob,
 )
 from tests.faults.harness import (
     DIGITS_QUEUE,
@@ -346,7 +347,7 @@ def test_redis_restarted_without_persistence(redis_factory: type[RedisServer],
     """Redis without AOF restarted while 200 jobs are queued (no worker yet): the queue and
     results are gone. A client waiting on them gets Unavailable naming the loss within its
     timeout (a caller retries a plain "Redis did not answer" once, as it should), and a
-    client that never saw the old server ends with JobTimeout: nothing waits forever."""
+    client that never saw the old server is told the jobs are unknown: nothing waits forever."""
     server = redis_factory(appendonly=False).start()
     url = server.url
     ids: list[str] = []
@@ -381,7 +382,9 @@ def test_redis_restarted_without_persistence(redis_factory: type[RedisServer],
     thread.join(timeout=30)
     assert not thread.is_alive(), "the waiting client is still blocked"
     started = time.monotonic()
-    with InferenceClient(url) as newcomer, pytest.raises(JobTimeout):
+    # A client that never saw them: Redis forgot the jobs, so it is told so (UnknownJob), at
+    # once rather than after its timeout.
+    with InferenceClient(url) as newcomer, pytest.raises(UnknownJob):
         newcomer.results(ids, timeout=3)
     newcomer_s = time.monotonic() - started
     lost_errors = [o for o in outcome if o[0] == "Unavailable" and "lost" in o[1]]
