@@ -6,6 +6,7 @@ Producers, workers, the exporter and the CLI all connect through :func:`connect`
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import ssl
 from collections.abc import Mapping
@@ -42,6 +43,23 @@ def masked(url: str) -> str:
     user = parts.username or ""
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def is_loopback(address: str) -> bool:
+    """True for an address only this host can reach: ``localhost``, 127.0.0.0/8, ``::1``.
+
+    Everything else counts as reachable from elsewhere: ``""`` and ``0.0.0.0`` (every
+    interface), other IPs, and host names (they may resolve to anything).
+    """
+    host = address.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def require_verified_tls(url: str) -> None:

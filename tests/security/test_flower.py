@@ -7,11 +7,12 @@ from typing import Any
 
 import pytest
 
+from producer.wire.connect import is_loopback
 from tests.conftest import ROOT, _need_redis
 from tests.security.support import http_get, wait_http
 from workers.launch import stack as stack_module
 from workers.launch.redisproc import RedisServer
-from workers.launch.stack import FlowerConfigError, LocalStack, is_loopback
+from workers.launch.stack import FlowerConfigError, LocalStack
 
 NON_LOOPBACK = ["0.0.0.0", "::", "10.1.2.3", "192.168.0.7", "2001:db8::1", "flower.example.com",
                 "localhost.example.com", "127.0.0.1.nip.io"]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from producer import errors
+from producer.wire.connect import is_loopback
+from workers.errors import SettingsError
 from workers.gateway.problems import STATUS, Problem, failure, from_error
-from workers.gateway.settings import GatewaySettings, SettingsError, is_loopback
+from workers.gateway.settings import GatewaySettings
 
 
 @pytest.mark.parametrize(("error", "status"), [

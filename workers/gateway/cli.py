@@ -39,8 +39,9 @@ def serve(host: str, port: int, workers: int, certfile: str | None, keyfile: str
           allow_insecure_http: bool, max_body_mb: float, rate_limit: int,
           cors_origins: tuple[str, ...], max_wait_s: float) -> None:
     """Serve the HTTP API until Ctrl-C (docs at /docs)."""
+    from workers.errors import SettingsError
     from workers.gateway.serve import serve as run
-    from workers.gateway.settings import GatewaySettings, SettingsError
+    from workers.gateway.settings import GatewaySettings
 
     try:
         settings = GatewaySettings(

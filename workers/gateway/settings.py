@@ -9,36 +9,17 @@ unless ``allow_insecure_http`` says a TLS proxy or a private network stands in f
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from producer.wire.connect import broker_url, require_verified_tls, result_url
+from producer.wire.connect import broker_url, is_loopback, require_verified_tls, result_url
+from workers.errors import SettingsError
 
 #: The environment variable carrying the settings to each uvicorn worker process.
 SETTINGS_ENV = "INFERQ_GATEWAY_SETTINGS"
-
-
-def is_loopback(address: str) -> bool:
-    """True for an address only this host can reach: ``localhost``, 127.0.0.0/8, ``::1``
-    (the rule of ``workers.launch.stack.is_loopback``, which the gateway does not import:
-    that module loads the worker's metrics into the process's registry)."""
-    host = address.strip()
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-class SettingsError(ValueError):
-    """Settings that must not start a gateway, with what to change."""
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ address needs ``INFERQ_FLOWER_AUTH`` (Flower's API can shut workers down and rev
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import signal
 import socket
@@ -21,7 +20,7 @@ import redis
 import structlog
 
 from producer import wire
-from producer.wire.connect import connect, masked
+from producer.wire.connect import connect, is_loopback, masked
 from workers.errors import FlowerConfigError, LaunchError
 from workers.launch.launcher import (
     Supervisor,
@@ -37,23 +36,6 @@ log = structlog.get_logger(__name__)
 LOCAL_URL = wire.DEFAULT_URL
 FLOWER_ADDRESS = "127.0.0.1"
 FLOWER_PORT = 5555
-
-
-def is_loopback(address: str) -> bool:
-    """True for an address only this host can reach: ``localhost``, 127.0.0.0/8, ``::1``.
-
-    Everything else counts as reachable from elsewhere: ``""`` and ``0.0.0.0`` (every
-    interface), other IPs, and host names (they may resolve to anything).
-    """
-    host = address.strip()
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_flower_auth(credentials: str) -> str:
