@@ -223,8 +223,9 @@ def test_up_takes_gpus_and_a_flower_port(monkeypatch: pytest.MonkeyPatch) -> Non
         def __exit__(self, *exc: object) -> None:
             pass
 
-        def run_until_stopped(self) -> None:
-            pass
+        def run_until_stopped(self, announce: Any = None) -> None:
+            if announce is not None:
+                announce()
 
     monkeypatch.setattr(stack_module, "LocalStack", Stack)
     monkeypatch.setattr(launcher, "detect_gpus", lambda: [0, 1])

@@ -123,9 +123,10 @@ def up(gpus: str | None, cpu: bool, cpu_workers: int, flower_port: int | None) -
     stack = LocalStack(gpus=_gpu_indices(gpus, cpu), cpu_workers=cpu_workers,
                        flower_port=flower_port)
     with stack:
-        click.echo(f"broker  {masked(stack.broker_url)}\nflower  {stack.flower_url}\n"
-                   "ready; Ctrl-C stops")
-        stack.run_until_stopped()
+        # Announced only once Ctrl-C is caught: a Ctrl-C right after "ready" stops cleanly.
+        stack.run_until_stopped(lambda: click.echo(
+            f"broker  {masked(stack.broker_url)}\nflower  {stack.flower_url}\n"
+            "ready; Ctrl-C stops"))
     click.echo("stopped")
 
 

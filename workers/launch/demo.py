@@ -93,8 +93,8 @@ def run(out: Callable[[str], None] = print, single_jobs: int = 100, *, keep: boo
             out("Flower              not kept: `inferq demo --keep` keeps the stack up, "
                 "with Flower, until Ctrl-C")
             return code
-        out(f"Flower              {stack.flower_url}   (Ctrl-C stops the stack)")
-        stack.run_until_stopped()
+        stack.run_until_stopped(
+            lambda: out(f"Flower              {stack.flower_url}   (Ctrl-C stops the stack)"))
     out("stopped")
     return code
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -210,16 +211,19 @@ class LocalStack:
             raise LaunchError(f"Redis at {masked(self.broker_url)} stopped answering while the "
                               f"workers started: {exc}") from exc
 
-    def run_until_stopped(self) -> None:
+    def run_until_stopped(self, announce: Callable[[], None] | None = None) -> None:
         """Keep the workers up (restarting one that dies) until SIGINT or SIGTERM.
 
-        Raises LaunchError when a worker keeps dying.
+        ``announce`` runs once the signals are caught, so a Ctrl-C right after it is a clean
+        stop. Raises LaunchError when a worker keeps dying.
         """
         assert self.supervisor is not None
         stopped = threading.Event()
         handlers = {sig: signal.signal(sig, lambda *_: stopped.set())
                     for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
+            if announce is not None:
+                announce()
             while not stopped.wait(0.5):
                 self.supervisor.poll()
         finally:
