@@ -27,10 +27,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from producer import submission, waiting, wire
-from producer.catalog import ModelCatalog, live_count_args, parse_models
+from producer.catalog import ModelCatalog, live_count_args, parse_models, routes_args
 from producer.errors import InferqError, JobFailed, Unavailable
 from producer.jobs import JobResult, JobStatus
-from producer.submission import ModelInfo
+from producer.submission import ModelInfo, VersionSpec
 from producer.wire.connect import broker_url as env_broker_url
 from producer.wire.connect import require_verified_tls
 
@@ -52,6 +52,10 @@ def _pool(url: str, timeout: float, max_connections: int) -> aioredis.Redis:
         url, max_connections=max_connections, timeout=timeout, socket_timeout=timeout,
         socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 1))
     return aioredis.Redis(connection_pool=pool)
+
+
+async def _raise(error: Exception) -> None:
+    raise error
 
 
 async def _call(awaitable: Awaitable[T]) -> T:
@@ -335,13 +339,18 @@ class AsyncInferenceClient:
         advertised; they drop out within seconds of its last one)."""
         if refresh or not self._catalog.fresh():
             known = parse_models(await _call(self._broker.hgetall(wire.MODELS_KEY)))
-            counts: list[int] = []
+            replies: list[Any] = [[]]
             if known:
                 pipe = self._broker.pipeline(transaction=False)
                 for name in known:
                     pipe.zcount(*live_count_args(name))
-                counts = await _call(pipe.execute())
-            self._catalog.update(known, counts)
+                pipe.mget(routes_args(list(known)))
+                # A user without read access to routes still submits (workers resolve).
+                replies = await _call(pipe.execute(raise_on_error=False))
+                for reply in replies[:-1]:
+                    if isinstance(reply, Exception):
+                        await _call(_raise(reply))
+            self._catalog.update(known, replies[:-1], replies[-1])
         return self._catalog.live
 
     async def model(self, name: str, version: int | None = None) -> ModelInfo | None:
@@ -365,23 +374,27 @@ class AsyncInferenceClient:
         model: str,
         inputs: Mapping[str, Any],
         *,
-        version: int | None = None,
+        version: VersionSpec = None,
         deadline: float | None = None,
         priority: int = 0,
+        route_key: str | None = None,
     ) -> AsyncJobHandle:
         """Enqueue one job and return its handle at once (as ``InferenceClient.submit``).
 
+        ``version``: a number, an alias, ``"latest"``, or None for the model's route,
+        resolved here and pinned; ``route_key``: the same key, the same version of a split.
         ``deadline`` is in seconds from now; ``priority`` 0 (the default) is served first
         and 9 last.
         """
-        info = await self._model_info(model, version) if self.validate else None
         job_id = wire.new_id()
+        (pinned,), route = await self._pin(model, version, [route_key or job_id])
+        info = await self._model_info(model, pinned) if self.validate else None
         blobs: submission.Blobs = {}
         tensors = submission.prepare(info, inputs, job_id, blobs,
                                      text=self.serializer == "json",
                                      blob_threshold=self.blob_threshold)
-        env = submission.envelope(model, self.client_id, self.serializer, version, deadline,
-                                  priority)
+        env = submission.envelope(model, self.client_id, self.serializer, pinned, deadline,
+                                  priority, route)
         message = submission.single_message(env, job_id, tensors)
         await self._push(env.queue, model, [message], blobs, [[job_id]])
         return AsyncJobHandle(self, job_id, model, fresh=True)
@@ -391,29 +404,46 @@ class AsyncInferenceClient:
         model: str,
         inputs: Iterable[Mapping[str, Any]],
         *,
-        version: int | None = None,
+        version: VersionSpec = None,
         deadline: float | None = None,
         jobs_per_message: int = submission.DEFAULT_JOBS_PER_MESSAGE,
         priority: int = 0,
+        route_key: str | None = None,
     ) -> list[AsyncJobHandle]:
         """Enqueue many jobs in one transaction; each job keeps its own ID (as
         ``InferenceClient.submit_many``)."""
         items = list(inputs)
-        info = await self._model_info(model, version) if self.validate and items else None
         ids = [wire.new_id() for _ in items]
+        versions, route = await self._pin(model, version, [route_key or i for i in ids])
+        infos = ({v: await self._model_info(model, v) for v in set(versions)}
+                 if self.validate and items else {})
         blobs: submission.Blobs = {}
         prepared = [
-            submission.prepare(info, item, job_id, blobs, text=False,
+            submission.prepare(infos.get(v), item, job_id, blobs, text=False,
                                blob_threshold=self.blob_threshold)
-            for job_id, item in zip(ids, items, strict=True)
+            for job_id, item, v in zip(ids, items, versions, strict=True)
         ]
-        env = submission.envelope(model, self.client_id, self.serializer, version, deadline,
-                                  priority)
-        messages = submission.bulk_messages(env, ids, prepared, blobs, jobs_per_message)
+        env = submission.envelope(model, self.client_id, self.serializer,
+                                  versions[0] if len(set(versions)) == 1 else None, deadline,
+                                  priority, route)
+        messages = submission.bulk_messages(env, ids, prepared, blobs, jobs_per_message,
+                                            versions)
         if messages:
             per = [ids[s:s + jobs_per_message] for s in range(0, len(ids), jobs_per_message)]
             await self._push(env.queue, model, messages, blobs, per)
         return [AsyncJobHandle(self, i, model, fresh=True) for i in ids]
+
+    async def _pin(self, model: str, version: VersionSpec, keys: Sequence[str]
+                   ) -> tuple[list[int | None], str | None]:
+        """Each job's version and the route that chose them (as the sync client)."""
+        if isinstance(version, int) and not isinstance(version, bool):
+            return [version] * len(keys), None
+        if not self._catalog.fresh():
+            await self.models(refresh=False)
+        catalog = self._catalog
+        info = catalog.registered(model)
+        pinned = [catalog.pin(model, version, key, info) for key in keys]
+        return [v for v, _ in pinned], (pinned[0][1] if pinned else None)
 
     async def _push(self, target: str, model: str, messages: list[bytes],
                     blobs: submission.Blobs, jobs: list[list[str]]) -> None:

@@ -1,9 +1,10 @@
 """The models live workers serve, as a client keeps them between two reads of Redis.
 
-Every client (the synchronous one and the asyncio one) reads ``inferq:models`` (HGETALL)
-and each model's live set (``ZCOUNT inferq:live:<model> now +inf``) and decides from this
-catalog when to read again and which signature a job is checked against; only how they
-call Redis differs.
+Every client (the synchronous one and the asyncio one) reads ``inferq:models`` (HGETALL),
+then in one round trip each model's live set (``ZCOUNT inferq:live:<model> now +inf``) and
+the models' routes (``MGET inferq:route:<model> ...``), and decides from this catalog when
+to read again, which signature a job is checked against and which version it is pinned
+to; only how they call Redis differs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from producer import wire
-from producer.submission import ModelInfo, lookup
+from producer.submission import ModelInfo, VersionSpec, lookup, pin
+from producer.wire.routes import Route, route_key
 
 #: Seconds a catalog read stays fresh: a model whose last worker stopped is refused soon
 #: after, not only when the cache misses.
@@ -36,6 +38,11 @@ def live_count_args(model: str) -> tuple[str, float, str]:
     return wire.live_key(model), wire.now(), "+inf"
 
 
+def routes_args(models: Sequence[str]) -> list[str]:
+    """The ``MGET`` keys of the routes of ``models``."""
+    return [route_key(m) for m in models]
+
+
 class ModelCatalog:
     """Signatures every worker ever registered (``known``) and the ones a live worker
     serves now (``live``), with when they were read."""
@@ -44,15 +51,35 @@ class ModelCatalog:
         self.refresh_s = refresh_s
         self.live: dict[str, ModelInfo] = {}
         self.known: dict[str, ModelInfo] = {}
+        #: Routes by model; None when they could not be read (no ACL read access).
+        self.routes: dict[str, Route] | None = {}
         self.read_at = -1e9
 
-    def update(self, known: dict[str, ModelInfo], live_counts: Sequence[int]
-               ) -> dict[str, ModelInfo]:
-        """Take a fresh read: ``known`` models and, in its order, each one's live count."""
+    def update(self, known: dict[str, ModelInfo], live_counts: Sequence[int],
+               routes: Sequence[Any] | BaseException = ()) -> dict[str, ModelInfo]:
+        """Take a fresh read: ``known`` models and, in its order, each one's live count and
+        route document (the MGET reply, or the error reading it raised)."""
         self.known = known
         self.live = {n: i for (n, i), c in zip(known.items(), live_counts, strict=True) if c}
+        if isinstance(routes, BaseException):
+            self.routes = None
+        else:
+            self.routes = {n: Route.from_json(doc) for n, doc in zip(known, routes, strict=False)
+                           if doc}
         self.read_at = time.monotonic()
         return self.live
+
+    def pin(self, model: str, version: VersionSpec, key: str, info: ModelInfo | None
+            ) -> tuple[int | None, str | None]:
+        """The version to pin for a job of ``model`` (see :func:`producer.submission.pin`)
+        under the route last read."""
+        route = None if self.routes is None else self.routes.get(model, Route())
+        return pin(model, route, version, key, info)
+
+    def needs_route(self, version: VersionSpec) -> bool:
+        """Whether pinning ``version`` needs a fresh read of the routes: an alias, or
+        none named (the route's split decides)."""
+        return version is None or (isinstance(version, str) and not version.isdigit())
 
     def fresh(self) -> bool:
         """Whether the last read is recent enough to answer without reading again."""

@@ -13,10 +13,10 @@ from typing import Any
 import redis
 
 from producer import submission, waiting, wire
-from producer.catalog import ModelCatalog, live_count_args, parse_models
+from producer.catalog import ModelCatalog, live_count_args, parse_models, routes_args
 from producer.errors import InferqError, JobFailed
 from producer.jobs import JobHandle, JobResult, JobStatus
-from producer.submission import ModelInfo
+from producer.submission import ModelInfo, VersionSpec
 from producer.wire.connect import broker_url as env_broker_url
 from producer.wire.connect import connect
 
@@ -102,12 +102,19 @@ class InferenceClient:
         advertised; they drop out within seconds of its last one)."""
         if refresh or not self._catalog.fresh():
             known = parse_models(self._call(self._broker.hgetall, wire.MODELS_KEY))
-            pipe = self._broker.pipeline(transaction=False)
-            for name in known:
-                pipe.zcount(*live_count_args(name))
-            counts = self._call(pipe.execute) if known else []
+            replies: list[Any] = [[]]
+            if known:
+                pipe = self._broker.pipeline(transaction=False)
+                for name in known:
+                    pipe.zcount(*live_count_args(name))
+                pipe.mget(routes_args(list(known)))
+                # A user without read access to routes still submits (workers resolve).
+                replies = self._call(pipe.execute, raise_on_error=False)
+                for reply in replies[:-1]:
+                    if isinstance(reply, Exception):
+                        self._call(_reraise, reply)
             with self._lock:
-                self._catalog.update(known, counts)
+                self._catalog.update(known, replies[:-1], replies[-1])
         return self._catalog.live
 
     def model(self, name: str, version: int | None = None) -> ModelInfo | None:
@@ -181,31 +188,51 @@ class InferenceClient:
             return ""  # INFO not allowed (ACL) or not served: restarts go undetected
 
     def _envelope(self, model: str, version: int | None, deadline: float | None,
-                  priority: int) -> submission.Envelope:
+                  priority: int, route: str | None = None) -> submission.Envelope:
         return submission.envelope(model, self.client_id, self.serializer, version, deadline,
-                                   priority)
+                                   priority, route)
+
+    def _pin(self, model: str, version: VersionSpec, keys: Sequence[str]
+             ) -> tuple[list[int | None], str | None]:
+        """Each job's version (``keys``: what its split is hashed on) and the route that
+        chose them, from routes at most one catalog refresh old."""
+        if isinstance(version, int) and not isinstance(version, bool):
+            return [version] * len(keys), None
+        if not self._catalog.fresh():
+            self.models(refresh=False)
+        catalog = self._catalog
+        info = catalog.registered(model)
+        pinned = [catalog.pin(model, version, key, info) for key in keys]
+        return [v for v, _ in pinned], (pinned[0][1] if pinned else None)
 
     def submit(
         self,
         model: str,
         inputs: Mapping[str, Any],
         *,
-        version: int | None = None,
+        version: VersionSpec = None,
         deadline: float | None = None,
         priority: int = 0,
+        route_key: str | None = None,
     ) -> JobHandle:
         """Enqueue one job and return its handle at once.
 
-        ``inputs`` maps input names to arrays (or nested lists). ``deadline`` is in seconds
-        from now; a job still queued past it fails with DEADLINE_EXCEEDED. ``priority``: as
-        in Celery on Redis, 0 (the default) is served first and 9 last; a worker always
-        drains higher-priority messages first (batch jobs use 9).
+        ``inputs`` maps input names to arrays (or nested lists). ``version``: a number, an
+        alias (``"canary"``, ``inferq alias``), ``"latest"``, or None for the model's route
+        (``inferq route``: one version or a weighted split); it is resolved here and pinned
+        in the message, so a redelivered job runs the version it was given. ``route_key``:
+        the same key always gets the same version of a split (sticky assignment; default
+        the job ID). ``deadline`` is in seconds from now; a job still queued past it fails
+        with DEADLINE_EXCEEDED. ``priority``: as in Celery on Redis, 0 (the default) is
+        served first and 9 last; a worker always drains higher-priority messages first
+        (batch jobs use 9).
         """
         job_id = wire.new_id()
+        (pinned,), route = self._pin(model, version, [route_key or job_id])
         blobs: submission.Blobs = {}
-        tensors = self._prepare(model, inputs, version, job_id, blobs,
+        tensors = self._prepare(model, inputs, pinned, job_id, blobs,
                                 text=self.serializer == "json")
-        env = self._envelope(model, version, deadline, priority)
+        env = self._envelope(model, pinned, deadline, priority, route)
         message = submission.single_message(env, job_id, tensors)
         self._push(env.queue, model, [message], blobs, [[job_id]])
         return JobHandle(self, job_id, model, fresh=True)
@@ -215,26 +242,31 @@ class InferenceClient:
         model: str,
         inputs: Iterable[Mapping[str, Any]],
         *,
-        version: int | None = None,
+        version: VersionSpec = None,
         deadline: float | None = None,
         jobs_per_message: int = submission.DEFAULT_JOBS_PER_MESSAGE,
         priority: int = 0,
+        route_key: str | None = None,
     ) -> list[JobHandle]:
         """Enqueue many jobs in one pipelined round trip; each job keeps its own ID.
 
-        Jobs travel ``jobs_per_message`` to a message. The entries of a message are stored
-        raw (msgpack) under a blob key the message names, so Redis holds tensor bytes once
-        and without base64.
+        ``version`` and ``route_key`` as in :meth:`submit`: under a split, each job is
+        assigned by its own ID (or all by ``route_key``). Jobs travel ``jobs_per_message``
+        to a message. The entries of a message are stored raw (msgpack) under a blob key
+        the message names, so Redis holds tensor bytes once and without base64.
         """
         items = list(inputs)
         ids = [wire.new_id() for _ in items]
+        versions, route = self._pin(model, version, [route_key or i for i in ids])
         blobs: submission.Blobs = {}
         prepared = [
-            self._prepare(model, item, version, job_id, blobs, text=False)
-            for job_id, item in zip(ids, items, strict=True)
+            self._prepare(model, item, v, job_id, blobs, text=False)
+            for job_id, item, v in zip(ids, items, versions, strict=True)
         ]
-        env = self._envelope(model, version, deadline, priority)
-        messages = submission.bulk_messages(env, ids, prepared, blobs, jobs_per_message)
+        env = self._envelope(model, versions[0] if len(set(versions)) == 1 else None,
+                             deadline, priority, route)
+        messages = submission.bulk_messages(env, ids, prepared, blobs, jobs_per_message,
+                                            versions)
         if messages:
             per = [ids[s:s + jobs_per_message] for s in range(0, len(ids), jobs_per_message)]
             self._push(env.queue, model, messages, blobs, per)
@@ -247,7 +279,7 @@ class InferenceClient:
         *,
         chunk_rows: int | None = None,
         max_in_flight: int = 16,
-        version: int | None = None,
+        version: VersionSpec = None,
         priority: int = 9,
         timeout: float = 600.0,
     ) -> Iterator[JobResult | JobFailed]:
@@ -403,3 +435,7 @@ class InferenceClient:
             if error is None:
                 raise
             raise error from exc
+
+
+def _reraise(error: Exception) -> None:
+    raise error

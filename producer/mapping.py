@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import numpy as np
 
 from producer.errors import JobFailed, JobTimeout
+from producer.submission import VersionSpec
 from producer.wire.results import JobResult
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ class Window(Generic[T]):
     """
 
     def __init__(self, client: InferenceClient, model: str, *,
-                 max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, version: int | None = None,
+                 max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, version: VersionSpec = None,
                  priority: int = 9, timeout: float = 600.0) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
@@ -245,7 +246,7 @@ def split(outcome: Outcome, counts: list[int]) -> Iterator[Outcome]:
 
 def map_rows(client: InferenceClient, model: str, rows: Iterable[Mapping[str, Any]], *,
              chunk_rows: int | None = None, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-             version: int | None = None, priority: int = 9, timeout: float = 600.0
+             version: VersionSpec = None, priority: int = 9, timeout: float = 600.0
              ) -> Iterator[Outcome]:
     """Outcomes of ``rows``, in input order, with at most ``max_in_flight`` jobs
     submitted and not yet handed back (see ``InferenceClient.map``).
@@ -253,7 +254,7 @@ def map_rows(client: InferenceClient, model: str, rows: Iterable[Mapping[str, An
     The model is looked up at once (``ModelNotFound``, ``Unavailable`` raise here); rows
     are read and submitted only as the outcomes are consumed.
     """
-    info = client.model(model, version)
+    info = client.model(model, version if isinstance(version, int) else None)
     if chunk_rows is None:
         chunk_rows = info.max_batch_rows if info is not None and info.max_batch_rows > 0 \
             else DEFAULT_CHUNK_ROWS

@@ -19,6 +19,7 @@ import numpy as np
 from producer import wire
 from producer.errors import InvalidInput, ModelNotFound, ResourceExhausted, Unavailable
 from producer.wire import TensorSpec
+from producer.wire.routes import Route, choose
 
 #: Jobs per bulk message in submit_many: enough to amortise a message, small enough to batch.
 DEFAULT_JOBS_PER_MESSAGE = 32
@@ -99,6 +100,49 @@ def lookup(live: Mapping[str, ModelInfo], known: Mapping[str, ModelInfo], model:
         raise ModelNotFound(f"model {model!r} has no version {version}; versions: "
                             f"{info.versions}")
     return info
+
+
+#: What a caller may name as a version: a number, ``latest``, an alias, or None (the route).
+VersionSpec = int | str | None
+
+
+def pin(model: str, route: Route | None, version: VersionSpec, key: str,
+        info: ModelInfo | None) -> tuple[int | None, str | None]:
+    """The version to pin in a job's message, and the route that chose it.
+
+    A number is pinned as it is; ``latest`` is the highest version live workers serve; an
+    alias is the version ``route`` gives it; None follows ``route``'s split, by a hash of
+    ``key`` (the job ID, or the caller's ``route_key``), exactly as a worker resolves a job
+    that names no version. None and no split (or no route read) leaves the job to the
+    worker, which gives it the latest version. ``route`` None: the routes could not be
+    read, so an alias cannot be resolved (UNAVAILABLE).
+    """
+    if isinstance(version, bool):
+        raise InvalidInput(f"version must be a number, 'latest' or an alias, got {version!r}")
+    if isinstance(version, int):
+        return version, None
+    if isinstance(version, str):
+        if version.isdigit():
+            return int(version), None
+        if version == "latest":
+            if info is None or not info.versions:
+                return None, None  # no signature: the worker takes its latest
+            return max(info.versions), "latest"
+        if route is None:
+            raise Unavailable(f"cannot read the routes of model {model!r} to resolve alias "
+                              f"{version!r} (does this Redis user have read access to "
+                              "inferq:route:*?)")
+        if version not in route.aliases:
+            raise ModelNotFound(
+                f"model {model!r} has no alias {version!r} (aliases: "
+                f"{', '.join(sorted(route.aliases)) or 'none'}; set one with: inferq alias "
+                f"{model} {version} VERSION)")
+        return route.aliases[version], f"alias:{version}"
+    if version is not None:
+        raise InvalidInput(f"version must be a number, 'latest' or an alias, got {version!r}")
+    if route is not None and route.split:
+        return choose(route.split, key), f"split:{route.rev}"
+    return None, None
 
 
 def _as_array(value: Any, dtype: str | None) -> np.ndarray[Any, Any]:
@@ -183,18 +227,22 @@ def single_message(env: Envelope, job_id: str, tensors: dict[str, wire.Tensor]) 
 
 
 def bulk_messages(env: Envelope, ids: Sequence[str], prepared: Sequence[dict[str, wire.Tensor]],
-                  blobs: Blobs, jobs_per_message: int = DEFAULT_JOBS_PER_MESSAGE
-                  ) -> list[bytes]:
+                  blobs: Blobs, jobs_per_message: int = DEFAULT_JOBS_PER_MESSAGE,
+                  versions: Sequence[int | None] | None = None) -> list[bytes]:
     """Jobs ``jobs_per_message`` to a message; each message's entries are stored raw
     (msgpack) in ``blobs`` under a key the message names, so Redis holds tensor bytes
-    once and without base64."""
+    once and without base64. ``versions``: each job's own pinned version (a split gives
+    jobs of one submit different ones), else ``env.version`` for all."""
     stamp = expires(env.deadline)
     messages = []
     for start in range(0, len(prepared), jobs_per_message):
         chunk_ids = list(ids[start : start + jobs_per_message])
+        chunk_versions = (versions[start : start + jobs_per_message] if versions is not None
+                          else [env.version] * len(chunk_ids))
         entries = [
-            {"id": i, "inputs": t, "version": env.version}
-            for i, t in zip(chunk_ids, prepared[start : start + jobs_per_message], strict=True)
+            {"id": i, "inputs": t, "version": v}
+            for i, t, v in zip(chunk_ids, prepared[start : start + jobs_per_message],
+                               chunk_versions, strict=True)
         ]
         headers = env.headers()
         headers[wire.HEADER_JOB_IDS] = chunk_ids
@@ -218,12 +266,14 @@ def bulk_messages(env: Envelope, ids: Sequence[str], prepared: Sequence[dict[str
 
 
 def envelope(model: str, client_id: str, serializer: str, version: int | None,
-             deadline: float | None, priority: int) -> Envelope:
-    """The envelope of a submit, refusing a priority Celery on Redis does not have."""
+             deadline: float | None, priority: int, route: str | None = None) -> Envelope:
+    """The envelope of a submit, refusing a priority Celery on Redis does not have;
+    ``route`` (how the version was chosen) travels in a header for the result to say."""
     if not isinstance(priority, int) or not 0 <= priority <= 9:
         raise InvalidInput(f"priority must be an integer from 0 (first) to 9 (last), "
                            f"got {priority!r}")
-    return Envelope(model, client_id, serializer, version, deadline, priority)
+    extra = {wire.HEADER_ROUTE: route} if route else {}
+    return Envelope(model, client_id, serializer, version, deadline, priority, extra)
 
 
 @dataclass(frozen=True)

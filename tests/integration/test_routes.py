@@ -12,7 +12,9 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from producer import wire
+from producer import InferenceClient, wire
+from producer.errors import ModelNotFound
+from producer.wire.routes import choose
 from tests.conftest import WorkerProcess
 from workers.launch.cli import main
 from workers.launch.redisproc import RedisServer
@@ -104,3 +106,30 @@ def test_a_redelivered_job_keeps_the_version_it_was_given(
     assert pinned is not None and int(pinned) == first
     routes.set_split(r, "digits", {3 - first: 1}, by="test")  # the other version only
     routes.rollback(r, "digits")
+
+
+def test_the_client_pins_aliases_and_splits_at_submit(served: tuple[str, redis.Redis]) -> None:
+    url, r = served
+    routes.set_alias(r, "digits", "canary", 2, by="test")
+    route = routes.set_split(r, "digits", {1: 90, 2: 10}, by="test")
+    client = InferenceClient(url)
+    x = {"pixels": np.zeros((1, 64), np.float32)}
+    try:
+        # An alias resolves at submit and is pinned: the result names it.
+        canary = client.submit("digits", x, version="canary").result(timeout=30)
+        assert (canary.version, canary.route) == (2, "alias:canary")
+        with pytest.raises(ModelNotFound, match="no alias 'champion'"):
+            client.submit("digits", x, version="champion")
+        # No version: the split, each job by a hash of its ID, exactly as a worker would.
+        handles = client.submit_many("digits", [x] * 10_000)
+        results = client.results([h.id for h in handles], timeout=120)
+        share = sum(1 for res in results if res.version == 1) / len(results)
+        assert abs(share - 0.90) <= 0.015, share
+        assert {res.route for res in results} == {f"split:{route.rev}"}
+        assert all(res.version == choose(route.split, res.id) for res in results)
+        # Sticky: one route_key, one version, whichever job carries it.
+        sticky = [client.submit("digits", x, route_key="user-7") for _ in range(20)]
+        assert {h.result(timeout=30).version for h in sticky} == {choose(route.split, "user-7")}
+    finally:
+        client.close()
+        routes.rollback(r, "digits", by="test")

@@ -303,7 +303,7 @@ def dlq_purge(yes: bool) -> None:
 def _result_json(result: JobResult) -> dict[str, Any]:
     return {
         "id": result.id, "status": "SUCCESS", "model": result.model, "version": result.version,
-        "worker": result.worker, "batch_size": result.batch_size,
+        "route": result.route, "worker": result.worker, "batch_size": result.batch_size,
         "timings_ms": result.timings_ms,
         "outputs": {k: v.tolist() for k, v in result.outputs.items()},
     }
@@ -335,16 +335,22 @@ def _print_outcome(job_id: str, read: Any) -> None:
                    "to arrays; repeat for several. Values are cast to the model's dtype when "
                    "none changes but for float rounding (float64 -> float32 is what a float32 "
                    "model computes with); other mismatches are refused.")
-@click.option("--version", type=int, default=None, help="Pin a model version.")
+@click.option("--version", default=None,
+              help="A version number, an alias (inferq alias), or latest; default: the "
+                   "model's route (inferq route).")
+@click.option("--route-key", default=None,
+              help="Under a split, the same key always gets the same version.")
 @click.option("--wait/--no-wait", default=False,
               help="Wait for and print the result (exit 1 on FAILURE, 2 if still pending).")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait.")
-def submit(model: str, inputs: tuple[str, ...], version: int | None, wait: bool,
-           timeout: float) -> None:
+def submit(model: str, inputs: tuple[str, ...], version: str | None, route_key: str | None,
+           wait: bool, timeout: float) -> None:
     """Submit one job; print its ID (or, with --wait, its result as JSON)."""
+    number = int(version) if version is not None and version.isdigit() else None
     with InferenceClient() as client:
-        handle = client.submit(model, load_inputs(client, model, version, inputs),
-                               version=version)
+        handle = client.submit(model, load_inputs(client, model, number, inputs),
+                               version=number if number is not None else version,
+                               route_key=route_key)
         if not wait:
             click.echo(handle.id)
             return
