@@ -22,6 +22,7 @@ What Flower shows of a job:
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -148,18 +149,52 @@ class TaskEvents(Observer):
 
 
 class Dispatcher:
-    """Sends events through the worker's Celery app, buffered into one publish per call."""
+    """Sends events through the worker's Celery app as one publish per call, or, when the
+    last publish was less than ``min_interval_s`` ago, with the next one (at most that much
+    later): a busy worker publishes a few times a second instead of once per batch, and a
+    lone job's events still go out at once. Called after results are stored, so an event
+    never announces a result that cannot be read yet."""
 
-    def __init__(self, app: Any, hostname: str) -> None:
+    def __init__(self, app: Any, hostname: str, min_interval_s: float = 0.2) -> None:
         self._connection = app.connection_for_write()
         self._dispatcher = app.events.Dispatcher(
             self._connection, hostname=hostname, buffer_group=["task"], buffer_limit=100_000)
+        self.min_interval_s = min_interval_s
+        self._held: list[Event] = []
+        self._sent_at = -1e9
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+        #: One publish at a time: the writer threads and the timer all send.
+        self._publishing = threading.Lock()
 
     def send(self, events: Sequence[Event]) -> None:
-        for kind, fields in events:
-            self._dispatcher.send(kind, **fields)
-        self._dispatcher.flush()
+        with self._lock:
+            self._held += events
+            wait = self._sent_at + self.min_interval_s - time.monotonic()
+            if wait > 0:
+                if self._timer is None:
+                    self._timer = threading.Timer(wait, self.flush)
+                    self._timer.daemon = True
+                    self._timer.start()
+                return
+        self.flush()
+
+    def flush(self) -> None:
+        """Publish every held event now."""
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            events, self._held = self._held, []
+            self._sent_at = time.monotonic()
+        if not events:
+            return
+        with self._publishing:
+            for kind, fields in events:
+                self._dispatcher.send(kind, **fields)
+            self._dispatcher.flush()
 
     def close(self) -> None:
+        self.flush()
         self._dispatcher.close()
         self._connection.release()
