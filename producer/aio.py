@@ -6,6 +6,7 @@ raises the same error classes. Waiting is shared by every waiter of a client: on
 task pops the client's ``inferq:notify:<client id>`` list (BLPOP) and hands the finished IDs
 to a resolver task, which reads their results (MGET) and resolves each waiter's future; it
 also re-reads every pending ID every 0.1 s, for results written without a notification.
+With a single waiter the reader reads its result itself, as the sync client would.
 Thousands of concurrent ``result()`` calls cost one blocked connection and a few MGETs, not
 a connection each; a waiter that is cancelled takes its future out with it.
 """
@@ -38,6 +39,8 @@ __all__ = ["AsyncInferenceClient", "AsyncJobHandle"]
 
 T = TypeVar("T")
 Outcome = JobResult | JobFailed
+#: ``(key prefix, value, ttl_s)``: a key set per job with the push (see ``submit``).
+Mark = tuple[str, str, int]
 #: Finished IDs popped before anyone waited for them (a handle awaited a moment after its
 #: submit), kept this long, and at most this many, for the waiter that comes.
 _UNCLAIMED_S = 60.0
@@ -220,22 +223,47 @@ class _Waiters:
         while not self._stopping:
             try:
                 popped = await results.blpop([key], timeout=block)
-                if popped is None:
-                    continue
-                rest = await results.lpop(key, 100_000)
             except Exception:  # Redis down: the resolver tells the waiters
                 await asyncio.sleep(waiting.FULL_RECHECK_S)
                 continue
-            now = time.monotonic()
-            for raw in (popped[1], *(rest or ())):
-                job_id = raw.decode()
-                if job_id in self.futures:
-                    self._notified.add(job_id)
-                else:
-                    self._unclaimed[job_id] = now
-            self._trim(now)
-            if self._notified:
-                self._poke()
+            if popped is None:
+                continue
+            first = popped[1].decode()  # type: ignore[union-attr]  # bytes (no decode_responses)
+            if len(self.futures) == 1 and first in self.futures:
+                # The one job waited for: read its result here, as the sync client does
+                # (no hand-off to the resolver, no LPOP), then wait for the next.
+                try:
+                    await self._client._read([first])
+                    continue
+                except Exception:  # the resolver reads it again, and tells the waiter
+                    pass
+            self._arrived([popped[1]])  # type: ignore[list-item]  # bytes (no decode_responses)
+            if len(self.futures) <= len(self._notified):
+                # Every waiter is answered: the next BLPOP takes whatever comes. The
+                # resolver sends its MGET before this task sends that BLPOP.
+                await asyncio.sleep(0)
+                continue
+            # The resolver reads the first ID while this task drains the rest.
+            try:
+                rest = await results.lpop(key, 100_000)
+            except Exception:
+                await asyncio.sleep(waiting.FULL_RECHECK_S)
+                continue
+            if rest:
+                self._arrived(rest)  # type: ignore[arg-type]  # a list (LPOP with a count)
+
+    def _arrived(self, raws: Iterable[bytes]) -> None:
+        """Hand notified IDs to the resolver; keep the rest for a waiter that comes."""
+        now = time.monotonic()
+        for raw in raws:
+            job_id = raw.decode()
+            if job_id in self.futures:
+                self._notified.add(job_id)
+            else:
+                self._unclaimed[job_id] = now
+        self._trim(now)
+        if self._notified:
+            self._poke()
 
     def _trim(self, now: float) -> None:
         while self._unclaimed and (len(self._unclaimed) > _UNCLAIMED_MAX
@@ -378,13 +406,15 @@ class AsyncInferenceClient:
         deadline: float | None = None,
         priority: int = 0,
         route_key: str | None = None,
+        mark: Mark | None = None,
     ) -> AsyncJobHandle:
         """Enqueue one job and return its handle at once (as ``InferenceClient.submit``).
 
         ``version``: a number, an alias, ``"latest"``, or None for the model's route,
         resolved here and pinned; ``route_key``: the same key, the same version of a split.
         ``deadline`` is in seconds from now; ``priority`` 0 (the default) is served first
-        and 9 last.
+        and 9 last. ``mark`` ``(prefix, value, ttl_s)``: also set ``prefix + job ID`` to
+        ``value`` in the push's own transaction (the gateway records each job's API key).
         """
         job_id = wire.new_id()
         (pinned,), route = await self._pin(model, version, [route_key or job_id])
@@ -396,7 +426,7 @@ class AsyncInferenceClient:
         env = submission.envelope(model, self.client_id, self.serializer, pinned, deadline,
                                   priority, route)
         message = submission.single_message(env, job_id, tensors)
-        await self._push(env.queue, model, [message], blobs, [[job_id]])
+        await self._push(env.queue, model, [message], blobs, [[job_id]], mark)
         return AsyncJobHandle(self, job_id, model, fresh=True)
 
     async def submit_many(
@@ -409,9 +439,10 @@ class AsyncInferenceClient:
         jobs_per_message: int = submission.DEFAULT_JOBS_PER_MESSAGE,
         priority: int = 0,
         route_key: str | None = None,
+        mark: Mark | None = None,
     ) -> list[AsyncJobHandle]:
         """Enqueue many jobs in one transaction; each job keeps its own ID (as
-        ``InferenceClient.submit_many``)."""
+        ``InferenceClient.submit_many``); ``mark`` as in :meth:`submit`."""
         items = list(inputs)
         ids = [wire.new_id() for _ in items]
         versions, route = await self._pin(model, version, [route_key or i for i in ids])
@@ -430,7 +461,7 @@ class AsyncInferenceClient:
                                             versions)
         if messages:
             per = [ids[s:s + jobs_per_message] for s in range(0, len(ids), jobs_per_message)]
-            await self._push(env.queue, model, messages, blobs, per)
+            await self._push(env.queue, model, messages, blobs, per, mark)
         return [AsyncJobHandle(self, i, model, fresh=True) for i in ids]
 
     async def _pin(self, model: str, version: VersionSpec, keys: Sequence[str]
@@ -446,31 +477,45 @@ class AsyncInferenceClient:
         return [v for v, _ in pinned], (pinned[0][1] if pinned else None)
 
     async def _push(self, target: str, model: str, messages: list[bytes],
-                    blobs: submission.Blobs, jobs: list[list[str]]) -> None:
+                    blobs: submission.Blobs, jobs: list[list[str]],
+                    mark: Mark | None = None) -> None:
         if not self._restarts.started:
             self._restarts.restarted(await self._run_id())
         push = submission.Push.plan(target, model, self._catalog.registered(model),
                                     self.blob_ttl)
         try:
-            replies = await self._transaction(push, messages, blobs, jobs)
+            replies = await self._transaction(push, messages, blobs, jobs, mark)
         except redis.exceptions.NoScriptError:
             # Redis lost its script cache (restart, SCRIPT FLUSH): nothing was pushed and the
             # blob writes repeat harmlessly, so load the script and run it all again.
             await _call(self._broker.script_load(submission.PUSH_SCRIPT))
-            replies = await self._transaction(push, messages, blobs, jobs)
-        if push.refused(replies, len(blobs)):
-            if blobs:  # the transaction ran, blobs included: take them back
+            replies = await self._transaction(push, messages, blobs, jobs, mark)
+        marked = [mark[0] + i for ids in jobs for i in ids] if mark else []
+        if push.refused(replies, len(blobs) + len(marked)):
+            if blobs or marked:  # the transaction ran, blobs included: take them back
                 with contextlib.suppress(InferqError, redis.exceptions.RedisError):
-                    await _call(self._broker.unlink(*blobs))
+                    await _call(self._broker.unlink(*blobs, *marked))
             raise push.full()
         self._waiters.start()  # notifications of these jobs will come
 
     async def _transaction(self, push: submission.Push, messages: list[bytes],
-                           blobs: submission.Blobs, jobs: list[list[str]]) -> list[Any]:
+                           blobs: submission.Blobs, jobs: list[list[str]],
+                           mark: Mark | None) -> list[Any]:
+        """Blobs, then marks, then the push script calls: the replies in that order."""
+        calls = list(push.script_calls(messages, jobs))
+        if not blobs and not mark and len(calls) == 1:
+            # One script call is atomic on its own: no MULTI/EXEC to send and parse (and
+            # execute_command: redis-py's evalsha() costs about 20 us more a call).
+            return [await _call(self._broker.execute_command(  # type: ignore[no-untyped-call]
+                "EVALSHA", submission.PUSH_SCRIPT_SHA, *calls[0]))]
         pipe = self._broker.pipeline(transaction=True)
         for key, data in blobs.items():
             pipe.set(key, data, ex=push.ttl)
-        for args in push.script_calls(messages, jobs):
+        if mark is not None:
+            prefix, value, ttl = mark
+            for job_id in (i for ids in jobs for i in ids):
+                pipe.set(prefix + job_id, value, ex=ttl)
+        for args in calls:
             pipe.evalsha(submission.PUSH_SCRIPT_SHA, *args)
         return list(await _call(pipe.execute()))
 

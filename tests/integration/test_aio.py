@@ -114,6 +114,30 @@ def test_round_trip_matches_the_sync_client(url: str) -> None:
     run(main)
 
 
+def test_a_mark_is_set_per_job_with_the_push(url: str, idle_url: str) -> None:
+    """``mark``: one key per job in the push's own transaction; a refused push (a full
+    queue) takes its marks back."""
+    async def main() -> None:
+        async with AsyncInferenceClient(url) as client:
+            one = await client.submit("digits", {"pixels": PIXELS[0]}, mark=("t:m:", "k1", 60))
+            many = await client.submit_many("digits", [{"pixels": p} for p in PIXELS[:3]],
+                                            mark=("t:m:", "k2", 60))
+            await client.results([one.id, *(h.id for h in many)], timeout=30)
+        r = redis.Redis.from_url(url)
+        assert r.get(f"t:m:{one.id}") == b"k1" and 0 < r.ttl(f"t:m:{one.id}") <= 60
+        assert [r.get(f"t:m:{h.id}") for h in many] == [b"k2"] * 3
+        r.delete(f"t:m:{one.id}", *(f"t:m:{h.id}" for h in many))
+
+        register(idle_url, "full", live=True, max_queue=1)
+        async with AsyncInferenceClient(idle_url) as client:
+            await client.submit("full", {"pixels": PIXELS[0]}, mark=("t:m:", "k", 60))
+            with pytest.raises(ResourceExhausted):
+                await client.submit("full", {"pixels": PIXELS[1]}, mark=("t:m:", "k", 60))
+        assert len(redis.Redis.from_url(idle_url).keys("t:m:*")) == 1
+
+    run(main)
+
+
 def test_errors_by_type_as_the_sync_client(url: str, idle_url: str,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     x = {"pixels": PIXELS[0]}

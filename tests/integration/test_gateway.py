@@ -294,6 +294,36 @@ def test_errors_are_problem_details(gateway: Gateway, key: str, admin: redis.Red
         assert reader.get("/v1/models").status_code == 200
 
 
+def test_the_fast_path_answers_as_the_framework(gateway: Gateway, key: str) -> None:
+    """The job routes' usual requests skip Starlette's stack and FastAPI's dependency
+    solving; with another query parameter the same request goes through them. The answers
+    are the same, and both are counted and logged under the route."""
+    with gateway.client(key) as http:
+        job_id = http.post("/v1/models/digits/jobs",
+                           json={"inputs": [tensor(PIXELS[4])]}).json()["job_id"]
+        fast = http.get(f"/v1/jobs/{job_id}?wait=10")
+        framework = http.get(f"/v1/jobs/{job_id}?wait=10&unused=1")
+        assert fast.status_code == framework.status_code == 200, (fast.text, framework.text)
+        assert fast.json() == framework.json() and fast.json()["status"] == "SUCCESS"
+        assert fast.headers["content-type"] == framework.headers["content-type"]
+        assert fast.headers["x-request-id"] != framework.headers["x-request-id"]
+        unknown = wire.new_id()
+        for query in ("?wait=0", "?wait=0&unused=1"):
+            doc = problem(http.get(f"/v1/jobs/{unknown}{query}"), 404, "NOT_FOUND")
+            assert doc["instance"] == f"/v1/jobs/{unknown}"
+        for query in ("", "?wait=10", "?wait=1e1"):
+            r = http.post(f"/v1/models/digits:predict{query}",
+                          json={"inputs": [tensor(PIXELS[4])]})
+            assert r.status_code == 200 and r.json()["outputs"], r.text
+        text = http.get("/metrics").text
+    counted = re.search(r'inferq_gateway_requests_total\{method="GET",'
+                        r'route="/v1/jobs/\{job_id\}",status="404"\} (\S+)', text)
+    assert counted and float(counted.group(1)) >= 2, text
+    with gateway.client() as anonymous:
+        for path in (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}?unused=1"):
+            problem(anonymous.get(path), 401, "UNAUTHENTICATED")
+
+
 def test_idempotency_key_submits_once(gateway: Gateway, key: str, admin: redis.Redis) -> None:
     body = {"inputs": [tensor(PIXELS[5])]}
     idem = {"Idempotency-Key": f"order-{wire.new_id()}"}

@@ -1,4 +1,5 @@
-"""Helpers of the security tests: Redis with ACL users and/or TLS, certificates, Flower.
+"""Helpers of the security tests: Redis with ACL users and/or TLS, certificates, Flower,
+the HTTP gateway.
 
 Every server is a private redis-server on a free port (never 6379), started and stopped by
 the test that needs it.
@@ -7,6 +8,7 @@ the test that needs it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import re
 import secrets
@@ -27,7 +29,7 @@ from tests.conftest import PY, ROOT, python_env
 from workers.launch.redisproc import RedisServer, free_port
 
 ACL_TEMPLATE = ROOT / "ops" / "redis" / "users.acl"
-ROLES = ("admin", "producer", "worker", "flower", "exporter")
+ROLES = ("admin", "producer", "worker", "flower", "exporter", "gateway")
 _PLACEHOLDER = re.compile(r"\{\{([A-Z]+)_PASSWORD_SHA256\}\}")
 
 
@@ -223,6 +225,49 @@ class FlowerProcess:
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# --- the HTTP gateway ----------------------------------------------------------------------
+
+
+class GatewayProcess:
+    """``inferq gateway serve`` on a free loopback port with the given broker URL."""
+
+    def __init__(self, broker_url: str, log_path: Path, **env: str) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        environment = python_env(INFERQ_BROKER_URL=broker_url, INFERQ_RESULT_URL=broker_url,
+                                 INFERQ_LOG_FORMAT="json", **env)
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [PY, "-m", "workers.launch.cli", "gateway", "serve", "--port", str(self.port)],
+                env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                start_new_session=True,
+            )
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Wait until ``/readyz`` answers 200 (Redis answers and a model is served)."""
+        deadline = time.monotonic() + timeout
+        status = 0
+        while status != 200:
+            with contextlib.suppress(OSError):
+                status, _ = http_get(self.base, "/readyz")
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the gateway is not ready ({status}):\n{self.log()}")
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()

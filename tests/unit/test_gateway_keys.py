@@ -4,13 +4,16 @@ fakeredis."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import time
 from typing import Any
 
 import fakeredis
 import pytest
 
 from workers.gateway import keys, limits
+from workers.gateway.admission import Admission
 from workers.gateway.problems import Problem
 
 
@@ -32,7 +35,8 @@ def test_keys_are_stored_hashed_and_revocable(server: fakeredis.FakeServer) -> N
         keys.create(r, "svc", ("*",), {"read"})
 
     async def check(token: str) -> keys.ApiKey | None:
-        return await keys.authenticate(fakeredis.FakeAsyncRedis(server=server), token)
+        found = await limits.admit(fakeredis.FakeAsyncRedis(server=server), token, 0)
+        return None if found is None else found.key
 
     found = asyncio.run(check(key))
     assert found == record and found.allows_model("digits") and not found.allows_model("x")
@@ -58,28 +62,98 @@ def test_parsing() -> None:
 
 def test_rate_limit_is_a_shared_fixed_window(server: fakeredis.FakeServer,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(limits.time, "time", lambda: 1000.25)  # one window for the burst
+    monkeypatch.setattr(time, "time", lambda: 1000.25)  # one window for the burst
+    key, record = keys.create(fakeredis.FakeRedis(server=server), "svc", ("*",), {"read"})
 
-    async def burst(n: int, limit: int) -> list[Problem | None]:
-        r = fakeredis.FakeAsyncRedis(server=server)
-        out: list[Problem | None] = []
+    async def burst(n: int, limit: int) -> list[bool]:
+        admission = Admission(fakeredis.FakeAsyncRedis(server=server), limit)
+        out = []
         for _ in range(n):
-            try:
-                await limits.check_rate(r, "k1", limit)
-                out.append(None)
-            except Problem as exc:
-                out.append(exc)
+            admitted = await admission.admit(key)
+            assert admitted is not None and admitted.key == record
+            out.append(admitted.over)
         return out
 
-    answers = asyncio.run(burst(8, 5))
-    assert answers[:5] == [None] * 5
-    for problem in answers[5:]:
-        assert problem is not None and problem.status == 429
-        assert problem.code == "RESOURCE_EXHAUSTED" and problem.headers["Retry-After"] == "1"
-    assert asyncio.run(burst(3, 0)) == [None] * 3  # 0: no limit
+    assert asyncio.run(burst(8, 5)) == [False] * 5 + [True] * 3
+    assert asyncio.run(burst(3, 0)) == [False] * 3  # 0: no limit, nothing counted
     r = fakeredis.FakeRedis(server=server)
-    assert r.keys(limits.RATE_PREFIX + "*") == [b"inferq:gw:rate:k1:1000"]
-    assert r.get("inferq:gw:rate:k1:1000") == b"8"  # another process counts on from here
+    window = f"inferq:gw:rate:{record.id}:1000".encode()
+    assert r.keys(limits.RATE_PREFIX + "*") == [window]
+    assert r.get(window) == b"8"  # another process counts on from here
+    assert 0 < r.ttl(window) <= 2
+    assert asyncio.run(burst(1, 5)) == [True]
+    # A process leases max(1, limit // 50) requests at a time; together they admit the limit.
+    r.delete(window)
+    first, second = asyncio.run(burst(70, 100)), asyncio.run(burst(70, 100))
+    assert first.count(False) == 70 and second.count(False) == 30
+    assert r.get(window) == b"180"  # 50 leases of 2, then 40 refused leases
+
+    async def stranger() -> Any:
+        return await Admission(fakeredis.FakeAsyncRedis(server=server), 5).admit(key + "x")
+
+    assert asyncio.run(stranger()) is None  # an unknown key is not counted
+    assert r.get(window) == b"180"
+    error = limits.exhausted(5)
+    assert error.status == 429 and error.code == "RESOURCE_EXHAUSTED"
+    assert error.headers["Retry-After"] == "1" and "5 requests a second" in error.detail
+
+
+def test_cached_keys_cost_no_round_trip_and_a_revocation_drops_them(
+        server: fakeredis.FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    r = fakeredis.FakeRedis(server=server)
+    key, record = keys.create(r, "svc", ("*",), {"read"})
+    calls = []
+    real = limits.admit
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[2])
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(limits, "admit", counted)
+
+    async def scenario() -> None:
+        admission = Admission(fakeredis.FakeAsyncRedis(server=server), 1000)  # leases of 20
+        listener = asyncio.create_task(admission.listen())
+        for _ in range(500):  # generous: a loaded CI machine
+            if admission.listening:
+                break
+            await asyncio.sleep(0.01)
+        assert admission.listening
+        for _ in range(30):
+            admitted = await admission.admit(key)
+            assert admitted is not None and admitted.key == record and not admitted.over
+        assert calls == [20, 20]  # one script call per lease, none in between
+        read = await admission.admit(key, job_id="job-1")  # a job read asks Redis...
+        assert read is not None and read.owner is None and calls[-1] == 0  # ...uncounted
+        keys.revoke(r, "svc")  # published: dropped before the next request
+        for _ in range(500):
+            if not admission._keys:
+                break
+            await asyncio.sleep(0.01)
+        assert await admission.admit(key) is None
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+        assert not admission.listening
+
+    asyncio.run(scenario())
+
+
+def test_admit_reads_a_jobs_owner_in_the_same_call(server: fakeredis.FakeServer) -> None:
+    r = fakeredis.FakeRedis(server=server)
+    key, record = keys.create(r, "svc", ("digits",), {"read"})
+    r.set(keys.owner_key("job-1"), record.id)
+
+    async def owner(job_id: str) -> str | None:
+        a: Any = fakeredis.FakeAsyncRedis(server=server)
+        found = await limits.admit(a, key, 1, job_id)
+        assert found is not None and found.key == record
+        return found.owner
+
+    assert asyncio.run(owner("job-1")) == record.id
+    assert asyncio.run(owner("job-2")) is None
+    r.script_flush()  # Redis restarted, or SCRIPT FLUSH: loaded again
+    assert asyncio.run(owner("job-1")) == record.id
 
 
 def test_idempotency_reserves_then_replays(server: fakeredis.FakeServer) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import re
 from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any
 
@@ -28,9 +29,11 @@ from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from producer.aio import AsyncInferenceClient, AsyncJobHandle
 from producer.errors import InferqError, JobFailed, JobTimeout, UnknownJob
@@ -40,7 +43,8 @@ from producer.waiting import redis_failure
 from producer.wire.connect import require_verified_tls
 from producer.wire.routes import Route, route_key
 from workers.gateway import keys, limits, openapi, payloads, schemas
-from workers.gateway.observe import JOBS, Observe, bind, metrics_body
+from workers.gateway.admission import Admission, Admitted
+from workers.gateway.observe import JOBS, Observe, TooLarge, bind, metrics_body
 from workers.gateway.problems import PROBLEM_JSON, Problem, failure, from_error
 from workers.gateway.settings import GatewaySettings
 
@@ -61,37 +65,41 @@ class Gateway:
         self.settings = settings
         self.client = client
         self.redis = r
+        self.admission = Admission(r, settings.rate_limit)
         self.models: dict[str, ModelInfo] = {}
 
     # --- who is calling ----------------------------------------------------------------
 
     async def authorize(self, request: Request, creds: Bearer, scope: str,
-                        model: str | None = None) -> keys.ApiKey:
-        """The caller's key, allowed ``scope`` (and ``model``), within its rate; 401, 403
-        or 429 otherwise."""
+                        model: str | None = None, job_id: str | None = None) -> Admitted:
+        """The caller's key, allowed ``scope`` (and ``model``), within its rate, and the
+        owner of ``job_id`` when given (at most one Redis round trip); 401, 403 or 429
+        otherwise."""
         token = keys.bearer(f"{creds.scheme} {creds.credentials}" if creds else None)
-        key: keys.ApiKey | None = (await _redis(keys.authenticate(self.redis, token))
-                                   if token else None)
-        if key is None:
+        admitted: Admitted | None = (await _redis(self.admission.admit(token, job_id))
+                                     if token else None)
+        if admitted is None:
             raise Problem("UNAUTHENTICATED", "send a valid API key: Authorization: Bearer "
                           "<key> (inferq gateway keys create NAME --models ...)")
+        key = admitted.key
         bind(request, key=key.name)
         if scope not in key.scopes:
             raise Problem("PERMISSION_DENIED", f"key {key.name!r} lacks the {scope!r} scope "
                           f"(it has {sorted(key.scopes)})")
         if model is not None and not key.allows_model(model):
             raise Problem("PERMISSION_DENIED", f"key {key.name!r} may not use model {model!r}")
-        await _redis(limits.check_rate(self.redis, key.id, self.settings.rate_limit))
-        return key
+        if admitted.over:
+            raise limits.exhausted(self.settings.rate_limit)
+        return admitted
 
     # --- submitting ----------------------------------------------------------------------
 
     async def submit(self, request: Request, key: keys.ApiKey, model: str, body: bytes,
                      jobs: list[dict[str, Any]], options: payloads.JobInputs
                      ) -> tuple[list[str], list[AsyncJobHandle]]:
-        """Submit ``jobs`` (one: ``submit``, more: ``submit_many``) once per Idempotency-Key;
-        returns the job IDs, and their handles ([] when an earlier request submitted
-        them)."""
+        """Submit ``jobs`` (one: ``submit``, more: ``submit_many``) once per Idempotency-Key,
+        each job's owner recorded in the same transaction; returns the job IDs, and their
+        handles ([] when an earlier request submitted them)."""
         reservation = None
         idempotency = request.headers.get("idempotency-key")
         if idempotency is not None:
@@ -104,34 +112,31 @@ class Gateway:
                 return found, []
             reservation = found
         try:
-            handles = await self._submit(model, jobs, options)
-            ids = [h.id for h in handles]
-            pipe = self.redis.pipeline(transaction=False)
-            for job_id in ids:
-                pipe.set(keys.owner_key(job_id), key.id, ex=self.settings.idempotency_ttl_s)
-            await _redis(pipe.execute())
+            handles = await self._submit(key, model, jobs, options)
         except BaseException:
             if reservation is not None:
                 with contextlib.suppress(Exception):
                     await reservation.release(self.redis)
             raise
+        ids = [h.id for h in handles]
         if reservation is not None:
             await _redis(reservation.record(self.redis, ids))
         JOBS.labels(model).inc(len(ids))
         bind(request, job_ids=ids)
         return ids, handles
 
-    async def _submit(self, model: str, jobs: list[dict[str, Any]],
+    async def _submit(self, key: keys.ApiKey, model: str, jobs: list[dict[str, Any]],
                       options: payloads.JobInputs) -> list[AsyncJobHandle]:
         version = await self.version(model, options.version)
+        owner = (keys.JOB_OWNER_PREFIX, key.id, self.settings.idempotency_ttl_s)
         if len(jobs) == 1:
             handle = await self.client.submit(model, jobs[0], version=version,
                                               deadline=options.deadline_s,
-                                              priority=options.priority)
+                                              priority=options.priority, mark=owner)
             return [handle]
         handles = await self.client.submit_many(model, jobs, version=version,
                                                 deadline=options.deadline_s,
-                                                priority=options.priority)
+                                                priority=options.priority, mark=owner)
         return handles
 
     async def version(self, model: str, version: int | str | None) -> int | None:
@@ -148,14 +153,13 @@ class Gateway:
                           f"{sorted(route.aliases) or 'none'}; inferq alias {model} NAME N)")
         return route.aliases[version]
 
-    async def owned(self, request: Request, key: keys.ApiKey, job_id: str) -> None:
-        """404 unless ``job_id`` was submitted with ``key`` (another key's job does not
-        exist for this one)."""
-        owner = await _redis(self.redis.get(keys.owner_key(job_id)))
-        if owner is None or owner.decode() != key.id:
-            bind(request, job_ids=[job_id])
-            raise Problem("NOT_FOUND", f"no job {job_id} for this API key", job_id=job_id)
+    @staticmethod
+    def owned(request: Request, caller: Admitted, job_id: str) -> None:
+        """404 unless ``job_id`` was submitted with the caller's key (another key's job does
+        not exist for this one)."""
         bind(request, job_ids=[job_id])
+        if caller.owner != caller.key.id:
+            raise Problem("NOT_FOUND", f"no job {job_id} for this API key", job_id=job_id)
 
     # --- served models -----------------------------------------------------------------
 
@@ -221,7 +225,8 @@ def _wants_msgpack(request: Request) -> bool:
 
 
 def _status_url(request: Request, job_id: str) -> str:
-    return str(request.url_for("read_job", job_id=job_id).path)
+    # The path of read_job, without url_for's walk over every route.
+    return f"{request.scope.get('root_path', '')}/v1/jobs/{job_id}"
 
 
 def _accepted(request: Request, job_id: str) -> dict[str, str]:
@@ -280,16 +285,18 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         with contextlib.suppress(Exception):
             await gateway.refresh(app)
         refresher = asyncio.create_task(gateway.refresh_forever(app))
+        revocations = asyncio.create_task(gateway.admission.listen())
         try:
             yield
         finally:
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
+            for task in (refresher, revocations):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await client.close()
             await r.aclose()
 
-    app = FastAPI(
+    app = _App(
         title="inferq gateway",
         version="1",
         description="Asynchronous ONNX inference over HTTP: submit jobs, read their results. "
@@ -308,7 +315,94 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     _errors(app)
     _routes(app)
     _docs(app)
+    if not settings.cors_origins:
+        app.fast = _FastPath(app, settings.max_body_bytes)
     return app
+
+
+class _App(FastAPI):
+    """FastAPI, with the job routes' usual requests taken by :class:`_FastPath`."""
+
+    fast: _FastPath | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.fast is not None and scope["type"] == "http" and self.fast.take(scope):
+            await self.fast.observed(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+#: The routes the fast path takes: (method, route name).
+_FAST_ROUTES = (("POST", "predict"), ("POST", "submit_job"), ("GET", "read_job"))
+
+
+class _FastPath:
+    """The job routes' endpoints called straight from the ASGI scope, for the requests
+    that need nothing of the framework's: Starlette's middleware stack, route search and
+    FastAPI's dependency solving cost more than the rest of a ``:predict``.
+
+    The same endpoint functions, the same route matching (each route's own regex), the
+    same bearer parsing and the same error answers; a request with anything else in its
+    query than a valid ``wait`` takes the framework's path (and its validation errors).
+    """
+
+    def __init__(self, app: FastAPI, max_body_bytes: int) -> None:
+        self.app = app
+        self.routes: list[tuple[str, APIRoute]] = [
+            (method, route) for method, name in _FAST_ROUTES for route in app.routes
+            if isinstance(route, APIRoute) and route.name == name]
+        self.observed = Observe(self._serve, max_body_bytes=max_body_bytes)
+
+    def take(self, scope: Scope) -> bool:
+        """Whether this request is one the fast path answers (it records the route)."""
+        method, path = scope["method"], scope["path"]
+        for want, route in self.routes:
+            if method != want:
+                continue
+            match = route.path_regex.match(path)
+            if match is None:
+                continue
+            wait = _query_wait(scope.get("query_string", b""))
+            if wait is False:
+                return False
+            scope["route"] = route
+            scope["path_params"] = match.groupdict()
+            scope["inferq.wait"] = wait
+            return True
+        return False
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["app"] = self.app
+        request = Request(scope, receive, send)
+        route: APIRoute = scope["route"]
+        kwargs: dict[str, Any] = dict(scope["path_params"])
+        if route.name != "submit_job":
+            kwargs["wait"] = scope["inferq.wait"]
+        try:
+            response = await route.endpoint(request=request, creds=await _bearer(request),
+                                            **kwargs)
+        except Problem as exc:
+            response = _problem(request, exc)
+        except InferqError as exc:
+            response = _problem(request, from_error(exc))
+        except TooLarge:
+            raise  # Observe answers 413
+        except Exception as exc:
+            log.exception("unexpected error", path=scope["path"])
+            response = _problem(request, Problem("INTERNAL", f"{type(exc).__name__}: {exc}"))
+        await response(scope, receive, send)
+
+
+_WAIT = re.compile(rb"wait=([0-9]{1,9}(?:\.[0-9]{1,9})?)")
+
+
+def _query_wait(query: bytes) -> float | bool | None:
+    """``?wait=S`` as a float, None without it; False for anything else (another
+    parameter, a value in another form), which the framework's path answers."""
+    if not query:
+        return None
+    match = _WAIT.fullmatch(query)
+    return False if match is None else float(match.group(1))
 
 
 def _errors(app: FastAPI) -> None:
@@ -353,7 +447,7 @@ def _routes(app: FastAPI) -> None:
         """Queue one job; answer at once with its ID and where to read it. With an
         `Idempotency-Key` header, a repeat within a day returns the same job."""
         gw = _gateway(request)
-        key = await gw.authorize(request, creds, "submit", model)
+        key = (await gw.authorize(request, creds, "submit", model)).key
         raw, body, kind = await _body(request)
         job = payloads.job(body, kind)
         [job_id], _ = await gw.submit(request, key, model, raw, [job.inputs], job)
@@ -367,7 +461,7 @@ def _routes(app: FastAPI) -> None:
         """Queue many jobs of one model in one request (one transaction); each gets its own
         ID, in the order given."""
         gw = _gateway(request)
-        key = await gw.authorize(request, creds, "submit", model)
+        key = (await gw.authorize(request, creds, "submit", model)).key
         raw, body, kind = await _body(request)
         jobs, options = payloads.batch(body, kind)
         ids, _ = await gw.submit(request, key, model, raw, jobs, options)
@@ -383,8 +477,7 @@ def _routes(app: FastAPI) -> None:
         """The job's status and, once done, its outputs. `?wait=S` waits up to S seconds
         (at most the gateway's limit) for a pending job before answering 202."""
         gw = _gateway(request)
-        key = await gw.authorize(request, creds, "read")
-        await gw.owned(request, key, job_id)
+        gw.owned(request, await gw.authorize(request, creds, "read", job_id=job_id), job_id)
         timeout = _wait(wait, 0.0, gw.settings)
         try:
             [outcome] = await gw.client.outcomes([job_id], timeout=timeout)
@@ -409,7 +502,7 @@ def _routes(app: FastAPI) -> None:
         outputs, the job's error as a problem, or 504 WAIT_TIMEOUT with the job ID to read
         later."""
         gw = _gateway(request)
-        key = await gw.authorize(request, creds, "submit", model)
+        key = (await gw.authorize(request, creds, "submit", model)).key
         timeout = _wait(wait, gw.settings.predict_wait_s, gw.settings)
         raw, body, kind = await _body(request)
         job = payloads.job(body, kind)
@@ -435,7 +528,7 @@ def _routes(app: FastAPI) -> None:
         """Models live workers serve now (those this key may use), with their versions and
         signatures."""
         gw = _gateway(request)
-        key = await gw.authorize(request, creds, "read")
+        key = (await gw.authorize(request, creds, "read")).key
         models = await gw.client.models(refresh=False)
         return JSONResponse({"models": [_model_doc(i) for n, i in sorted(models.items())
                                         if key.allows_model(n)]})

@@ -101,7 +101,7 @@ def keys_list() -> None:
 @keys_group.command("revoke")
 @click.argument("name")
 def keys_revoke(name: str) -> None:
-    """Delete the key NAME: it is refused (401) from the next request on."""
+    """Delete the key NAME: every gateway refuses it (401) within milliseconds."""
     from workers.gateway import keys
 
     if not keys.revoke(_redis(), name):  # type: ignore[arg-type]

@@ -26,6 +26,8 @@ JOB_OWNER_PREFIX = "inferq:gw:job:"
 KEY_PREFIX = "iq_"
 #: What a key may do: submit jobs (jobs, jobs:batch, :predict), read jobs and models.
 SCOPES = frozenset({"submit", "read"})
+#: Where ``revoke`` publishes a revoked key's digest: gateways drop it from their caches.
+REVOKED_CHANNEL = "inferq:gw:keys:revoked"
 #: Models value meaning every model.
 ALL_MODELS = "*"
 
@@ -105,16 +107,18 @@ def list_keys(r: redis.Redis) -> list[ApiKey]:
 
 
 def revoke(r: redis.Redis, name: str) -> bool:
-    """Delete the key named ``name``; False when there is none."""
+    """Delete the key named ``name`` and tell the gateways (``REVOKED_CHANNEL``); False when
+    there is none."""
     raw: Mapping[Any, Any] = r.hgetall(KEYS_KEY)
     for hashed, value in raw.items():
         if ApiKey.from_document(value).name == name:
             r.hdel(KEYS_KEY, hashed)
+            r.publish(REVOKED_CHANNEL, hashed)  # gateways that cached it forget it now
             return True
     return False
 
 
-# --- checking keys (the gateway, asyncio) ------------------------------------------------
+# --- checking keys (the gateway: limits.admit reads the record) ---------------------------
 
 
 def bearer(header: str | None) -> str | None:
@@ -126,10 +130,3 @@ def bearer(header: str | None) -> str | None:
     if scheme.lower() != "bearer" or not token.startswith(KEY_PREFIX):
         return None
     return token
-
-
-async def authenticate(r: Any, token: str) -> ApiKey | None:
-    """The record of ``token`` (one HGET of its digest); None for an unknown or revoked
-    key. ``r`` is a ``redis.asyncio.Redis``."""
-    raw = await r.hget(KEYS_KEY, digest(token))
-    return None if raw is None else ApiKey.from_document(raw)

@@ -48,8 +48,9 @@ def metrics_body() -> tuple[bytes, str]:
     return generate_latest(), CONTENT_TYPE_LATEST
 
 
-class _TooLarge(Exception):
-    pass
+class TooLarge(Exception):
+    """The request body went over the limit while being read (a 413 from :class:`Observe`,
+    which handlers let through)."""
 
 
 class Observe:
@@ -90,14 +91,14 @@ class Observe:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
-                    raise _TooLarge
+                    raise TooLarge
             return message
 
         try:
             if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-                raise _TooLarge
+                raise TooLarge
             await self.app(scope, receive_limited, send_wrapper)
-        except _TooLarge:
+        except TooLarge:
             if not sent:
                 await self._too_large(scope, send_wrapper)
         finally:
