@@ -21,9 +21,11 @@ from sklearn.datasets import load_digits
 from producer import InferenceClient, JobResult, wire
 from tests.conftest import MODELS, PY, ROOT, WorkerProcess, python_env
 from workers.batch import runs
+from workers.batch.errors import BatchStopped
 from workers.batch.runner import RunSpec
 from workers.batch.spool import Spool, errors_path, spool_dir
 from workers.batch.state import RunState
+from workers.bench.refmodels import _finish, write_model
 from workers.launch.redisproc import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -287,3 +289,153 @@ def test_stop_on_error_then_resume_by_run_id(
     assert (summary["jobs_submitted"], summary["jobs_adopted"]) == (2, 0)  # chunks 0 and 2
     labels = pq.read_table(out).column("label").to_pylist()
     assert labels[64:128] == [None] * 64 and None not in labels[:64] + labels[128:]
+
+
+# --- retries ------------------------------------------------------------------------------
+
+#: The lookup model: y = TABLE[int(x)]. A row with x outside 0-9 passes every input check
+#: and makes ONNX Runtime itself fail (Gather index out of bounds): INTERNAL, which may pass,
+#: so its chunk is retried.
+TABLE = np.arange(10, dtype=np.float32) * 10
+
+
+def _lookup_model() -> bytes:
+    import onnx
+
+    h = onnx.helper
+    graph = h.make_graph(
+        [h.make_node("Cast", ["x"], ["i"], to=onnx.TensorProto.INT64),
+         h.make_node("Gather", ["table", "i"], ["y"], axis=0)],
+        "lookup",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 1])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 1])],
+        [onnx.numpy_helper.from_array(TABLE, "table")])
+    return _finish(graph)
+
+
+@pytest.fixture(scope="module")
+def lookup_worker(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+                  ) -> Any:
+    root = tmp_path_factory.mktemp("lookup-models")
+    write_model(root, "lookup", _lookup_model(), description="y = table[x]", max_rows=8,
+                input_name="x", input_shape=[-1, 1], output_name="y", output_shape=[-1, 1])
+    worker = WorkerProcess(redis_server.url, tmp_path_factory.mktemp("lookup-worker"),
+                           model_dir=root)
+    worker.start()
+    yield worker
+    worker.stop()
+
+
+def _lookup_input(path: Path, bad_row: int | None, rows: int = 12) -> np.ndarray:
+    x = (np.arange(rows) % 10).astype(np.float32)
+    if bad_row is not None:
+        x[bad_row] = 12.0  # out of the table: the model fails on this row's chunk
+    pq.write_table(pa.table({"id": np.arange(rows), "x": x}), path)
+    return x
+
+
+def _lookup_run(url: str, tmp_path: Path, **kw: Any) -> Any:
+    spec = RunSpec(**{"model": "lookup", "input": str(tmp_path / "in.parquet"),
+                      "output": str(tmp_path / "out.parquet"), "columns": ["x=x"],
+                      "id_column": "id", "chunk_rows": 4, **kw})
+    with InferenceClient(url) as client:
+        return runs.run(client, spec, bar=False)
+
+
+def test_a_chunk_the_model_fails_on_is_retried_then_recorded(
+        redis_server: RedisServer, lookup_worker: WorkerProcess, tmp_path: Path) -> None:
+    x = _lookup_input(tmp_path / "in.parquet", bad_row=5)
+    before = len(_model_failures(lookup_worker))
+    summary = _lookup_run(redis_server.url, tmp_path, retries=2)
+    assert (summary.rows, summary.rows_failed, summary.retries) == (12, 4, 2)
+    assert summary.failed_by_code == {"INTERNAL": 4}
+    [error] = [json.loads(line) for line in
+               errors_path(tmp_path / "out.parquet").read_text().splitlines()]
+    assert (error["chunk"], error["first_row"], error["last_row"]) == (1, 4, 7)
+    assert (error["code"], error["tries"], error["ids"]) == ("INTERNAL", 3, [4, 5, 6, 7])
+    assert "the model failed on this job" in error["message"]
+    y = pq.read_table(tmp_path / "out.parquet").column("y").to_pylist()
+    want = [[float(TABLE[int(v) % 10])] for v in x]
+    assert y[:4] == want[:4] and y[4:8] == [None] * 4 and y[8:] == want[8:]
+    # Each try was a job the worker ran and failed: the first result plus two retries.
+    assert len(_model_failures(lookup_worker)) - before == 3
+
+
+def _model_failures(worker: WorkerProcess) -> list[dict[str, object]]:
+    return [r for r in worker.log_records() if r.get("event") == "job_run_failed"]
+
+
+def test_a_chunk_that_still_fails_stops_a_fail_run_after_its_retries(
+        redis_server: RedisServer, lookup_worker: WorkerProcess, tmp_path: Path) -> None:
+    _lookup_input(tmp_path / "in.parquet", bad_row=9)
+    with pytest.raises(BatchStopped, match=r"rows 8-11 \(chunk 2\) failed: INTERNAL"):
+        _lookup_run(redis_server.url, tmp_path, retries=1, on_error="fail")
+    spool = Spool(spool_dir(tmp_path / "out.parquet"))
+    state = RunState(redis.Redis.from_url(redis_server.url), spool.run()["run_id"])
+    assert state.r.hget(state.key, "status") == b"stopped"
+    assert not (tmp_path / "out.parquet").exists()
+    assert 2 not in spool.finished(), "no chunk file: a resume sends the chunk again"
+
+
+def test_a_chunk_lost_with_its_worker_is_sent_again_and_scored(
+        fresh_redis: RedisServer, start_worker: Any, tmp_path: Path) -> None:
+    worker = start_worker(fresh_redis.url).start()
+    worker.kill()  # still advertised for a few seconds: the run starts, nothing answers
+    x = _rows(40)
+    pq.write_table(_table(x), tmp_path / "in.parquet")
+    out = tmp_path / "out.parquet"
+    env = python_env(INFERQ_BROKER_URL=fresh_redis.url, INFERQ_RESULT_URL=fresh_redis.url)
+    run = subprocess.Popen(
+        [PY, "-m", "workers.launch.cli", "batch", "run", "digits", "--input",
+         str(tmp_path / "in.parquet"), "--output", str(out), "--columns", "pixels=p0:p63",
+         "--id-column", "id", "--chunk-rows", "16", "--timeout", "1", "--retries", "8",
+         "--json"], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    time.sleep(2.5)  # past the first timeout: every chunk was sent again at least once
+    assert run.poll() is None
+    start_worker(fresh_redis.url).start()
+    stdout, stderr = run.communicate(timeout=60)
+    assert run.returncode == 0, stderr
+    summary = json.loads(stdout)
+    assert (summary["rows"], summary["rows_failed"]) == (40, 0)
+    assert summary["retries"] >= 3 and summary["jobs_submitted"] > 3
+    table = pq.read_table(out)
+    assert table.column("id").to_pylist() == [i * 10 for i in range(40)]  # no gap, no twin
+    assert table.column("label").to_pylist() == _direct(x)[0].tolist()
+
+
+# --- versions -----------------------------------------------------------------------------
+
+
+def test_version_by_alias_or_number_is_what_the_summary_reports(
+        redis_server: RedisServer, shared_worker: WorkerProcess, tmp_path: Path) -> None:
+    from workers.ops.routes import set_alias
+
+    x = _rows(20)
+    pq.write_table(_table(x), tmp_path / "in.parquet")
+    env = python_env(INFERQ_BROKER_URL=redis_server.url, INFERQ_RESULT_URL=redis_server.url)
+    r = redis.Redis.from_url(redis_server.url)
+
+    def batch(out: str, version: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [PY, "-m", "workers.launch.cli", "batch", "run", "digits", "--input",
+             str(tmp_path / "in.parquet"), "--output", str(tmp_path / out), "--columns",
+             "pixels=p0:p63", "--version", version, "--json"],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    set_alias(r, "digits", "batch-canary", 1)
+    try:
+        by_alias = batch("alias.parquet", "batch-canary")
+    finally:
+        set_alias(r, "digits", "batch-canary", None)
+    assert by_alias.returncode == 0, by_alias.stderr
+    assert json.loads(by_alias.stdout)["rows_by_version"] == {"1": 20}
+    by_number = batch("number.parquet", "2")
+    assert by_number.returncode == 0, by_number.stderr
+    assert json.loads(by_number.stdout)["rows_by_version"] == {"2": 20}
+    assert pq.read_table(tmp_path / "number.parquet").column("label").to_pylist() == \
+        _direct(x)[0].tolist()
+    unknown = batch("unknown.parquet", "no-such-alias")
+    assert unknown.returncode == 1
+    assert "has no alias 'no-such-alias'" in unknown.stderr
+    assert not spool_dir(tmp_path / "unknown.parquet").exists()  # refused before anything

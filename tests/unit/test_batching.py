@@ -7,7 +7,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from workers.serving.batching import BatchPolicy, collate, split, take
+from workers.serving.batching import (
+    BackgroundCap,
+    BatchPolicy,
+    collate,
+    online_first,
+    split,
+    take,
+)
 
 POLICY = BatchPolicy(max_rows=8, max_wait_s=0.01)
 
@@ -133,3 +140,40 @@ def test_split_rejects_scalar_output() -> None:
 
 def test_split_empty() -> None:
     assert split({"x": np.zeros((0, 3))}, []) == []
+
+
+# --- online first, and the cap on background rows -------------------------------------------
+
+
+def test_online_jobs_form_the_batch_alone_whenever_any_wait() -> None:
+    waiting = ["b1", "o1", "b2", "o2"]
+    assert online_first(waiting, lambda w: w.startswith("b")) == ["o1", "o2"]
+    assert online_first(["b1", "b2"], lambda w: w.startswith("b")) == ["b1", "b2"]
+
+
+def test_background_runs_are_full_size_until_online_jobs_are_seen() -> None:
+    cap = BackgroundCap(BatchPolicy(max_rows=256, max_wait_s=0.002, background_run_s=0.001,
+                                    online_recent_s=1.0))
+    assert cap.rows(now=100.0) == 256, "nothing measured yet"
+    cap.observe(rows=256, seconds=0.004)  # 15.6 us a row
+    assert cap.rows(now=100.0) == 256, "no online job seen"
+    cap.saw_online(now=100.0)
+    assert cap.rows(now=100.5) == 64, "about 1 ms of model time"
+    assert cap.rows(now=101.0) == 256, "online traffic stopped a second ago"
+
+
+def test_the_background_cap_follows_the_model_and_stays_in_bounds() -> None:
+    cap = BackgroundCap(BatchPolicy(max_rows=16, max_wait_s=0.002, background_run_s=0.001))
+    cap.saw_online(now=0.0)
+    cap.observe(rows=4, seconds=0.008)  # 2 ms a row: the smallest run, an eighth
+    assert cap.rows(now=0.0) == 2
+    small = BackgroundCap(BatchPolicy(max_rows=4, max_wait_s=0.002, background_run_s=0.001))
+    small.saw_online(now=0.0)
+    small.observe(rows=4, seconds=0.008)
+    assert small.rows(now=0.0) == 1, "one row, never none"
+    for _ in range(40):  # the model got faster: the average follows
+        cap.observe(rows=100, seconds=0.0001)
+    assert cap.rows(now=0.0) == 16, "never more than max_rows"
+    cap.observe(rows=0, seconds=1.0)
+    cap.observe(rows=5, seconds=0.0)
+    assert cap.rows(now=0.0) == 16, "empty or untimed runs teach nothing"

@@ -811,6 +811,162 @@ def test_higher_priority_messages_are_served_first(world: World) -> None:
     server.cycle(block_s=0.01)
     settle(server.writer)
     assert world.result(high) is not None, "the online job went first"
-    assert sum(world.result(i) is not None for i in low) == 1
+    # ... in a batch of its own: an online job never waits for background rows.
+    assert sum(world.result(i) is not None for i in low) == 0
+    assert world.batch_rows == [1]
     world.run(server)
     assert all(world.result(i) is not None for i in low)
+
+
+# --- online jobs ahead of background (priority 9) work ------------------------------------
+
+
+def online_recently(server: ModelServer, seconds_per_row: float) -> None:
+    """As if online jobs were seen all test long and background rows took
+    ``seconds_per_row`` (the policy asks for background runs of 1 ms), whatever the fake
+    model's real speed."""
+    server._cap.seconds_per_row = seconds_per_row
+    server._cap.saw_online(time.monotonic() + 3600)
+    server._cap.observe = lambda rows, seconds: None  # type: ignore[method-assign]
+
+
+def test_a_background_job_runs_in_slices_with_online_jobs_between(world: World) -> None:
+    client = world.client()
+    big = rows_of(20, 3)
+    background = client.submit(MODEL, {"x": big}, priority=9).id
+    server = world.server(max_rows=8)
+    online_recently(server, 0.00025)  # 1 ms of background rows is 4 rows
+    server.cycle(block_s=0.01)
+    settle(server.writer)
+    assert world.batch_rows == [4] and world.result(background) is None
+    assert len(world.unacked()) == 1, "the background job stays in flight between slices"
+    online = client.submit(MODEL, {"x": rows_of(1, 7)}).id
+    server.cycle(block_s=0.01)
+    settle(server.writer)
+    assert world.batch_rows == [4, 1], "the online job went before the next slice"
+    assert world.ok(online)["y"].tolist() == rows_of(1, 7).sum(axis=1, keepdims=True).tolist()
+    world.run(server)
+    assert world.batch_rows == [4, 1, 4, 4, 4, 4]
+    got = world.ok(background)
+    np.testing.assert_array_equal(got["y"], big.sum(axis=1, keepdims=True))
+    assert got.batch_size == 4
+    assert world.unacked() == set()
+
+
+def test_without_online_traffic_background_runs_are_full_size(world: World) -> None:
+    client = world.client()
+    background = client.submit(MODEL, {"x": rows_of(20, 3)}, priority=9).id
+    server = world.server(max_rows=8)
+    server.cycle(block_s=0.01)
+    online = client.submit(MODEL, {"x": rows_of(1, 7)}).id
+    world.run(server)
+    # A job larger than a batch still runs in batches of max_rows, and an online job that
+    # arrives meanwhile goes between them.
+    assert world.batch_rows == [8, 1, 8, 4]
+    assert world.ok(online).batch_size == 1
+    assert world.ok(background).batch_size == 8
+
+
+def test_online_jobs_go_ahead_of_background_jobs_already_taken(world: World) -> None:
+    client = world.client()
+    first, second = (client.submit(MODEL, {"x": rows_of(8, s)}, priority=9).id
+                     for s in (1, 2))
+    server = world.server(max_rows=8)
+    server.intake.rows_per_message = 1.0  # drains both background messages at once
+    server._background_job_rows = 1.0
+    server.cycle(block_s=0.01)
+    settle(server.writer)
+    assert world.result(first) is not None and world.result(second) is None
+    assert world.queued() == 0, "the second background job waits in the server"
+    online = client.submit(MODEL, {"x": rows_of(1, 7)}).id
+    server.cycle(block_s=0.01)
+    settle(server.writer)
+    assert world.result(online) is not None and world.result(second) is None
+    world.run(server)
+    assert world.batch_rows == [8, 1, 8]
+
+
+def test_small_background_jobs_batch_up_to_the_cap(world: World) -> None:
+    client = world.client()
+    ids = [client.submit(MODEL, {"x": rows_of(2, s)}, priority=9).id for s in range(4)]
+    server = world.server(max_rows=8)
+    server.intake.rows_per_message = 1.0
+    online_recently(server, 0.00025)
+    world.run(server)
+    assert world.batch_rows == [4, 4]
+    assert all(world.ok(i).batch_size == 4 for i in ids)
+
+
+def test_a_background_job_failing_in_a_slice_fails_once_and_alone(world: World) -> None:
+    client = world.client()
+    bad = rows_of(12, 1)
+    bad[9, 2] = MARKER
+    failing = client.submit(MODEL, {"x": bad}, priority=9).id
+    fine = client.submit(MODEL, {"x": rows_of(3, 2)}, priority=9).id
+    failed: list[tuple[str, str]] = []
+
+    class Failures(Observer):
+        def job_failed(self, job_id: str, error: JobFailed, version: int | None) -> None:
+            failed.append((job_id, error.code))
+
+    server = world.server(max_rows=8, observer=Failures())
+    online_recently(server, 0.00025)
+    world.run(server)
+    assert world.batch_rows[:3] == [4, 4, 4], "the third slice holds the bad row"
+    assert isinstance(world.result(failing), InternalError)
+    assert failed == [(failing, "INTERNAL")]
+    assert world.ok(fine)["y"].shape == (3, 1)
+    assert world.unacked() == set()
+
+
+def test_the_cap_learns_from_background_runs(world: World) -> None:
+    client = world.client()
+    client.submit(MODEL, {"x": rows_of(8, 1)}, priority=9)
+    server = world.server(max_rows=8)
+    assert server._cap.seconds_per_row is None
+    world.run(server)
+    assert server._cap.seconds_per_row is not None and server._cap.seconds_per_row > 0
+    client.submit(MODEL, {"x": rows_of(8, 1)})  # online runs teach it nothing
+    before = server._cap.seconds_per_row
+    world.run(server)
+    assert server._cap.seconds_per_row == before
+
+
+def test_a_server_takes_no_more_background_jobs_than_its_next_run_needs(world: World) -> None:
+    client = world.client()
+    ids = [client.submit(MODEL, {"x": rows_of(4, s)}, priority=9).id for s in range(6)]
+    server = world.server(max_rows=16)
+    server._background_job_rows = 4.0  # learned: batch jobs of 4 rows
+    server.cycle(block_s=0.01)
+    assert world.batch_rows == [16] and world.queued() == 2
+    online_recently(server, 0.00025)  # background runs of 4 rows from now on
+    server.cycle(block_s=0.01)
+    assert world.batch_rows == [16, 4]
+    assert world.queued() == 1, "the rest is left for whichever worker is free first"
+    world.run(server)
+    assert world.batch_rows == [16, 4, 4]
+    assert all(world.ok(i)["y"].shape == (4, 1) for i in ids)
+
+
+def test_background_messages_drained_with_online_ones_are_read_after_the_online_batch(
+        world: World) -> None:
+    client = world.client()
+    background = client.submit(MODEL, {"x": rows_of(8, 1)}, priority=9).id
+    online = client.submit(MODEL, {"x": rows_of(1, 2)}).id
+    events: list[tuple[str, list[str]]] = []
+
+    class Order(Observer):
+        def received(self, job_ids: Sequence[str], redelivered: bool) -> None:
+            events.append(("received", list(job_ids)))
+
+        def batch_started(self, batch: Batch) -> None:
+            events.append(("batch", [p.job.id for p in batch.jobs]))
+
+    server = world.server(max_rows=8, observer=Order())
+    server.intake.rows_per_message = 1.0  # one drain takes both messages
+    server._background_job_rows = 1.0
+    server.cycle(block_s=0.01)
+    assert events == [("received", [online]), ("batch", [online]), ("received", [background])]
+    assert world.queued() == 0 and [p.job.id for p in server._waiting] == [background]
+    world.run(server)
+    assert world.ok(background)["y"].shape == (8, 1) and world.ok(online).batch_size == 1

@@ -64,20 +64,23 @@ def _operational(f: Any) -> Any:
 @click.option("--id-column", default=None, help="A column carried through to the output.")
 @click.option("--chunk-rows", type=click.IntRange(1), default=None,
               help="Rows per job (default: the model's max_batch_rows).")
-@click.option("--version", type=int, default=None, help="Pin a model version.")
+@click.option("--version", default=None, metavar="N|ALIAS",
+              help="Model version: a number, 'latest' or an alias (such as canary), "
+                   "resolved as submit does, each job pinned to what it resolved to.")
 @click.option("--resume", is_flag=True,
               help="Finish the unfinished run writing --output (start one if there is none).")
 @_operational
 def run_command(model: str, input_path: Path, output_path: Path,
                 column_specs: tuple[str, ...], id_column: str | None, chunk_rows: int | None,
-                version: int | None, resume: bool, **options: Any) -> None:
+                version: str | None, resume: bool, **options: Any) -> None:
     """Score every row of --input with MODEL into --output, at priority 9 (online first)."""
     from workers.batch import runs
     from workers.batch.runner import RunSpec
 
     spec = RunSpec(model=model, input=str(input_path), output=str(output_path),
                    columns=list(column_specs), id_column=id_column, chunk_rows=chunk_rows,
-                   version=version, **_given(options, defaults=True))
+                   version=int(version) if version is not None and version.isdigit()
+                   else version, **_given(options, defaults=True))
     _finish(lambda client, flags: runs.run(client, spec, resume=resume, **flags), options)
 
 

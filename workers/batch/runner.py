@@ -49,7 +49,8 @@ class RunSpec:
     id_column: str | None
     chunk_rows: int | None
     max_in_flight: int = 16
-    version: int | None = None
+    #: A number, ``latest``, an alias, or None: resolved at each job's submission.
+    version: int | str | None = None
     retries: int = 2
     on_error: str = "skip"
     timeout: float = 600.0
@@ -57,6 +58,12 @@ class RunSpec:
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def version_number(version: int | str | None) -> int | None:
+    """The version to read the model's signature for: an alias or ``latest`` reads the
+    model's (a version's signature is the model's)."""
+    return version if isinstance(version, int) else None
 
 
 class Runner:
@@ -79,7 +86,7 @@ class Runner:
         """Run to the end and assemble the output; BatchStopped (``on_error="fail"``) and
         BatchInterrupted (Ctrl-C) leave a resumable run."""
         spec, started = self.spec, time.monotonic()
-        info = self.client.model(spec.model, spec.version)
+        info = self.client.model(spec.model, version_number(spec.version))
         if info is None:
             raise BatchError(f"no worker ever registered model {spec.model!r}, so its inputs "
                              "are unknown: start a worker that serves it")

@@ -20,7 +20,7 @@ from producer.wire.connect import connect
 from workers.batch import columns, readers, writers
 from workers.batch.errors import BatchError
 from workers.batch.progress import Summary
-from workers.batch.runner import Runner, RunSpec
+from workers.batch.runner import Runner, RunSpec, version_number
 from workers.batch.spool import Spool, spool_dir
 from workers.batch.state import DEFAULT_TTL_S, RunState, fingerprint, new_run_id
 
@@ -56,7 +56,10 @@ def run(client: InferenceClient, spec: RunSpec, *, resume: bool = False,
                              f"{spool.directory}")
         return _resume(client, r, doc, _with_operational(stored, spec), retry_failed, ttl_s,
                        bar, keep_spool)
-    info = client.model(spec.model, spec.version)
+    info = client.model(spec.model, version_number(spec.version))
+    if isinstance(spec.version, str):
+        # An unknown alias is refused now, as submit would refuse it, not at the first chunk.
+        client._pin(spec.model, spec.version, [spec.input])
     if info is None:
         raise BatchError(f"no worker ever registered model {spec.model!r}, so its inputs are "
                          "unknown: start a worker that serves it")

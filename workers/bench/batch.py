@@ -1,9 +1,9 @@
 """``inferq bench --batch``: a whole Parquet file of ``mlp`` rows through ``inferq batch``.
 
 The bench writes the file (seeded rows, one fixed-size list column ``x`` and an ``id``),
-runs ``inferq batch run`` as its own process (its RSS sampled), probes online latency with
-one job at a time before and during the batch, and checks a sample of the output against
-ONNX Runtime run directly.
+runs ``inferq batch run`` as its own process (its RSS sampled), offers online jobs at a
+steady 200/s with no batch running (before and after it) and during the batch (the same
+worker, the same run), and checks a sample of the output against ONNX Runtime run directly.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from producer import InferenceClient
+from producer import InferenceClient, JobResult
 from workers.bench import measure
 from workers.bench.fleet import inferq_workers
 from workers.launch.demo import percentiles
@@ -72,22 +72,71 @@ def _sample_check(model_dir: Path, output: Path, rows: int, width: int) -> dict[
             "allclose": bool(np.allclose(got, want, rtol=1e-4, atol=1e-4))}
 
 
-class _Online(threading.Thread):
-    """One online job at a time (priority 0) until stopped; round-trip milliseconds."""
+#: Online jobs a second offered by the latency probe, quiet and during the batch.
+ONLINE_RATE = 200.0
+#: Seconds of each quiet probe (no batch running), before and after the batch.
+QUIET_S = 6.0
+#: Seconds after the batch command starts before the probe counts (reading, first chunks).
+BATCH_WARMUP_S = 1.5
 
-    def __init__(self, client: InferenceClient, inputs: Sequence[dict[str, Any]]) -> None:
+
+class _Online(threading.Thread):
+    """Online jobs (priority 0) offered at a steady ``rate`` (open loop) until stopped.
+
+    Latency is each job's own ``total`` (enqueued to stored), so a slow result reader in
+    this process does not count; the stage breakdown says where the time went.
+    """
+
+    def __init__(self, client: InferenceClient, inputs: Sequence[dict[str, Any]],
+                 rate: float = ONLINE_RATE) -> None:
         super().__init__(daemon=True)
-        self.client, self.inputs = client, inputs
-        self.stop, self.ms = threading.Event(), list[float]()
+        self.client, self.inputs, self.rate = client, inputs, rate
+        self.stop, self.ids = threading.Event(), list[str]()
+        self.seconds = 0.0
 
     def run(self) -> None:
-        i = 0
+        start, sent = time.perf_counter(), 0
         while not self.stop.is_set():
-            start = time.perf_counter()
-            self.client.submit(MODEL, self.inputs[i % len(self.inputs)]).result(timeout=60)
-            self.ms.append((time.perf_counter() - start) * 1000)
-            i += 1
-            self.stop.wait(0.02)  # about 50 online jobs a second: a light online load
+            due = int((time.perf_counter() - start) * self.rate) + 1 - sent
+            for _ in range(max(0, due)):
+                self.ids.append(self.client.submit(MODEL, self.inputs[sent % len(
+                    self.inputs)]).id)
+                sent += 1
+            if due <= 0:
+                self.stop.wait(0.25 / self.rate)
+        self.seconds = time.perf_counter() - start
+
+
+def figures(probes: Sequence[_Online]) -> dict[str, Any]:
+    """Latency percentiles (ms) of every job the ``probes`` offered, with stages' p99."""
+    ids = [i for p in probes for i in p.ids]
+    if not ids:
+        return {"jobs": 0}
+    outcomes = probes[0].client.outcomes(ids, timeout=600)
+    done = [r for r in outcomes if isinstance(r, JobResult)]
+    if not done:
+        return {"jobs": 0, "failed": len(outcomes)}
+    out: dict[str, Any] = percentiles([float(r.timings_ms["total"] or 0) for r in done])
+    for stage in ("queued", "batch_wait", "inference"):
+        values = [float(v) for r in done if (v := r.timings_ms.get(stage)) is not None]
+        if values:
+            out[f"{stage}_p99"] = percentiles(values)["p99"]
+    seconds = sum(p.seconds for p in probes)
+    out.update(jobs=len(done), failed=len(outcomes) - len(done),
+               jobs_per_s=round(len(done) / max(seconds, 1e-9), 1),
+               mean_batch_rows=round(float(np.mean([r.batch_size for r in done])), 1))
+    return out
+
+
+def online_probe(client: InferenceClient, inputs: Sequence[dict[str, Any]],
+                 seconds: float, rate: float = ONLINE_RATE) -> _Online:
+    """Offer ``rate`` online jobs a second for ``seconds``; the probe, for :func:`figures`."""
+    probe = _Online(client, inputs, rate)
+    probe.start()
+    time.sleep(seconds)
+    probe.stop.set()
+    probe.join()
+    return probe
 
 
 def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None,
@@ -109,27 +158,36 @@ def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None
     with inferq_workers(url, model_dir, MODEL, 1, gpus, logs / "batch.log"), \
             InferenceClient(url) as client:
         client.results([h.id for h in client.submit_many(MODEL, inputs)], timeout=120)
-        quiet = measure.inferq_one_at_a_time(client, MODEL, inputs, 300)
+        say(f"  online probe: {ONLINE_RATE:.0f} jobs/s, {QUIET_S:.0f} s before and after the "
+            "batch (quiet) and during it")
+        before = online_probe(client, inputs, QUIET_S)
         probe = _Online(client, inputs)
         rss: list[int] = []
         with open(logs / "batch-command.log", "w") as err:
             proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=err)
-            probe.start()
+            started = time.monotonic()
             while proc.poll() is None:
+                if not probe.is_alive() and time.monotonic() - started >= BATCH_WARMUP_S:
+                    probe.start()
                 try:
                     rss.append(measure.rss_bytes(proc.pid))
                 except (OSError, ValueError):
                     break
-                time.sleep(0.2)
+                time.sleep(0.1)
             out, _ = proc.communicate()
         probe.stop.set()
-        probe.join()
+        if probe.is_alive():
+            probe.join()
+        after = online_probe(client, inputs, QUIET_S)
+        busy = figures([probe])
+        # Quiet before and after, pooled: the machine's own noise drifts over a run.
+        calm = figures([before, after])
+        calm_each = [figures([before]).get("p99"), figures([after]).get("p99")]
     if proc.returncode != 0:
         raise RuntimeError(f"inferq batch run exited {proc.returncode}: see "
                            f"{logs / 'batch-command.log'}")
     summary = json.loads(out)
     sample = _sample_check(model_dir, output, rows, width)
-    busy, calm = percentiles(probe.ms or [0.0]), percentiles(quiet)
     result = {
         "rows": summary["rows"], "seconds": round(summary["seconds"], 2),
         "rows_per_s": summary["rows_per_s"], "jobs": summary["jobs_submitted"],
@@ -139,13 +197,19 @@ def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None
         "rss_max_mb": round(max(rss) / 1e6, 1) if rss else None,
         "rss_samples": len(rss),
         "input_mb": round(data.stat().st_size / 1e6, 1),
-        "online_quiet_ms": calm, "online_during_batch_ms": busy,
-        "online_jobs_during_batch": len(probe.ms),
-        "online_p99_ratio": round(busy["p99"] / calm["p99"], 2) if probe.ms else None,
+        "online_rate_per_s": ONLINE_RATE,
+        "online_quiet_ms": calm, "online_quiet_p99_before_after_ms": calm_each,
+        "online_during_batch_ms": busy,
+        "online_p99_ratio": round(busy["p99"] / calm["p99"], 2)
+        if "p99" in busy and "p99" in calm else None,
         "sample": sample, "command": " ".join(["inferq", *argv[3:]]),
     }
     say(f"  batch: {result['rows']:,} rows in {result['seconds']} s "
         f"({result['rows_per_s']:,.0f} rows/s, {result['ratio_to_saturation']} of saturation), "
-        f"RSS max {result['rss_max_mb']} MB; online p99 {calm['p99']:.2f} ms quiet, "
-        f"{busy.get('p99', 0):.2f} ms during the batch; sample {sample}")
+        f"RSS max {result['rss_max_mb']} MB; sample {sample}")
+    say(f"  online at {ONLINE_RATE:.0f}/s: p50 / p99 {calm.get('p50', 0):.2f} / "
+        f"{calm.get('p99', 0):.2f} ms quiet (p99 {calm_each[0]} before, {calm_each[1]} "
+        f"after), {busy.get('p50', 0):.2f} / "
+        f"{busy.get('p99', 0):.2f} ms during the batch ({busy.get('jobs', 0)} jobs): "
+        f"p99 ratio {result['online_p99_ratio']}")
     return result

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -22,6 +22,11 @@ class BatchPolicy:
 
     max_rows: int
     max_wait_s: float
+    #: While online (higher-priority) jobs have been seen within ``online_recent_s``, a model
+    #: run of background (lowest-priority) rows lasts about this long, so an online job
+    #: arriving meanwhile waits at most that; otherwise background runs are full size.
+    background_run_s: float = 0.001
+    online_recent_s: float = 1.0
 
     def should_flush(self, rows: int, waited_s: float, queue_empty: bool) -> bool:
         if rows <= 0:
@@ -127,3 +132,56 @@ def pick(waiting: Sequence[W], max_rows: int) -> tuple[list[W], list[W]]:
     batch = group[: take([w.rows for w in group], max_rows)]
     chosen = {id(w) for w in batch}
     return batch, [w for w in waiting if id(w) not in chosen]
+
+
+def online_first(waiting: Sequence[W], background: Callable[[W], bool]) -> list[W]:
+    """The jobs that may form the next batch: the online (not ``background``) ones when
+    any wait, oldest first, so an online job never shares a run with background rows;
+    otherwise every background job."""
+    online = [w for w in waiting if not background(w)]
+    return online or list(waiting)
+
+
+#: A background run takes at least ``max_rows`` over this many rows, however slow rows
+#: seem (a busy machine inflates the measure): below that, the per-run overhead (an online
+#: look, a model call) would cost the batch more throughput than it saves online latency.
+BACKGROUND_MIN_PART = 8
+
+
+class BackgroundCap:
+    """How many background rows one model run may take (see ``BatchPolicy.background_run_s``).
+
+    It learns the model's seconds per row from the background runs themselves, so the cap
+    follows the model and the machine: about ``background_run_s`` of model time while online
+    jobs are about (at least ``max_rows / BACKGROUND_MIN_PART`` rows, and one), ``max_rows``
+    when they are not.
+    """
+
+    def __init__(self, policy: BatchPolicy) -> None:
+        self.policy = policy
+        #: Running average of seconds per background row; None before the first run.
+        self.seconds_per_row: float | None = None
+        self.online_seen = -1e18
+
+    def saw_online(self, now: float) -> None:
+        """Online jobs were waiting at ``now`` (monotonic seconds)."""
+        self.online_seen = now
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """A background run of ``rows`` rows took ``seconds``."""
+        if rows <= 0 or seconds <= 0:
+            return
+        per_row = seconds / rows
+        self.seconds_per_row = (per_row if self.seconds_per_row is None
+                                else 0.8 * self.seconds_per_row + 0.2 * per_row)
+
+    def online_recent(self, now: float) -> bool:
+        return now - self.online_seen < self.policy.online_recent_s
+
+    def rows(self, now: float) -> int:
+        """Rows the next background run may take at ``now`` (monotonic seconds)."""
+        limit = self.policy.max_rows
+        if self.seconds_per_row is None or not self.online_recent(now):
+            return limit
+        fitting = int(self.policy.background_run_s / self.seconds_per_row)
+        return max(limit // BACKGROUND_MIN_PART, 1, min(limit, fitting))

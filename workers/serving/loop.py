@@ -13,20 +13,25 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 import redis
 import structlog
 
 from producer import wire
-from producer.errors import InternalError, JobFailed
+from producer.errors import InternalError, JobFailed, ModelNotFound
 from workers.serving.batching import (
+    MAX_DRAIN,
     Arrays,
+    BackgroundCap,
     BatchPolicy,
     collate,
     drain_size,
     join,
+    online_first,
     parts,
     pick,
+    rows_per_message,
     split,
 )
 from workers.serving.inflight import InFlight, Message
@@ -41,6 +46,17 @@ from workers.serving.writer import Completed, ResultWriter
 log = structlog.get_logger(__name__)
 
 
+@dataclass
+class _Slices:
+    """A background job run a slice at a time, so online jobs can go between its slices."""
+
+    job: Pending
+    started: float
+    done: int = 0
+    outputs: list[Arrays] = field(default_factory=list)
+    runs: list[int] = field(default_factory=list)
+
+
 class ModelServer:
     """Serves every loaded version of one model from its queue."""
 
@@ -49,6 +65,8 @@ class ModelServer:
                  observer: Observer, policy: BatchPolicy, worker: str, instance: int = 0,
                  redis_url: str = "") -> None:
         self.name = name
+        #: Loaded versions. Replaced whole, never changed in place, when versions are loaded or
+        #: unloaded while serving: this thread reads it without a lock.
         self.versions = dict(versions)
         self.reader, self.intake, self.writer = reader, intake, writer
         self.inflight: InFlight = intake.inflight
@@ -66,6 +84,17 @@ class ModelServer:
         self._backlog = False
         self._docs: list[tuple[str, bytes, str | None]] = []
         self._runs: list[int] = []
+        #: Background (lowest-priority) rows per run while online jobs are about.
+        self._cap = BackgroundCap(policy)
+        self._sliced: _Slices | None = None
+        #: Background rows of the run under way, for the cap to learn how long a row takes.
+        self._background_rows = 0
+        #: Running average of the rows of a background job (batch chunks are large): how
+        #: many to drain for the room left in a background run. Starts at one per drain.
+        self._background_job_rows = float(policy.max_rows)
+        #: Background messages drained with online ones, read after the online batch ran
+        #: (in the same cycle: none is left over).
+        self._deferred: list[tuple[str, bytes]] = []
         self.log = log.bind(model=name, worker=worker, instance=instance)
         self.outage = Outage(self.log, "queue", redis_url)
 
@@ -93,7 +122,10 @@ class ModelServer:
         self.writer.close()
 
     def cycle(self, block_s: float) -> int:
-        """Wait for work (up to ``block_s``), form one batch and run it; return its jobs."""
+        """Wait for work (up to ``block_s``), form one batch and run it; return the jobs it
+        finished. Online jobs go first, in batches of their own; a background job larger than
+        the background cap (:class:`~workers.serving.batching.BackgroundCap`) runs one slice
+        per cycle, so online jobs go between its slices."""
         if not self._waiting and not self._backlog and not self.reader.wait(block_s):
             return 0
         empty = self._fill()
@@ -101,34 +133,154 @@ class ModelServer:
             sum(p.rows for p in self._waiting), wire.now() - self._waiting[0].picked_at, empty
         ):
             empty = self._fill()
-        done = self._run_batch() if self._waiting else 0
+        done = 0
+        if self._waiting:
+            self._background_rows = 0
+            started = time.monotonic()
+            done = self._run_batch()
+            if self._background_rows:
+                # The whole step, outputs encoded included: what an online job waits behind.
+                self._cap.observe(self._background_rows, time.monotonic() - started)
         # Nothing else waiting: write on this thread and save the hand-off to the writer.
-        self._hand_off(inline=empty and not self._waiting)
+        self._hand_off(inline=empty and not self._waiting and not self._deferred)
+        if self._deferred:
+            drained, self._deferred = self._deferred, []
+            self._take(drained)
         return done
 
     def _fill(self) -> bool:
-        """Drain messages into the waiting jobs; True when the queue had nothing more."""
+        """Drain messages into the waiting jobs; True when the queue had nothing more (or
+        nothing more that the next batch could take)."""
         want = drain_size(self.policy.max_rows - sum(p.rows for p in self._waiting),
                           self.intake.rows_per_message)
-        if not want:
-            return False
-        drained, left = self.reader.drain(want)
+        background = sum(p.rows for p in self._waiting if self._background(p))
+        room = self._cap.rows(time.monotonic()) - background
+        online = background < sum(p.rows for p in self._waiting)
+        if online or (background and room <= 0):
+            # The next batch is online jobs, or background jobs already fill it: take only
+            # online jobs (those that arrived meanwhile run next, not after the background
+            # ones), and leave the other background jobs to whichever worker is free first.
+            if not want and online:
+                return False
+            drained, left = self.reader.drain(want or min(MAX_DRAIN, self.policy.max_rows),
+                                              max_background=0)
+            self._backlog = self._backlog or left > 0
+            self._take(drained)
+            return left == 0 or not online
+        # No more background jobs than their next run takes (online jobs: as many as fit).
+        drained, left = self.reader.drain(want, drain_size(room, self._background_job_rows))
         self._backlog = left > 0
-        pending, failures = self.intake.take(drained, wire.now())
-        self._waiting += pending
-        for job_id, error, message, version in failures:
-            self._fail(job_id, error, message, version)
+        self._take(drained)
         return left == 0
 
+    def _take(self, drained: list[tuple[str, bytes]]) -> None:
+        if not drained:
+            return
+        background = [m for m in drained if self.reader.background(m[0])]
+        if background and len(background) < len(drained):
+            # Online and background messages in one drain: the background ones are read
+            # (decoded, checked) once the online batch has run, not before it.
+            self._deferred += background
+            drained = [m for m in drained if not self.reader.background(m[0])]
+        pending, failures = self.intake.take(drained, wire.now())
+        self._waiting += pending
+        online = False
+        for p in pending:
+            if self._background(p):
+                self._background_job_rows = rows_per_message(self._background_job_rows, p.rows)
+            else:
+                online = True
+        if online:
+            self._cap.saw_online(time.monotonic())
+        for job_id, error, message, version in failures:
+            self._fail(job_id, error, message, version)
+
+    def _background(self, pending: Pending) -> bool:
+        return self.reader.background(pending.message.tag)
+
+    def _online_waiting(self) -> bool:
+        return not all(self._background(p) for p in self._waiting)
+
+    def _pick(self) -> tuple[list[Pending], list[Pending]]:
+        """The next batch: online jobs alone when any wait; otherwise background jobs, up
+        to the background cap."""
+        candidates = online_first(self._waiting, self._background)
+        limit = self.policy.max_rows
+        if self._background(candidates[0]):
+            limit = self._cap.rows(time.monotonic())
+        jobs, rest = pick(candidates, limit)
+        if len(candidates) == len(self._waiting):
+            return jobs, rest
+        chosen = {id(j) for j in jobs}
+        return jobs, [w for w in self._waiting if id(w) not in chosen]
+
+    def _run_slice(self) -> int | None:
+        """Run the next slice of a background job larger than the background cap: 1 once
+        its last slice ran, 0 before; None when the next batch is not such a slice."""
+        if not self._waiting or self._online_waiting():
+            return None
+        head = self._waiting[0]
+        sliced = self._sliced if self._sliced is not None and self._sliced.job is head else None
+        limit = self._cap.rows(time.monotonic())
+        if sliced is None and (head.rows <= limit or head.suspect):
+            return None
+        model = self.versions.get(head.version)
+        if model is None:
+            return None
+        if sliced is None:
+            sliced = self._sliced = _Slices(head, started=wire.now())
+        first = sliced.done
+        rows = min(limit, head.rows - first)
+        part = replace(head, rows=rows,
+                       inputs={n: a[first:first + rows] for n, a in head.inputs.items()})
+        self._background_rows = rows
+        self.batch_started = time.monotonic()
+        try:
+            [(outcome, _)] = self._infer(model, [part])
+        finally:
+            self.batch_started = None
+        if not isinstance(outcome, JobFailed):
+            sliced.outputs.append(outcome)
+            sliced.runs.append(rows)
+            sliced.done += rows
+            if sliced.done < head.rows:
+                return 0
+            outcome = join(sliced.outputs)
+        self._sliced = None
+        self._waiting = self._waiting[1:]
+        batch = Batch(self.name, head.version, model.provider, [head], head.rows,
+                      started=sliced.started)
+        self.observer.batch_started(batch)
+        batch.finished = batch.stored = wire.now()
+        batch.runs = sliced.runs or [rows]
+        self.jobs_done += 1
+        if isinstance(outcome, JobFailed):
+            self._fail(head.job.id, outcome, head.message, head.version)
+        else:
+            self._succeed(head, outcome, batch, max(batch.runs), wire.date_done())
+        self.observer.batch_done(batch, [outcome])
+        return 1
+
     def _run_batch(self) -> int:
-        jobs, self._waiting = pick(self._waiting, self.policy.max_rows)
+        if (finished := self._run_slice()) is not None:
+            return finished
+        jobs, self._waiting = self._pick()
+        if self._background(jobs[0]):
+            self._background_rows = sum(p.rows for p in jobs)
         head = jobs[0]
         if head.suspect and (error := self.poison.check(
                 head.job.id, self.name, head.version, head.inputs)) is not None:
             self.log.error("job_poisoned", job_id=head.job.id, message=error.message)
             self._fail(head.job.id, error, head.message, head.version)
             return 1
-        model = self.versions[head.version]
+        model = self.versions.get(head.version)
+        if model is None:
+            # Unloaded while these jobs waited (removed from the repository, grace over).
+            unloaded = ModelNotFound(f"model {self.name!r} has no version {head.version} any "
+                                     f"more; served: {sorted(self.versions)}")
+            for pending in jobs:
+                self._fail(pending.job.id, unloaded, pending.message, head.version)
+            return len(jobs)
         batch = Batch(self.name, head.version, model.provider, jobs,
                       sum(p.rows for p in jobs), started=wire.now())
         self.observer.batch_started(batch)

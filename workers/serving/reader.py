@@ -19,16 +19,18 @@ import redis
 from producer.wire import UNACKED, UNACKED_INDEX, now, priority_queues
 
 # KEYS: unacked, unacked_index, queue lists in priority order.
-# ARGV: max messages, now, tag prefix, queue name.
+# ARGV: max messages, now, tag prefix, queue name, max messages from the last (lowest
+# priority) list. A tag ends with '@' and the index of the list its message came from.
 _DRAIN = """
 local want = tonumber(ARGV[1])
 local out = {}
 for k = 3, #KEYS do
+  if k == #KEYS then want = math.min(want, tonumber(ARGV[5])) end
   if want <= 0 then break end
   local got = redis.call('RPOP', KEYS[k], want)
   if got then
     for _, m in ipairs(got) do
-      local tag = ARGV[3] .. (#out + 1)
+      local tag = ARGV[3] .. (#out + 1) .. '@' .. (k - 3)
       redis.call('HSET', KEYS[1], tag, '[' .. m .. ', "", "' .. ARGV[4] .. '"]')
       redis.call('ZADD', KEYS[2], ARGV[2], tag)
       out[#out + 1] = tag
@@ -38,12 +40,17 @@ for k = 3, #KEYS do
   end
 end
 local left = 0
-for k = 3, #KEYS do
+local last = #KEYS
+if tonumber(ARGV[5]) <= 0 then last = #KEYS - 1 end
+for k = 3, last do
   left = left + redis.call('LLEN', KEYS[k])
 end
 out[#out + 1] = left
 return out
 """
+
+#: A delivery tag ends with ``@<n>``: the message came from the queue's n-th priority list.
+LEVEL_SEP = "@"
 
 
 #: While priority lists were used this recently (seconds), a wait blocks in steps of
@@ -60,6 +67,7 @@ class QueueReader:
         self.queue = queue
         self._keys = [UNACKED, UNACKED_INDEX, *priority_queues(queue)]
         self._lists = priority_queues(queue)
+        self._background_suffix = f"{LEVEL_SEP}{len(self._lists) - 1}"
         self._drain = client.register_script(_DRAIN)
         self._prefix = f"inferq-{uuid.uuid4().hex[:12]}-"
         self._priority_seen = -1e9
@@ -96,15 +104,26 @@ class QueueReader:
             if moved is not None:
                 return True
 
-    def drain(self, max_messages: int) -> tuple[list[tuple[str, bytes]], int]:
-        """Pop up to ``max_messages`` (oldest first) and record them as unacknowledged.
+    def drain(self, max_messages: int, max_background: int | None = None
+              ) -> tuple[list[tuple[str, bytes]], int]:
+        """Pop up to ``max_messages`` (oldest first, higher priorities first) and record
+        them as unacknowledged; at most ``max_background`` of them from the lowest-priority list
+        (batch runs), any number when None.
 
-        Returns the messages and how many are still waiting, so the caller knows the queue
-        is empty without asking again.
+        Returns the messages and how many are still waiting (in the lists it may take from),
+        so the caller knows the queue is empty without asking again.
         """
         prefix = f"{self._prefix}{next(self._calls)}-"
+        most = max(1, max_messages)
         flat: list[Any] = self._drain(
-            keys=self._keys, args=[max(1, max_messages), now(), prefix, self.queue]
+            keys=self._keys,
+            args=[most, now(), prefix, self.queue,
+                  most if max_background is None else max_background]
         )
         left = int(flat.pop())
         return [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)], left
+
+    def background(self, tag: str) -> bool:
+        """Whether the message drained under ``tag`` came from the lowest-priority list
+        (batch runs): background work that online jobs go ahead of."""
+        return tag.endswith(self._background_suffix)
