@@ -69,7 +69,25 @@ class Settings:
     #: Seconds a queue of a model no worker registered may hold jobs before they are
     #: answered NOT_FOUND.
     unknown_model_grace_s: float = 30.0
+    #: Seconds between rescans of the model repository for versions added or removed (a
+    #: change announced by ``inferq models add/remove/reload`` is picked up at once).
+    rescan_s: float = 30.0
+    #: Seconds a version removed from the repository stays loaded after the last job for it
+    #: (while a route names it, it stays loaded regardless).
+    unload_grace_s: float = 120.0
+    #: Memory (MB) left free when a version is loaded while serving: a version whose
+    #: estimated size does not fit in what is available minus this is refused.
+    memory_headroom_mb: float = 256.0
     hostname: str = field(default_factory=lambda: f"cpu@{socket.gethostname()}")
+    # --- drift (workers/serving/drift.py) ---
+    #: Keep live histograms of inputs and outputs for drift (INFERQ_DRIFT=0: off).
+    drift: bool = True
+    #: Fraction of rows binned for drift (every k-th row, k = round(1 / sample)).
+    drift_sample: float = 0.1
+    #: Rows a version's reference is built from when it has no profile.json.
+    drift_reference_rows: int = 5000
+    #: Seconds between writes of the drift counts to Redis.
+    drift_flush_s: float = 5.0
 
     def session_threads(self, instances: int) -> int:
         """ONNX Runtime intra-op threads for one model served by ``instances`` instances.
@@ -113,8 +131,17 @@ class Settings:
                 raise SettingsError(str(exc)) from None
         if self.max_executions < 1:
             raise SettingsError("INFERQ_MAX_EXECUTIONS must be >= 1")
+        if self.rescan_s <= 0:
+            raise SettingsError("INFERQ_RESCAN_S must be > 0 seconds")
+        if self.unload_grace_s < 0 or self.memory_headroom_mb < 0:
+            raise SettingsError("INFERQ_UNLOAD_GRACE_S and INFERQ_MEMORY_HEADROOM_MB must be >= 0")
         if self.max_tensor_bytes <= 0:
             raise SettingsError("INFERQ_MAX_TENSOR_BYTES must be > 0")
+        if not 0 < self.drift_sample <= 1:
+            raise SettingsError("INFERQ_DRIFT_SAMPLE must be in (0, 1]")
+        if self.drift_reference_rows < 1 or self.drift_flush_s <= 0:
+            raise SettingsError("INFERQ_DRIFT_REFERENCE_ROWS must be >= 1 and "
+                                "INFERQ_DRIFT_FLUSH > 0 seconds")
         for url in (self.broker_url, self.result_url):
             if not url.startswith(("redis://", "rediss://", "unix://")):
                 raise SettingsError(f"only Redis URLs are supported, got {url!r}")
@@ -157,5 +184,13 @@ class Settings:
             task_events=env.get("INFERQ_TASK_EVENTS", "1") not in ("0", "false", "no"),
             events_max_rate=num("INFERQ_EVENTS_MAX_RATE", base.events_max_rate),
             unknown_model_grace_s=num("INFERQ_UNKNOWN_MODEL_GRACE", base.unknown_model_grace_s),
+            rescan_s=num("INFERQ_RESCAN_S", base.rescan_s),
+            unload_grace_s=num("INFERQ_UNLOAD_GRACE_S", base.unload_grace_s),
+            memory_headroom_mb=num("INFERQ_MEMORY_HEADROOM_MB", base.memory_headroom_mb),
             hostname=env.get("INFERQ_HOSTNAME") or base.hostname,
+            drift=env.get("INFERQ_DRIFT", "1") not in ("0", "false", "no"),
+            drift_sample=num("INFERQ_DRIFT_SAMPLE", base.drift_sample),
+            drift_reference_rows=int(num("INFERQ_DRIFT_REFERENCE_ROWS",
+                                         base.drift_reference_rows)),
+            drift_flush_s=num("INFERQ_DRIFT_FLUSH", base.drift_flush_s),
         )

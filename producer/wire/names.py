@@ -29,6 +29,9 @@ UNACKED_INDEX = "unacked_index"
 RESULT_KEY_PREFIX = "celery-task-meta-"
 #: Hash of model name -> JSON signature, written by workers once a model is loaded and warm.
 MODELS_KEY = "inferq:models"
+#: Pub/sub channel on which a change to the model repository is announced (the message: a
+#: model's name, or empty for every model); workers load and unload versions without restart.
+MODELS_CHANNEL = "inferq:models:changed"
 #: Per-worker liveness key prefix (``inferq:worker:<hostname>``), refreshed while consuming.
 WORKER_KEY_PREFIX = "inferq:worker:"
 #: Per-model sorted set of the workers serving it, scored by when their heartbeat expires

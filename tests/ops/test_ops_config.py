@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,6 +55,8 @@ ALERTS = {  # name -> its `for`
     "InferqExporterDown": "2m",
     "InferqRedisDown": "1m",
     "InferqRedisMemoryHigh": "5m",
+    "InferqInputDrift": "15m",
+    "InferqRouteRolledBack": None,
 }
 #: Flower's task list: the model and version (args, kwargs) and the job's own runtime.
 FLOWER_COLUMNS = "name,uuid,state,args,kwargs,result,received,started,runtime,worker"
@@ -305,6 +308,22 @@ def _families(text: str) -> dict[str, set[str]]:
             for f in text_string_to_metric_families(text) if f.name.startswith("inferq_")}
 
 
+def _seed_drift(client: Any) -> None:
+    """A reference and a minute of counts of digits v1, as workers leave them."""
+    import numpy as np
+
+    from producer.wire import TensorSpec
+    from workers.ops import drift
+
+    rows = np.random.default_rng(0).normal(size=(500, 4)).astype(np.float32)
+    profile = drift.build_profile("digits", 1, [TensorSpec("pixels", "float32", (-1, 4))],
+                                  [], {"pixels": rows}, "test")
+    client.set(drift.ref_key("digits", 1), profile.dumps())
+    tensor = profile.tensors[0]
+    client.hset(drift.counts_key("digits", 1, profile.id, int(time.time() // 60)), "w",
+                profile.pack([tensor.counts(rows + 1)], [len(rows)]))
+
+
 @pytest.fixture(scope="module")
 def exposed_by() -> Iterator[dict[str, dict[str, set[str]]]]:
     """Per owner ("worker", "exporter"): family name -> sample names it really exposes."""
@@ -315,6 +334,7 @@ def exposed_by() -> Iterator[dict[str, dict[str, set[str]]]]:
     worker.model_ready("digits", 2, False)
     worker.job_done("digits", 1, "OK", 0.001, 0.001, 0.002)
     worker.batch_done("digits", 1, 1, 0.001)
+    worker.lifecycle.shadow_compared("digits", 2, True, {"probabilities": 0.01}, 1e-4, 1e-4)
     worker.set_ready(True)
     saved = sys.modules.get("pynvml")
     sys.modules["pynvml"] = _fake_nvml()
@@ -325,6 +345,7 @@ def exposed_by() -> Iterator[dict[str, dict[str, set[str]]]]:
             del sys.modules["pynvml"]
         else:
             sys.modules["pynvml"] = saved
+    _seed_drift(client)
     exporter = exporter_module.QueueExporter(client)
     exporter.sample()
     exporter_text = "".join(
@@ -350,6 +371,9 @@ def test_every_specified_metric_is_exposed(exposed: dict[str, set[str]]) -> None
         "inferq_gpu_memory_used_bytes", "inferq_gpu_memory_total_bytes", "inferq_worker_ready",
         "inferq_queue_consumers", "inferq_dead_letter_jobs", "inferq_redis_up",
         "inferq_redis_memory_used_bytes", "inferq_redis_maxmemory_bytes",
+        "inferq_drift_psi", "inferq_drift_psi_max",
+        "inferq_shadow_jobs", "inferq_shadow_labels", "inferq_shadow_abs_diff",
+        "inferq_shadow_latency_seconds", "inferq_route_rollbacks",
     }
     assert exposed["inferq_jobs"] == {"inferq_jobs_total"}
     assert exposed["inferq_batch_rows"] == {"inferq_batch_rows_bucket", "inferq_batch_rows_sum",
@@ -363,7 +387,8 @@ def test_each_series_has_one_owner(exposed_by: dict[str, dict[str, set[str]]]) -
     assert not worker & exporter
     assert exporter == {"inferq_queue_depth", "inferq_queue_oldest_age_seconds",
                         "inferq_queue_consumers", "inferq_dead_letter_jobs", "inferq_redis_up",
-                        "inferq_redis_memory_used_bytes", "inferq_redis_maxmemory_bytes"}
+                        "inferq_redis_memory_used_bytes", "inferq_redis_maxmemory_bytes",
+                        "inferq_drift_psi", "inferq_drift_psi_max"}
 
 
 def dashboard() -> dict[str, Any]:

@@ -146,7 +146,9 @@ def bench_model(name: str, model_dir: Path, url: str, redis_pid: int, load: Load
 def run(models: Sequence[str], *, workers: int = 1, gpus: Sequence[int] | None = None,
         quick: bool = False, json_path: Path | None = None, plot_path: Path | None = None,
         sweep: bool = False, payloads: bool = False, soak_jobs: int = 0,
-        batch_rows: int = 0, say: Callable[[str], None] = print) -> dict[str, Any]:
+        batch_rows: int = 0, isolate: bool = False, profile_s: float = 0.0,
+        gateway: bool = False, shadow: bool = False, drift: bool = False,
+        say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the benchmark on a private Redis and return (and optionally write) the figures."""
     loads = QUICK_LOADS if quick else DEFAULT_LOADS
     with tempfile.TemporaryDirectory(prefix="inferq-bench-") as tmp:
@@ -159,6 +161,13 @@ def run(models: Sequence[str], *, workers: int = 1, gpus: Sequence[int] | None =
                 report[name] = bench_model(name, root, server.url, server.pid, loads[name],
                                            workers, gpus, logs, say)
                 say(format_row(name, report[name]))
+            if isolate or profile_s:
+                from workers.bench.isolate import isolate_phase
+
+                report["isolated"] = {
+                    name: isolate_phase(server.url, server.pid, root, name, loads[name].inferq,
+                                        loads[name].one_at_a_time, logs, say, profile_s)
+                    for name in models}
             if payloads:
                 names = growth.write_payload_models(root)
                 say("payload sizes: " + ", ".join(names))
@@ -181,6 +190,24 @@ def run(models: Sequence[str], *, workers: int = 1, gpus: Sequence[int] | None =
                 report["batch"] = batch_phase(
                     server.url, root, batch_rows, gpus, logs,
                     report.get("mlp", {}).get("inferq_jobs_per_s"), say)
+            if gateway:
+                from workers.bench.gateway import format_gateway, gateway_phase
+
+                report["gateway"] = gateway_phase(server.url, root, workers, gpus, logs, say,
+                                                  quick=quick)
+                say(format_gateway(report["gateway"]))
+            if shadow:
+                from workers.bench.shadow import format_shadow, shadow_phase
+
+                report["shadow"] = shadow_phase(server.url, Path(tmp), server.pid, workers,
+                                                gpus, logs, say, quick=quick)
+                say(format_shadow(report["shadow"]))
+            if drift:
+                from workers.bench.drift import drift_phase, format_drift
+
+                report["drift"] = drift_phase(server.url, root, server.pid, models, workers,
+                                              gpus, logs, say, quick=quick)
+                say(format_drift(report["drift"]))
             if sweep or plot_path:
                 from workers.bench.sweep import sweep as run_sweep
 

@@ -159,9 +159,22 @@ def demo(keep: bool, log_path: Path | None) -> None:
 @click.option("--batch", "batch_rows", type=int, default=None, is_flag=False, flag_value=1_000_000,
               help="Also score a Parquet file of this many MLP rows with inferq batch "
                    "(--batch alone: 1,000,000).")
+@click.option("--gateway", is_flag=True,
+              help="Also measure the HTTP gateway and the asyncio client (mlp).")
+@click.option("--shadow", is_flag=True,
+              help="Also measure mlp with a 10% shadow version against none.")
+@click.option("--drift", is_flag=True,
+              help="Also measure mlp and cnn with drift histograms on against off.")
+@click.option("--isolate", is_flag=True,
+              help="Also measure each model's worker on core(s) of its own (the producer and "
+                   "Redis on the others) against ONNX Runtime alone on those core(s).")
+@click.option("--profile", "profile_s", type=float, default=0.0,
+              help="With --isolate: profile the worker for this many seconds (py-spy) and "
+                   "report its CPU per job by stage.")
 def bench(names: str, cpu_workers: int, gpus: str | None, quick: bool, json_path: Path | None,
           plot_path: Path | None, sweep: bool, payloads: bool, soak_jobs: int,
-          batch_rows: int | None) -> None:
+          batch_rows: int | None, gateway: bool, isolate: bool, profile_s: float,
+          shadow: bool, drift: bool) -> None:
     """Measure direct ONNX Runtime, naive Celery and inferq in one run."""
     from workers.bench.run import run as run_bench
     from workers.launch.launcher import detect_gpus, parse_gpus
@@ -169,19 +182,28 @@ def bench(names: str, cpu_workers: int, gpus: str | None, quick: bool, json_path
     indices = parse_gpus(gpus, detect_gpus()) if gpus else None
     run_bench([n for n in names.split(",") if n], workers=cpu_workers, gpus=indices,
               quick=quick, json_path=json_path, plot_path=plot_path, sweep=sweep,
-              payloads=payloads, soak_jobs=soak_jobs, batch_rows=batch_rows or 0, say=click.echo)
+              payloads=payloads, soak_jobs=soak_jobs, batch_rows=batch_rows or 0,
+              gateway=gateway, isolate=isolate, profile_s=profile_s, shadow=shadow,
+              drift=drift, say=click.echo)
 
 
 from workers.batch.cli import batch as batch_group  # noqa: E402  (inferq batch ...)
 from workers.gateway.cli import gateway as gateway_group  # noqa: E402  (HTTP API)
 from workers.launch.models_cli import models as models_group  # noqa: E402  (its commands)
 from workers.launch.routes_cli import COMMANDS as ROUTE_COMMANDS  # noqa: E402
+from workers.launch.shadow_cli import COMMANDS as SHADOW_COMMANDS  # noqa: E402
 
 main.add_command(models_group)
 main.add_command(batch_group)
 main.add_command(gateway_group)
 for _command in ROUTE_COMMANDS:
     main.add_command(_command)
+for _command in SHADOW_COMMANDS:
+    main.add_command(_command)
+
+from workers.launch.drift_cli import drift_command  # noqa: E402  (inferq drift)
+
+main.add_command(drift_command)
 
 
 @main.command()

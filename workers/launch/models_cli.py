@@ -54,6 +54,24 @@ def _scan(root: Path) -> tuple[dict[str, Any], dict[str, str]]:
         raise click.ClickException(str(exc)) from None
 
 
+def _announce(model: str | None) -> bool:
+    """Tell running workers that ``model`` (None: any model) changed in the repository, so
+    they load or unload versions now; they rescan every ``INFERQ_RESCAN_S`` regardless."""
+    from producer.wire.connect import broker_url, connect, masked
+    from producer.wire.names import MODELS_CHANNEL
+
+    url = broker_url()
+    try:
+        heard = connect(url, timeout=3, connect_timeout=3, retries=0).publish(
+            MODELS_CHANNEL, model or "")
+    except Exception as exc:  # no Redis here, refused, bad URL: the change is on disk
+        click.echo(f"  workers not told ({masked(url)}: {exc}); they notice within "
+                   "INFERQ_RESCAN_S (default 30 s)", err=True)
+        return False
+    click.echo(f"  told {heard} running worker(s) at {masked(url)}")
+    return True
+
+
 @click.group(invoke_without_command=True)
 @_MODEL_DIR
 @click.pass_context
@@ -129,6 +147,7 @@ def add(path: Path, name: str, version: int | None, max_batch_rows: int | None,
     click.echo(f"  max_batch_rows {m.max_batch_rows}, max_wait_ms {m.max_wait_ms}")
     for note in added.notes:
         click.echo(f"    {note}")
+    _announce(m.name)
 
 
 @models.command()
@@ -150,6 +169,18 @@ def remove(name: str, version: int, yes: bool, model_dir: Path | None) -> None:
     except WorkerError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"removed model {name}" if gone else f"removed {name} v{version}")
+    _announce(name)
+
+
+@models.command()
+@click.argument("name", required=False)
+def reload(name: str | None) -> None:
+    """Tell running workers to rescan the repository now (model NAME, or every model) and
+    to retry versions they refused; they load what was added and unload what was removed.
+
+    Exits 1 when Redis cannot be reached."""
+    if not _announce(name):
+        raise click.ClickException("no worker was told")
 
 
 @models.command()
@@ -185,3 +216,8 @@ def check(device: str | None, model_dir: Path | None) -> None:
         raise click.ClickException(f"no models in {root}")
     if failures:
         raise click.ClickException(f"{failures} of the models in {root} failed to load")
+
+
+from workers.launch.drift_cli import profile_command  # noqa: E402  (inferq models profile)
+
+models.add_command(profile_command)

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from producer.wire.routes import Route
+from producer.wire.routes import Guard, Route
 
 
 def _client() -> Any:
@@ -16,9 +16,19 @@ def _client() -> Any:
     return connect(broker_url(), timeout=5)
 
 
+def _extras(route: Route) -> str:
+    out = ""
+    if route.shadow is not None:
+        out += f"  shadow v{route.shadow.version} at {route.shadow.sample:g}"
+    if route.guard is not None:
+        out += f"  guard: {route.guard.describe()}"
+    return out
+
+
 def _show(model: str, route: Route) -> None:
     aliases = ", ".join(f"{a}={v}" for a, v in sorted(route.aliases.items())) or "none"
-    click.echo(f"{model}  route {route.describe()}  aliases {aliases}  (rev {route.rev})")
+    click.echo(f"{model}  route {route.describe()}  aliases {aliases}  (rev {route.rev})"
+               + _extras(route))
 
 
 def _split(specs: tuple[str, ...]) -> dict[int, float]:
@@ -39,11 +49,25 @@ def _split(specs: tuple[str, ...]) -> dict[int, float]:
 @click.command()
 @click.argument("model")
 @click.argument("split", nargs=-1, required=True)
-def route(model: str, split: tuple[str, ...]) -> None:
+@click.option("--rollback-on-error-rate", type=float, default=None,
+              help="Roll this split back when a version other than the largest fails more "
+                   "than this fraction of its jobs (e.g. 0.05).")
+@click.option("--rollback-on-p99-ms", type=float, default=None,
+              help="Roll this split back when such a version's p99 (enqueued to computed) "
+                   "exceeds this many ms.")
+@click.option("--guard-window", default=5, show_default=True,
+              help="Minutes of recent jobs a guard judges.")
+@click.option("--guard-min-jobs", default=20, show_default=True,
+              help="Jobs a version needs in the window before a guard judges it.")
+def route(model: str, split: tuple[str, ...], rollback_on_error_rate: float | None,
+          rollback_on_p99_ms: float | None, guard_window: int, guard_min_jobs: int) -> None:
     """Route jobs that name no version: one VERSION, or a split like 2=90 3=10."""
     from workers.ops import routes
 
-    _show(model, routes.set_split(_client(), model, _split(split)))
+    guard = None
+    if rollback_on_error_rate is not None or rollback_on_p99_ms is not None:
+        guard = Guard(rollback_on_error_rate, rollback_on_p99_ms, guard_window, guard_min_jobs)
+    _show(model, routes.set_split(_client(), model, _split(split), guard=guard))
 
 
 @click.command()
@@ -63,11 +87,35 @@ def alias(model: str, name: str, version: int | None, remove: bool) -> None:
 @click.command()
 @click.argument("model")
 @click.argument("version", type=int)
-def promote(model: str, version: int) -> None:
-    """Send all of MODEL's unpinned jobs to VERSION and make it the stable alias."""
+@click.option("--window", default=5, show_default=True,
+              help="Minutes of recent jobs to compare the two versions over.")
+@click.option("--max-error-increase", default=1.0, show_default=True,
+              help="Refuse when VERSION's error rate exceeds the current one's by more than "
+                   "this many points.")
+@click.option("--max-p99-increase", default=20.0, show_default=True,
+              help="Refuse when VERSION's p99 exceeds the current one's by more than this %.")
+@click.option("--force", is_flag=True, help="Promote even when the figures say no.")
+def promote(model: str, version: int, window: int, max_error_increase: float,
+            max_p99_increase: float, force: bool) -> None:
+    """Send all of MODEL's unpinned jobs to VERSION and make it the stable alias, unless
+    VERSION did worse than the current version over its recent jobs."""
     from workers.ops import routes
 
-    _show(model, routes.promote(_client(), model, version))
+    client = _client()
+    review = routes.review_promotion(client, model, version, window,
+                                     max_error_increase / 100, max_p99_increase / 100)
+    try:
+        new = routes.promote(client, model, version, review=review, force=force)
+    except routes.PromotionRefused as refused:
+        click.echo(review.describe(), err=True)
+        raise click.ClickException(str(refused)) from None
+    if review.candidate != review.current and not review.compared:
+        click.echo(f"warning: v{version} has no jobs in the last {window} min: nothing could "
+                   "be compared", err=True)
+    elif review.candidate != review.current:
+        click.echo(("forced over: " + "; ".join(review.refusals) + "\n"
+                    if review.refusals else "") + review.describe(), err=True)
+    _show(model, new)
 
 
 @click.command()
@@ -95,7 +143,7 @@ def show_routes(model: str, limit: int) -> None:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(old.at)) if old.at else "-"
         aliases = ", ".join(f"{a}={v}" for a, v in sorted(old.aliases.items())) or "none"
         click.echo(f"  rev {old.rev:>3}  {when}Z  {old.by or '-':<24} route {old.describe()}  "
-                   f"aliases {aliases}{'  (' + old.note + ')' if old.note else ''}")
+                   f"aliases {aliases}{_extras(old)}{'  (' + old.note + ')' if old.note else ''}")
 
 
 COMMANDS = (route, alias, promote, rollback, show_routes)

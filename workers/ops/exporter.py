@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -20,12 +21,15 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from producer import wire
 from producer.wire.connect import connect
+from workers.ops import drift
 from workers.ops.queues import queue_families, queue_stats
 
 log = structlog.get_logger(__name__)
 
 #: Port of ``inferq exporter``.
 EXPORTER_PORT = 9460
+#: Features per tensor exported with their PSI.
+DRIFT_TOP_K = 10
 
 
 def consumers(client: redis.Redis) -> dict[str, int]:
@@ -69,6 +73,7 @@ class QueueExporter:
         self.models = tuple(models)
         self._families: list[Metric] = []
         self._memory_refused = ""  # log a refused INFO once, not every interval
+        self.drift = DriftGauges(client)
 
     def sample(self, now: float | None = None) -> None:
         """Read Redis and replace what the next scrape returns. On a Redis error only
@@ -91,7 +96,8 @@ class QueueExporter:
             serving.add_metric((name,), live.get(name, 0))
         dlq = GaugeMetricFamily("inferq_dead_letter_jobs", f"Jobs in the {wire.DLQ_KEY} list.",
                                 value=dead)
-        self._families = [*queue_families(stats), serving, dlq, redis_up(True), *memory]
+        self._families = [*queue_families(stats), serving, dlq, redis_up(True), *memory,
+                          *self.drift.families()]
 
     def _memory(self) -> list[Metric]:
         """The memory gauges; none when Redis refuses ``INFO`` (an ACL without ``+info``):
@@ -138,3 +144,61 @@ def run_exporter(redis_url: str, port: int = EXPORTER_PORT, interval_s: float = 
     finally:
         server.shutdown()
         server.server_close()
+
+
+# --- drift -----------------------------------------------------------------------------
+
+
+class DriftGauges:
+    """``inferq_drift_psi`` of the :data:`DRIFT_TOP_K` most drifted features of each tensor
+    of each profiled version (bounded label cardinality), and ``inferq_drift_psi_max`` per
+    tensor, over the last ``window_min`` minutes. Read every ``every_s`` seconds (reading
+    an hour of counts each sample would cost Redis for nothing), and only where the window
+    holds at least :data:`workers.ops.drift.MIN_ROWS` rows."""
+
+    def __init__(self, client: redis.Redis, window_min: int = 60, every_s: float = 30.0
+                 ) -> None:
+        self.client, self.window_min, self.every_s = client, window_min, every_s
+        self._read_at = float("-inf")
+        self._rows: list[tuple[str, int, drift.FeatureDrift]] = []
+        self._max: list[tuple[str, int, str, str, float]] = []
+
+    def families(self, now: float | None = None) -> list[Metric]:
+        now = time.monotonic() if now is None else now
+        if now - self._read_at >= self.every_s:
+            self._read()
+            self._read_at = now
+        psi = GaugeMetricFamily(
+            "inferq_drift_psi", f"PSI of a feature against its version's reference over the "
+            f"last {self.window_min} min (the {DRIFT_TOP_K} most drifted per tensor).",
+            labels=("model", "version", "tensor", "feature"))
+        for model, version, f in self._rows:
+            psi.add_metric((model, str(version), f.tensor, f.feature), round(f.psi, 6))
+        top = GaugeMetricFamily(
+            "inferq_drift_psi_max", f"Largest PSI of any feature of a tensor over the last "
+            f"{self.window_min} min; role is input or output.",
+            labels=("model", "version", "tensor", "role"))
+        for model, version, tensor, role, value in self._max:
+            top.add_metric((model, str(version), tensor, role), round(value, 6))
+        return [psi, top]
+
+    def _read(self) -> None:
+        rows: list[tuple[str, int, drift.FeatureDrift]] = []
+        tops: list[tuple[str, int, str, str, float]] = []
+        for model, version in drift.all_profiled(self.client):
+            try:
+                window = drift.read_window(self.client, model, version, self.window_min)
+            except ValueError as exc:
+                log.warning("exporter_drift_unreadable", model=model, version=version,
+                            error=str(exc))
+                continue
+            if window is None:
+                continue
+            features = [f for f in window.features() if f.rows >= drift.MIN_ROWS]
+            rows += [(model, version, f) for f in drift.top_per_tensor(features, DRIFT_TOP_K)]
+            best: dict[str, drift.FeatureDrift] = {}
+            for f in features:
+                best.setdefault(f.tensor, f)  # most drifted first
+            tops += [(model, version, f.tensor, f.role, f.psi) for f in best.values()]
+        self._rows, self._max = rows, tops
+

@@ -92,6 +92,10 @@ class Monitor:
         self.path = health_file(hostname)
         self._warned: set[int] = set()
         self._recycling = False
+        self._lock = threading.Lock()
+        #: Models this worker stopped serving while running: out of their live sets.
+        self._withdrawn: frozenset[str] = frozenset()
+        self._changed = threading.Event()
         self.outage = Outage(log, "heartbeat", settings.broker_url, every_s=60.0)
 
     def run(self) -> None:
@@ -104,6 +108,8 @@ class Monitor:
                 if self.sweeper is not None and not self.outage.ongoing:
                     self.sweeper()
                 next_beat = time.monotonic() + HEARTBEAT_S
+            elif self._changed.is_set():
+                self._beat(ready=bool(self.servers))  # what is advertised changed
         self._beat(ready=False)
         with contextlib.suppress(redis.exceptions.RedisError):
             # Stop advertising at once: producers then refuse new jobs for these models
@@ -114,6 +120,30 @@ class Monitor:
                 pipe.zrem(wire.live_key(model), self.hostname)
             pipe.execute()
         self.path.unlink(missing_ok=True)
+
+    def advertise(self, model: str, signature: str | None) -> None:
+        """Advertise ``model`` with ``signature`` from now on (None: stop advertising it),
+        within a tick rather than at the next heartbeat."""
+        with self._lock:  # replaced whole: the heartbeat reads them without the lock
+            signatures = dict(self.signatures)
+            if signature is None:
+                signatures.pop(model, None)
+                self._withdrawn = self._withdrawn | {model}
+            else:
+                signatures[model] = signature
+                self._withdrawn = self._withdrawn - {model}
+            self.signatures = signatures
+        self._changed.set()
+
+    def set_failed(self, key: str, reason: str | None) -> None:
+        """Record (or clear, with None) why ``key`` (a model, or "model vN") is not served."""
+        failed = dict(self.failed)
+        if reason is None:
+            failed.pop(key, None)
+        else:
+            failed[key] = reason
+        self.failed = failed
+        self._changed.set()
 
     def _watch_batches(self) -> None:
         limit = self.settings.batch_time_limit_s
@@ -142,21 +172,58 @@ class Monitor:
             log.info("recycling_process", jobs=sum(s.jobs_done for s in self.servers), cap=cap)
             os.kill(os.getpid(), signal.SIGTERM)  # warm shutdown; the supervisor restarts us
 
+    def _fleet(self, signatures: Mapping[str, str]) -> dict[Any, Any]:
+        """``signatures`` with each model's versions cut to those every live worker serving
+        it advertises: a job pinned to a version is accepted only when any worker that may
+        take it has that version warm (while a version rolls out, or goes)."""
+        now = wire.now()
+        pipe = self.client.pipeline(transaction=False)
+        for model in signatures:
+            pipe.zrangebyscore(wire.live_key(model), now, "+inf")
+        live = [{h.decode() if isinstance(h, bytes) else str(h) for h in hosts}
+                for hosts in pipe.execute()]
+        others = sorted(set().union(*live) - {self.hostname})
+        docs: list[Any] = self.client.mget([wire.worker_key(h) for h in others]) if others else []
+        theirs: dict[str, dict[str, Any]] = {}
+        for host, raw in zip(others, docs, strict=True):
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                theirs[host] = dict(json.loads(raw).get("versions") or {})
+        out: dict[Any, Any] = {}
+        for (model, signature), hosts in zip(signatures.items(), live, strict=True):
+            doc = json.loads(signature)
+            shared = set(doc.get("versions", []))
+            for host in hosts - {self.hostname}:
+                if model in theirs.get(host, {}):  # a worker that does not say: no limit
+                    shared &= set(theirs[host][model])
+            if shared:  # disjoint workers: each advertises its own, as before
+                doc["versions"] = sorted(shared)
+            out[model] = json.dumps(doc)
+        return out
+
     def _beat(self, ready: bool) -> None:
+        self._changed.clear()
+        with self._lock:
+            signatures, withdrawn = self.signatures, self._withdrawn
         models = sorted({s.name for s in self.servers})
         doc = {"hostname": self.hostname, "pid": os.getpid(), "models": models,
                "failed": self.failed, "device": self.settings.device, "ready": ready,
-               "updated": time.time()}
+               "updated": time.time(),
+               # What this worker has warm: the others advertise only what all of them do.
+               "versions": {m: json.loads(sig).get("versions", [])
+                            for m, sig in signatures.items()}}
         if not self.servers:
             doc["reason"] = (f"no model to serve in {self.settings.model_dir} (add one: "
                              "inferq models add PATH.onnx --name NAME)")
         if ready:
             try:
+                advertised = self._fleet(signatures) if signatures else {}
                 pipe = self.client.pipeline(transaction=False)
-                if self.signatures:
-                    pipe.hset(wire.MODELS_KEY, mapping=self.signatures)
+                if advertised:
+                    pipe.hset(wire.MODELS_KEY, mapping=advertised)
                 now = wire.now()
-                for model in self.signatures:
+                for model in withdrawn:
+                    pipe.zrem(wire.live_key(model), self.hostname)
+                for model in signatures:
                     # This worker serves the model until its heartbeat expires; workers
                     # that died without saying so fall out of the set here.
                     pipe.zadd(wire.live_key(model), {self.hostname: now + wire.HEARTBEAT_TTL_S})

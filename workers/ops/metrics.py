@@ -26,6 +26,7 @@ Label rules:
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import threading
 import time
@@ -175,6 +176,89 @@ class _Snapshot:
 
 
 
+# --- model lifecycle: shadow runs and route guards ---------------------------------------
+
+#: What became of a job sampled for the shadow version.
+SHADOW_OUTCOMES = ("compared", "dropped", "failed")
+#: Absolute differences between primary and shadow outputs (per job: max, and mean).
+DIFF_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0, 100.0)
+
+
+class LifecycleMetrics:
+    """Shadow comparisons and automatic route rollbacks (``inferq_shadow_*``,
+    ``inferq_route_rollbacks_total``), rendered at scrape time like the job counters.
+    Updated off the model thread: on the shadow thread, the result writer's (drops) and the
+    heartbeat."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.lock = threading.Lock()
+        #: (model, version, outcome) -> jobs sampled for the shadow version.
+        self.shadow_jobs: dict[tuple[str, str, str], int] = {}
+        #: (model, version, agreement) -> label outputs compared.
+        self.shadow_labels: dict[tuple[str, str, str], int] = {}
+        #: (model,) -> splits a guard on this worker rolled back.
+        self.route_rollbacks: dict[tuple[str], int] = {}
+        self.abs_diff = _Histogram(
+            "inferq_shadow_abs_diff", "Per compared job and output: the max absolute "
+            "difference between shadow and primary outputs.", ("model", "version", "output"),
+            DIFF_BUCKETS)
+        self.latency = _Histogram(
+            "inferq_shadow_latency_seconds", "Model compute seconds per row of the compared "
+            "jobs, for the shadow run and the primary run (side).",
+            ("model", "version", "side"), SECONDS_BUCKETS)
+        registry.register(self)
+
+    def shadow_outcome(self, model: str, version: int, outcome: str, n: int = 1) -> None:
+        """``n`` sampled jobs were compared, dropped (backlog full) or failed."""
+        key = (model, str(version), outcome)
+        with self.lock:
+            self.shadow_jobs[key] = self.shadow_jobs.get(key, 0) + n
+
+    def shadow_compared(self, model: str, version: int, agree: bool | None,
+                        diffs: Mapping[str, float], shadow_row_s: float,
+                        primary_row_s: float) -> None:
+        """One compared job: label agreement (None: no label output), the max absolute
+        difference per (non-label) output, and compute seconds per row of both runs."""
+        v = str(version)
+        with self.lock:
+            key = (model, v, "compared")
+            self.shadow_jobs[key] = self.shadow_jobs.get(key, 0) + 1
+            if agree is not None:
+                lkey = (model, v, "agree" if agree else "disagree")
+                self.shadow_labels[lkey] = self.shadow_labels.get(lkey, 0) + 1
+            for output, value in diffs.items():
+                self.abs_diff.observe((model, v, output), value)
+            self.latency.observe((model, v, "shadow"), shadow_row_s)
+            self.latency.observe((model, v, "primary"), primary_row_s)
+
+    def route_rolled_back(self, model: str) -> None:
+        with self.lock:
+            self.route_rollbacks[(model,)] = self.route_rollbacks.get((model,), 0) + 1
+
+    def model_loaded(self, model: str) -> None:
+        """From 0 when a model loads, so ``increase()`` sees its first rollback."""
+        with self.lock:
+            self.route_rollbacks.setdefault((model,), 0)
+
+    def collect(self) -> Iterable[Metric]:
+        with self.lock:
+            out: list[Metric] = []
+            for name, doc, labels, values in (
+                    ("inferq_shadow_jobs", "Jobs sampled for the shadow version, by what became "
+                     "of them (compared; dropped: the backlog was full; failed: the shadow run "
+                     "failed).", ("model", "version", "outcome"), self.shadow_jobs),
+                    ("inferq_shadow_labels", "Label outputs compared, by whether the shadow "
+                     "version gave the same label as the version that answered.",
+                     ("model", "version", "agreement"), self.shadow_labels),
+                    ("inferq_route_rollbacks", "Splits a route guard on this worker rolled "
+                     "back.", ("model",), self.route_rollbacks)):
+                family = CounterMetricFamily(name, doc, labels=labels)
+                for key, count in values.items():
+                    family.add_metric(key, count)
+                out.append(family)
+            return [*out, self.abs_diff.family(), self.latency.family()]
+
+
 class WorkerMetrics:
     """Every metric of one worker process, in its own registry."""
 
@@ -196,6 +280,7 @@ class WorkerMetrics:
                                   "1 once the model version is loaded, verified and warm; "
                                   "0 when that failed (the worker log says why).",
                                   ("model", "version"), registry=self.registry)
+        self.lifecycle = LifecycleMetrics(self.registry)
         self._server: Any = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -248,6 +333,7 @@ class WorkerMetrics:
         self._load.labels(model, str(version)).set(seconds)
         self._info.labels(model, str(version), provider).set(1)
         self.model_ready(model, version, True)
+        self.lifecycle.model_loaded(model)
         with self._stats.lock:
             for code in CODES:
                 self._stats.jobs.setdefault((model, str(version), code), 0)
@@ -258,6 +344,18 @@ class WorkerMetrics:
         """Whether a model version is loaded, verified and warm (1), or failed to be (0);
         the caller logs why it failed."""
         self._model_ready.labels(model, str(version)).set(1 if ready else 0)
+
+    def model_unloaded(self, model: str, version: int | str, provider: str | None = None
+                       ) -> None:
+        """A model version was unloaded, or left the repository after failing to load: its
+        gauges go (it is not "not ready" any more)."""
+        gauges: list[tuple[Gauge, tuple[str, ...]]] = [
+            (self._load, (model, str(version))), (self._model_ready, (model, str(version)))]
+        if provider is not None:
+            gauges.append((self._info, (model, str(version), provider)))
+        for gauge, labels in gauges:
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
 
     def set_ready(self, ready: bool) -> None:
         """1 once every model is loaded and its queue consumed; 0 while stopping."""

@@ -15,7 +15,7 @@ import redis
 import structlog
 
 from producer import wire
-from producer.errors import InvalidInput, JobFailed
+from producer.errors import InvalidInput, JobFailed, ModelNotFound
 from producer.wire import Delivery, JobRequest, TensorSpec
 from producer.wire.routes import choose
 from workers.ops import deadletter
@@ -53,13 +53,20 @@ Failure = tuple[str, JobFailed, Message, int | None]
 
 @dataclass(frozen=True)
 class Checks:
-    """What a job is checked against: the model's queue, versions and signature."""
+    """What a job is checked against: the model's queue, versions and signature.
+
+    Replaced whole (never changed in place) when versions are loaded or unloaded while
+    serving, so a job is checked against one consistent set.
+    """
 
     model: str
     versions: frozenset[int]
     inputs: Sequence[TensorSpec]
     max_tensor_bytes: int
     reject_nonfinite: bool
+    #: Version of the jobs that name none and no route places (None: the highest loaded).
+    #: Lower than the highest while a version removed from the repository is still loaded.
+    latest: int | None = None
 
 
 class Intake:
@@ -74,6 +81,9 @@ class Intake:
         self.broker, self.results = broker, results
         self.inflight = inflight
         self.observer = observer
+        #: When a job for each version was last taken (epoch seconds): a version removed from
+        #: the repository stays loaded while jobs still come for it.
+        self.seen: dict[int, float] = {}
         #: Running average, for sizing the next drain to the room left in a batch.
         self.rows_per_message = 8.0
 
@@ -145,6 +155,7 @@ class Intake:
                 continue
             checked.suspect = delivery.redelivered
             pending.append(checked)
+            self.seen[checked.version] = picked_at
             rows += checked.rows
         if delivery.jobs:
             self.rows_per_message = rows_per_message(self.rows_per_message, rows)
@@ -182,8 +193,10 @@ class Intake:
         checks = self.checks
         version: int | None = None
         try:
-            version = validation.resolve_version(job, checks.model, checks.versions,
-                                                 routed[0] if routed else None)
+            chosen = routed[0] if routed else checks.latest
+            if job.version is None and chosen is None and not checks.versions:
+                raise ModelNotFound(f"model {checks.model!r} has no version loaded")
+            version = validation.resolve_version(job, checks.model, checks.versions, chosen)
             validation.check_deadline(job, picked_at)
             arrays, rows = validation.decode_inputs(
                 job.inputs, checks.inputs, blobs, max_tensor_bytes=checks.max_tensor_bytes,

@@ -40,7 +40,9 @@ class RouteBook:
                 self._routes[name] = route
                 if old is not None:
                     log.info("route_changed", model=name, rev=route.rev,
-                             route=route.describe(), aliases=dict(route.aliases))
+                             route=route.describe(), aliases=dict(route.aliases),
+                             shadow=None if route.shadow is None else route.shadow.to_doc(),
+                             guard=None if route.guard is None else route.guard.describe())
 
     def listen(self, stop: threading.Event) -> None:
         """Follow route changes until ``stop`` is set (run in a thread of its own)."""

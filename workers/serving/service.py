@@ -9,12 +9,11 @@ heartbeats, Flower events and the visibility sweep).
 from __future__ import annotations
 
 import contextlib
-import json
+import functools
 import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -30,10 +29,12 @@ from workers.ops import metrics as metrics_module
 from workers.ops.health import Monitor
 from workers.ops.metrics import MetricsObserver, WorkerMetrics
 from workers.ops.sweeper import UnknownQueueSweeper
+from workers.ops.versionstats import VersionStats, check_guards
 from workers.repository import Manifest, scan_all
 from workers.serving import runtime
 from workers.serving.batching import BatchPolicy
 from workers.serving.events import Dispatcher, TaskEvents
+from workers.serving.hotload import HotVersions, Served, load_version, signature
 from workers.serving.inflight import InFlight
 from workers.serving.intake import Checks, Intake
 from workers.serving.loop import ModelServer
@@ -41,6 +42,7 @@ from workers.serving.observers import BatchLog, Observer, Observers
 from workers.serving.poison import PoisonGuard
 from workers.serving.reader import QueueReader
 from workers.serving.routing import RouteBook
+from workers.serving.shadow import ShadowObserver
 from workers.serving.writer import ResultStore, ResultWriter
 from workers.settings import Settings
 
@@ -107,6 +109,7 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
         self.stop_event = threading.Event()
         self.threads: list[threading.Thread] = []
         self.dispatchers: list[Dispatcher] = []
+        self.vstats: list[VersionStats] = []
 
     def start(self, worker: Any) -> None:
         settings, metrics = self.settings, self.metrics
@@ -128,7 +131,7 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
         for name, reason in failed.items():
             log.error("model_not_served", model=name, reason=reason)
         servers: list[ModelServer] = []
-        served: dict[str, tuple[Manifest, list[int]]] = {}
+        served: dict[str, Served] = {}
         self.routes = RouteBook(_redis(settings.broker_url), sorted(manifests))
         for name, manifest in manifests.items():
             instances = manifest.instances or settings.instances
@@ -136,10 +139,11 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
                                   failed)
             if not versions:
                 continue
-            served[name] = (manifest, sorted(versions))
+            served[name] = Served(manifest, [], versions)
             for instance in range(instances):
                 server = self._server(worker, hostname, manifest, versions, instance, instances)
                 servers.append(server)
+                served[name].servers.append(server)
                 self.threads.append(threading.Thread(
                     target=self._run, args=(server,), name=f"inferq-{name}-{instance}",
                     daemon=True))
@@ -153,9 +157,8 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
                         hint="add one with: inferq models add PATH.onnx --name NAME")
         # Producers keep by-reference data alive across a redelivery: they need to know how
         # long one can take. Only the versions that loaded are advertised.
-        signatures = {name: json.dumps(m.signature() | {
-            "versions": versions, "visibility_timeout": settings.visibility_timeout_s})
-            for name, (m, versions) in served.items()}
+        signatures = {name: signature(s.manifest, s.advertised, settings)
+                      for name, s in served.items()}
         sweeper = UnknownQueueSweeper(
             control, ResultStore(_redis(settings.result_url), settings.result_ttl_s,
                                  None if settings.result_url == settings.broker_url
@@ -168,6 +171,7 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
             except redis.exceptions.RedisError as exc:
                 log.debug("routes_not_refreshed", error=str(exc))
             sweeper()
+            check_guards(self.routes, self.vstats, self.metrics.lifecycle, hostname)
 
         with contextlib.suppress(redis.exceptions.RedisError):
             self.routes.refresh()  # before the first job is taken
@@ -178,6 +182,13 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
                                              name="inferq-routes", daemon=True))
         self.threads.append(threading.Thread(target=monitor.run, name="inferq-monitor",
                                              daemon=True))
+        # Versions added to or removed from the repository while serving.
+        hot = HotVersions(settings, metrics, served, client=_redis(settings.broker_url),
+                          monitor=monitor, routes=self.routes, scanned=manifests,
+                          start_model=functools.partial(self._start_model, worker, hostname,
+                                                        servers))
+        self.threads.append(threading.Thread(target=hot.run, args=(self.stop_event,),
+                                             name="inferq-hot-versions", daemon=True))
         for thread in self.threads:
             thread.start()
         metrics.set_ready(True)
@@ -196,9 +207,9 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
         """Every version of ``manifest`` that loads; the others go into ``failed``."""
         loaded = {}
         for v in sorted(manifest.versions):
-            started = time.perf_counter()
             try:
-                model = runtime.load(manifest, v, self.settings.device, threads)
+                model = load_version(manifest, v, self.settings, self.metrics, threads,
+                                     instances)
             except DeviceUnavailable:
                 raise  # the whole worker is on the wrong device: not one model's problem
             except Exception as exc:
@@ -207,12 +218,6 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
                 log.error("model_not_served", model=manifest.name, version=v, reason=str(exc))
                 self.metrics.model_ready(manifest.name, v, False)
                 continue
-            seconds = time.perf_counter() - started
-            self.metrics.model_loaded(manifest.name, v, model.provider, seconds)
-            self.metrics.model_ready(manifest.name, v, True)
-            log.info("model_loaded", model=manifest.name, version=v, provider=model.provider,
-                     load_ms=round(seconds * 1000, 1), instances=instances,
-                     intra_op_threads=threads)
             loaded[v] = model
         return loaded
 
@@ -226,18 +231,48 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
             MetricsObserver(self.metrics, manifest.name),
             BatchLog(log.bind(model=manifest.name, worker=hostname, instance=instance)),
         ]
+        # Model lifecycle: per-version figures for guardrails, and shadow comparisons.
+        stats = VersionStats(broker, manifest.name)
+        self.vstats.append(stats)
+        shadow = ShadowObserver(manifest.name, self.routes, broker, self.metrics.lifecycle,
+                                self.stop_event, max_rows=manifest.max_batch_rows)
+        observers += [stats, shadow]
         if settings.task_events:
             dispatcher = Dispatcher(worker.app, hostname)
             self.dispatchers.append(dispatcher)
             observers.append(TaskEvents(manifest.name, dispatcher.send,
                                         settings.events_max_rate / instances))
-        return model_server(manifest.name, versions, manifest.inputs, broker=broker,
-                            results=results, same_server=same_server,
-                            observer=Observers(observers),
-                            policy=BatchPolicy(manifest.max_batch_rows,
-                                               manifest.max_wait_ms / 1000.0),
-                            settings=settings, worker=hostname, instance=instance,
-                            routes=self.routes)
+        if settings.drift:
+            from workers.serving.drift import DriftObserver
+
+            observers.append(DriftObserver(
+                manifest, broker, settings.model_dir, sample=settings.drift_sample,
+                reference_rows=settings.drift_reference_rows, flush_s=settings.drift_flush_s))
+        server = model_server(manifest.name, versions, manifest.inputs, broker=broker,
+                              results=results, same_server=same_server,
+                              observer=Observers(observers),
+                              policy=BatchPolicy(manifest.max_batch_rows,
+                                                 manifest.max_wait_ms / 1000.0),
+                              settings=settings, worker=hostname, instance=instance,
+                              routes=self.routes)
+        shadow.bind(lambda: server.versions)  # looked up per run: versions come and go
+        return server
+
+    def _start_model(self, worker: Any, hostname: str, servers: list[ModelServer],
+                     manifest: Manifest, versions: dict[int, runtime.LoadedModel]
+                     ) -> list[ModelServer]:
+        """Build and start the servers of a model added to the repository while serving."""
+        instances = manifest.instances or self.settings.instances
+        started = []
+        for instance in range(instances):
+            server = self._server(worker, hostname, manifest, versions, instance, instances)
+            thread = threading.Thread(target=self._run, args=(server,),
+                                      name=f"inferq-{manifest.name}-{instance}", daemon=True)
+            self.threads.append(thread)
+            thread.start()
+            started.append(server)
+        servers.extend(started)  # the monitor's list: heartbeat, batch watchdog, recycling
+        return started
 
     def _shutting_down(self, *args: Any, **kwargs: Any) -> None:
         self.stop_event.set()

@@ -1,0 +1,120 @@
+"""The worker measured as a fleet runs it: on core(s) of its own, with the producer and Redis
+on the others (``inferq bench --isolate``), against ONNX Runtime alone on the same core(s)
+with the same thread count.
+
+Affinity is inherited: this process pins itself to the worker's cores while it starts the
+worker (and while it measures ONNX Runtime alone), then moves to the other cores, and moves
+every thread of the Redis server there too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from producer import InferenceClient
+from workers.bench import measure
+from workers.bench.fleet import inferq_workers
+from workers.launch.demo import percentiles
+from workers.repository import load_manifest
+
+
+def split_cores(cores: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(worker cores, producer and Redis cores): half each, the worker's rounded down."""
+    ordered = sorted(cores)
+    if len(ordered) < 2:
+        raise ValueError("--isolate needs at least 2 cores (this process may use "
+                         f"{len(ordered)})")
+    half = len(ordered) // 2
+    return ordered[-half:], ordered[:-half]
+
+
+def pin_process(pid: int, cores: Sequence[int]) -> None:
+    """Pin every thread of ``pid`` (``sched_setaffinity`` moves one thread only)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(task), set(cores))
+        except ProcessLookupError:
+            continue  # a thread that just ended
+
+
+@contextmanager
+def pinned(cores: Sequence[int]) -> Iterator[None]:
+    """Run the block (and whatever it starts) on ``cores``."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, set(cores))
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+@contextmanager
+def _intra_op_threads(threads: int) -> Iterator[None]:
+    before = os.environ.get("INFERQ_INTRA_OP_THREADS")
+    os.environ["INFERQ_INTRA_OP_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("INFERQ_INTRA_OP_THREADS", None)
+        else:
+            os.environ["INFERQ_INTRA_OP_THREADS"] = before
+
+
+def isolate_phase(url: str, redis_pid: int, model_dir: Path, name: str, jobs: int,
+                  one_at_a_time: int, logs: Path, say: Callable[[str], None],
+                  profile_s: float = 0.0) -> dict[str, Any]:
+    """Worker jobs/s and CPU per job on its own core(s) vs ONNX Runtime alone there; with
+    ``profile_s``, a py-spy profile of the worker split by stage."""
+    worker_cores, other_cores = split_cores(sorted(os.sched_getaffinity(0)))
+    threads = len(worker_cores)
+    manifest = load_manifest(model_dir / name)
+    inputs = measure.make_inputs(manifest, 256)
+    say(f"{name} isolated: worker on cores {worker_cores}, producer and Redis on "
+        f"{other_cores}; ONNX Runtime alone on {worker_cores} ({threads} thread(s))")
+    with pinned(worker_cores):
+        direct = measure.direct(manifest, threads)
+    best = max(direct.values())
+    pin_process(redis_pid, other_cores)
+    with contextlib.ExitStack() as stack:
+        with pinned(worker_cores), _intra_op_threads(threads):
+            pids = stack.enter_context(
+                inferq_workers(url, model_dir, name, 1, None, logs / "isolate.log"))
+        with pinned(other_cores), InferenceClient(url) as client:
+            client.results([h.id for h in client.submit_many(name, inputs)], timeout=120)
+            meter = measure.CpuMeter({"redis": redis_pid, "worker": pids[0]})
+            run = measure.inferq_saturation(client, name, inputs, jobs, meter, lambda n: None)
+            low = percentiles(measure.inferq_one_at_a_time(client, name, inputs,
+                                                           one_at_a_time))
+            stages: dict[str, Any] = {}
+            if profile_s:
+                from workers.bench.profile import profile_worker
+
+                stages = profile_worker(client, name, inputs, pids[0], profile_s)
+    summary = run.summary()
+    out: dict[str, Any] = {
+        "worker_cores": worker_cores, "other_cores": other_cores, "threads": threads,
+        "direct_jobs_per_s_by_batch": {str(k): round(v, 1) for k, v in direct.items()},
+        "direct_best_jobs_per_s": round(best, 1),
+        "inferq_jobs_per_s": round(run.jobs_per_s, 1),
+        "ratio_inferq_direct_best": round(run.jobs_per_s / best, 3),
+        "worker_cpu_us_per_job": round(summary["cpu_ms_per_job"]["worker"] * 1000, 1),
+        "redis_cpu_us_per_job": round(summary["cpu_ms_per_job"]["redis"] * 1000, 1),
+        "producer_cpu_us_per_job": round(summary["cpu_ms_per_job"]["producer"] * 1000, 1),
+        "model_cpu_us_per_job": round(1e6 * threads / best, 1),
+        "mean_batch_rows": summary.get("mean_batch_rows"),
+        "low_load_p50_ms": low["p50"], "low_load_p99_ms": low["p99"],
+        "inferq": summary,
+    }
+    if stages:
+        out["profile"] = stages
+    say(f"  {name} isolated: inferq {run.jobs_per_s:,.0f} jobs/s = "
+        f"{out['ratio_inferq_direct_best']:.0%} of ONNX Runtime alone ({best:,.0f}); worker "
+        f"{out['worker_cpu_us_per_job']} CPU-us/job (model alone {out['model_cpu_us_per_job']}); "
+        f"one at a time p50 {low['p50']:.2f} ms, p99 {low['p99']:.2f} ms")
+    return out
