@@ -3,30 +3,38 @@ and published together at most ``min_interval_s`` later; nothing held is lost at
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import types
 from typing import Any
 
 from workers.serving.events import Dispatcher, Event, received
 
 
 class FakeCeleryDispatcher:
-    """Records what Celery's event dispatcher would publish: one list per flush."""
+    """What the dispatcher uses of Celery's: its producer (recording each publish), clock,
+    exchange and identity."""
 
     def __init__(self) -> None:
-        self.buffer: list[str] = []
         self.published: list[list[str]] = []
+        self.messages: list[dict[str, Any]] = []
         self.closed = False
-        self.lock = threading.Lock()
+        self.enabled = True
+        self.hostname, self.pid, self.delivery_mode = "w@h", 42, 1
+        self.headers = {"hostname": "w@h"}
+        self.mutex = threading.Lock()
+        self.exchange = types.SimpleNamespace(name="celeryev")
+        ticks = iter(range(1, 10**6))
+        self.clock = types.SimpleNamespace(forward=lambda: next(ticks))
+        self.producer = types.SimpleNamespace(publish=self._publish)
 
-    def send(self, kind: str, **fields: Any) -> None:
-        self.buffer.append(fields["uuid"])
-
-    def flush(self) -> None:
-        with self.lock:
-            if self.buffer:
-                self.published.append(self.buffer)
-            self.buffer = []
+    def _publish(self, body: bytes, **kwargs: Any) -> None:
+        events = json.loads(body)
+        self.messages.append(kwargs)
+        self.published.append([e["uuid"] for e in events])
+        for event in events:
+            assert {"type", "timestamp", "hostname", "utcoffset", "pid", "clock"} <= set(event)
 
     def close(self) -> None:
         self.closed = True
@@ -60,6 +68,9 @@ def test_a_lone_batch_is_published_at_once() -> None:
     dispatcher = Dispatcher(app, "w@h", min_interval_s=0.2)
     dispatcher.send(events("a"))
     assert app.celery.published == [["a"]]
+    # One message as Celery sends a buffered group: to task.multi, already JSON.
+    assert app.celery.messages[0]["routing_key"] == "task.multi"
+    assert app.celery.messages[0]["content_type"] == "application/json"
 
 
 def test_batches_close_together_share_one_publish_within_the_interval() -> None:
