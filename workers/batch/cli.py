@@ -8,6 +8,7 @@ skipped (the errors file names them); 1 stopped (``--on-error fail``) or could n
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,11 @@ def _operational(f: Any) -> Any:
                           "written."),
         click.option("--json", "as_json", is_flag=True,
                      help="Print the summary as one JSON object."),
+        click.option("--nice", "niceness", type=click.IntRange(0, 19), default=10,
+                     show_default=True,
+                     help="Scheduling priority of this command (os.nice): on a host shared "
+                          "with online producers or workers, reading and writing files "
+                          "yields the CPU to them. 0 keeps it."),
     ]):
         f = option(f)
     return f
@@ -142,6 +148,8 @@ def _finish(call: Any, options: dict[str, Any]) -> None:
     from workers.batch.errors import BatchInterrupted, BatchStopped
 
     flags = {"retry_failed": options["retry_failed"], "keep_spool": options["keep_spool"]}
+    if options["niceness"]:
+        os.nice(options["niceness"])
     try:
         with InferenceClient() as client:
             summary = call(client, flags)
