@@ -571,11 +571,16 @@ def _parse_inferq(line: str) -> None:
 
     command: Any = main
     args = shlex.split(line, comments=True)[1:]
+    # Each command parses under its parent's context, as on a command line: a context
+    # made without one would also make click remember a help option without -h.
+    ctx = main.context_class(main, info_name="inferq", **main.context_settings)
     while hasattr(command, "commands") and args:
         assert args[0] in command.commands, f"no such command: {line!r}"
-        command, args = command.commands[args[0]], args[1:]
+        name, command, args = args[0], command.commands[args[0]], args[1:]
+        if hasattr(command, "commands"):
+            ctx = command.context_class(command, info_name=name, parent=ctx)
     if not hasattr(command, "commands"):
-        command.make_context(line, list(args))
+        command.make_context(line, list(args), parent=ctx)
 
 
 def test_runbook_commands_are_exercised_or_marked_as_examples() -> None:
