@@ -146,10 +146,15 @@ class Intake:
         if jobs:
             self.observer.received([j.id for j in jobs], delivery.redelivered)
         routed = self._route(jobs, delivery.redelivered)
+        checks = self.checks
+        alike = validation.decode_uniform(
+            [j.inputs for j in jobs], checks.inputs, max_tensor_bytes=checks.max_tensor_bytes,
+            reject_nonfinite=checks.reject_nonfinite) if len(jobs) > 1 else None
         rows = 0
-        for job in jobs:
+        for i, job in enumerate(jobs):
             try:
-                checked = self._check(job, message, picked_at, blobs, routed.get(job.id))
+                checked = self._check(job, message, picked_at, blobs, routed.get(job.id),
+                                      None if alike is None else alike[i])
             except _Refused as refused:
                 failures.append((job.id, refused.error, message, refused.version))
                 continue
@@ -188,8 +193,10 @@ class Intake:
         return {j.id for j, found in zip(jobs, pipe.execute(), strict=True) if found}
 
     def _check(self, job: JobRequest, message: Message, picked_at: float,
-               blobs: Mapping[str, bytes | None], routed: tuple[int, str] | None = None
-               ) -> Pending:
+               blobs: Mapping[str, bytes | None], routed: tuple[int, str] | None = None,
+               decoded: tuple[Arrays, int] | None = None) -> Pending:
+        """Check ``job``; ``decoded``: its inputs, decoded and checked with its message's
+        other jobs (:func:`validation.decode_uniform`)."""
         checks = self.checks
         version: int | None = None
         try:
@@ -198,7 +205,7 @@ class Intake:
                 raise ModelNotFound(f"model {checks.model!r} has no version loaded")
             version = validation.resolve_version(job, checks.model, checks.versions, chosen)
             validation.check_deadline(job, picked_at)
-            arrays, rows = validation.decode_inputs(
+            arrays, rows = decoded or validation.decode_inputs(
                 job.inputs, checks.inputs, blobs, max_tensor_bytes=checks.max_tensor_bytes,
                 reject_nonfinite=checks.reject_nonfinite)
         except JobFailed as exc:

@@ -61,3 +61,54 @@ def decode_inputs(
                 f"input {name!r} contains NaN or Inf (refused: INFERQ_NONFINITE=reject)")
         arrays[str(name)] = arr
     return arrays, wire.check_inputs(specs, arrays)
+
+
+def decode_uniform(
+    jobs_inputs: Sequence[Any],
+    specs: Sequence[TensorSpec],
+    *,
+    max_tensor_bytes: int,
+    reject_nonfinite: bool,
+) -> list[tuple[Arrays, int]] | None:
+    """Decode and check the jobs of one message at once when they are alike, the usual
+    bulk message: every job's tensors inline as bytes, with one dtype and shape per input.
+
+    Each input of all the jobs becomes one array (one ``frombuffer``, one NaN check, one
+    signature check) and each job gets its rows as a view of it. None when the jobs are not
+    alike or one of them fails a check: then each is decoded alone (:func:`decode_inputs`),
+    so a bad job still fails by itself with its own error.
+    """
+    first = jobs_inputs[0]
+    if not isinstance(first, Mapping) or len(first) != len(specs):
+        return None
+    stacked: dict[str, np.ndarray[Any, Any]] = {}
+    for spec in specs:
+        head = first.get(spec.name)
+        if not isinstance(head, Mapping) or not isinstance(head.get("data"), bytes):
+            return None
+        dtype, shape = head.get("dtype"), head.get("shape")
+        datas = []
+        for inputs in jobs_inputs:
+            tensor = inputs.get(spec.name) if isinstance(inputs, Mapping) else None
+            if (not isinstance(tensor, Mapping) or len(inputs) != len(specs)
+                    or tensor.get("dtype") != dtype or tensor.get("shape") != shape
+                    or not isinstance(data := tensor.get("data"), bytes)
+                    or len(data) != len(head["data"])):
+                return None
+            datas.append(data)
+        try:
+            one = wire.decode_tensor(head, f"input {spec.name!r}")
+        except InvalidInput:
+            return None
+        if one.nbytes > max_tensor_bytes:
+            return None
+        arr = np.frombuffer(b"".join(datas), dtype=one.dtype).reshape(
+            (len(datas), *one.shape))
+        if reject_nonfinite and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            return None
+        stacked[spec.name] = arr
+    try:
+        rows = wire.check_inputs(specs, {n: a[0] for n, a in stacked.items()})
+    except InvalidInput:
+        return None
+    return [({n: a[i] for n, a in stacked.items()}, rows) for i in range(len(jobs_inputs))]
