@@ -124,10 +124,13 @@ def test_advertisements_follow_live_workers(
     assert time.monotonic() - started < 3, "refused at once, not after a timeout"
     waiting = InferenceClient(fresh_redis.url, queue_without_workers=True)
     handle = waiting.submit("digits", {"pixels": PIXELS})  # for workers that scale from zero
-    WorkerProcess(fresh_redis.url, tmp_path).start()
-    assert handle.result(timeout=20).model == "digits"
-    client.close()
-    waiting.close()
+    second = WorkerProcess(fresh_redis.url, tmp_path).start()
+    try:
+        assert handle.result(timeout=20).model == "digits"
+    finally:
+        second.stop()
+        client.close()
+        waiting.close()
 
 
 def test_plain_celery_jobs_for_an_unknown_model_end_not_found(
