@@ -63,11 +63,21 @@ def events(*ids: str) -> list[Event]:
     return [received(i, "m", 1, 0) for i in ids]
 
 
+def published(app: FakeApp, count: int, timeout: float = 5.0) -> list[list[str]]:
+    """What was published once ``count`` publishes happened (or ``timeout`` passed)."""
+    deadline = time.monotonic() + timeout
+    while len(app.celery.published) < count and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return app.celery.published
+
+
 def test_a_lone_batch_is_published_at_once() -> None:
     app = FakeApp()
     dispatcher = Dispatcher(app, "w@h", min_interval_s=0.2)
+    started = time.monotonic()
     dispatcher.send(events("a"))
-    assert app.celery.published == [["a"]]
+    assert published(app, 1) == [["a"]]
+    assert time.monotonic() - started < 0.15  # not held for the interval
     # One message as Celery sends a buffered group: to task.multi, already JSON.
     assert app.celery.messages[0]["routing_key"] == "task.multi"
     assert app.celery.messages[0]["content_type"] == "application/json"
@@ -77,19 +87,19 @@ def test_batches_close_together_share_one_publish_within_the_interval() -> None:
     app = FakeApp()
     dispatcher = Dispatcher(app, "w@h", min_interval_s=0.2)
     dispatcher.send(events("a"))
+    assert published(app, 1) == [["a"]]
     for i in range(50):
         dispatcher.send(events(f"b{i}"))
+    time.sleep(0.05)
     assert app.celery.published == [["a"]]  # held: the last publish was just now
-    deadline = time.monotonic() + 5
-    while len(app.celery.published) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert app.celery.published == [["a"], [f"b{i}" for i in range(50)]]
+    assert published(app, 2) == [["a"], [f"b{i}" for i in range(50)]]
 
 
 def test_close_publishes_what_is_held() -> None:
     app = FakeApp()
     dispatcher = Dispatcher(app, "w@h", min_interval_s=60)
     dispatcher.send(events("a"))
+    assert published(app, 1) == [["a"]]
     dispatcher.send(events("b", "c"))
     dispatcher.close()
     assert app.celery.published == [["a"], ["b", "c"]] and app.celery.closed

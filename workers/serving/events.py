@@ -28,11 +28,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
+import structlog
 from celery.utils.time import utcoffset
 
 from producer import wire
 from producer.errors import JobFailed
 from workers.serving.observers import Batch, Observer, Outcome
+
+log = structlog.get_logger(__name__)
 
 Event = tuple[str, dict[str, Any]]
 
@@ -156,11 +159,13 @@ class TaskEvents(Observer):
 
 
 class Dispatcher:
-    """Sends events through the worker's Celery app as one publish per call, or, when the
-    last publish was less than ``min_interval_s`` ago, with the next one (at most that much
-    later): a busy worker publishes a few times a second instead of once per batch, and a
-    lone job's events still go out at once. Called after results are stored, so an event
-    never announces a result that cannot be read yet."""
+    """Sends events through the worker's Celery app from a thread of its own: one publish
+    for everything handed to it, or, when the last publish was less than
+    ``min_interval_s`` ago, with the next one (at most that much later). A busy worker
+    publishes a few times a second instead of once per batch; a lone job's events go out at
+    once, and neither the model thread nor the result writer waits for Redis to take them.
+    Handed over after results are stored, so an event never announces a result that cannot
+    be read yet."""
 
     def __init__(self, app: Any, hostname: str, min_interval_s: float = 0.2) -> None:
         self._connection = app.connection_for_write()
@@ -169,35 +174,33 @@ class Dispatcher:
         self.min_interval_s = min_interval_s
         self._held: list[Event] = []
         self._sent_at = -1e9
-        self._timer: threading.Timer | None = None
-        self._lock = threading.Lock()
-        #: One publish at a time: the writer threads and the timer all send.
-        self._publishing = threading.Lock()
+        self._closing = False
+        self._wake = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="inferq-events", daemon=True)
+        self._thread.start()
 
     def send(self, events: Sequence[Event]) -> None:
-        with self._lock:
+        with self._wake:
             self._held += events
-            wait = self._sent_at + self.min_interval_s - time.monotonic()
-            if wait > 0:
-                if self._timer is None:
-                    self._timer = threading.Timer(wait, self.flush)
-                    self._timer.daemon = True
-                    self._timer.start()
-                return
-        self.flush()
+            self._wake.notify()
 
-    def flush(self) -> None:
-        """Publish every held event now."""
-        with self._lock:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            events, self._held = self._held, []
-            self._sent_at = time.monotonic()
-        if not events:
-            return
-        with self._publishing:
-            self._publish(events)
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._held and not self._closing:
+                    self._wake.wait()
+                if not self._held:
+                    return  # closing, nothing left
+                wait = self._sent_at + self.min_interval_s - time.monotonic()
+                if wait > 0 and not self._closing:
+                    self._wake.wait(wait)
+                    continue
+                events, self._held = self._held, []
+                self._sent_at = time.monotonic()
+            try:
+                self._publish(events)
+            except Exception as exc:  # Flower misses these; results and metrics do not
+                log.warning("task_events_not_sent", events=len(events), error=str(exc))
 
     def _publish(self, events: Sequence[Event]) -> None:
         # What Celery's dispatcher sends for a buffered group (its Event fields, one
@@ -221,6 +224,10 @@ class Dispatcher:
                 delivery_mode=dispatcher.delivery_mode)
 
     def close(self) -> None:
-        self.flush()
+        """Publish what is held, then stop."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
         self._dispatcher.close()
         self._connection.release()

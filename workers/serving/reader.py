@@ -76,15 +76,24 @@ class QueueReader:
     def wait(self, timeout: float) -> bool:
         """Block until the queue is non-empty (or ``timeout``), without taking anything.
 
-        It looks first (every priority list, one round trip) and blocks only on an empty
-        queue: moving the tail to the head of the same list blocks like BRPOP but leaves the
-        message in Redis, and the queue was empty a moment ago, so order barely changes.
-        Redis cannot block on several lists without popping, so while priority lists are in
-        use (a batch run) it blocks in short steps and looks again between them; otherwise
-        a message sent with a priority waits for the next look (``timeout``).
+        It blocks on the main list with ``BLMOVE queue queue RIGHT RIGHT``, which returns its
+        oldest message and puts it back where it was (order unchanged). Redis cannot block
+        on several lists without popping, so while priority lists are in use (a batch run)
+        it blocks in short steps and looks at every list between them (one round trip);
+        otherwise it looks at the priority lists only when the block times out, so an idle
+        worker pays one round trip per job, not two, and a message sent with a priority
+        after a quiet spell waits for the next look (at most ``timeout``).
         """
         deadline = time.monotonic() + timeout
         while True:
+            now = time.monotonic()
+            left = deadline - now
+            if left > 0 and now - self._priority_seen >= PRIORITY_ACTIVE_S:
+                # redis-py types the timeout as int; Redis >= 6 takes fractional seconds.
+                if self.client.blmove(self.queue, self.queue, left, "RIGHT", "RIGHT"  # type: ignore[arg-type]
+                                      ) is not None:
+                    return True
+                left = 0.0
             pipe = self.client.pipeline(transaction=False)
             for key in self._lists:
                 pipe.llen(key)
@@ -94,13 +103,11 @@ class QueueReader:
                 self._priority_seen = now
             if any(counts):
                 return True
-            left = deadline - now
+            left = min(left, deadline - now)
             if left <= 0:
                 return False
-            if now - self._priority_seen < PRIORITY_ACTIVE_S:
-                left = min(left, PRIORITY_POLL_S)
-            # redis-py types the timeout as int; Redis >= 6 takes fractional seconds.
-            moved = self.client.blmove(self.queue, self.queue, left, "RIGHT", "LEFT")  # type: ignore[arg-type]
+            moved = self.client.blmove(self.queue, self.queue, min(left, PRIORITY_POLL_S),  # type: ignore[arg-type]
+                                       "RIGHT", "RIGHT")
             if moved is not None:
                 return True
 
