@@ -48,6 +48,9 @@ from workers.settings import Settings
 
 log = structlog.get_logger(__name__)
 
+#: Seconds model servers wait for Celery's consumer to connect before serving anyway.
+CONSUMER_WAIT_S = 2.0
+
 
 
 def _redis(url: str) -> Any:
@@ -107,6 +110,8 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         self.stop_event = threading.Event()
+        #: Set once Celery's consumer is connected and consuming (its queues declared).
+        self.consumer_ready = threading.Event()
         self.threads: list[threading.Thread] = []
         self.dispatchers: list[Dispatcher] = []
         self.vstats: list[VersionStats] = []
@@ -116,6 +121,7 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
         # Stop taking work as soon as a shutdown begins: Celery stops this step only after
         # its consumer, which can hang on a broker that does not answer.
         signals.worker_shutting_down.connect(self._shutting_down, weak=False)
+        signals.worker_ready.connect(lambda **_: self.consumer_ready.set(), weak=False)
         hostname = worker.hostname or settings.hostname
         port = metrics_module.port_from_env(os.environ)
         if port is not None:
@@ -278,6 +284,10 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
         self.stop_event.set()
 
     def _run(self, server: ModelServer) -> None:
+        # Jobs are taken once Celery's consumer is up (or after CONSUMER_WAIT_S without it:
+        # Redis away, say): a consumer that fails at start-up, on a Redis at its memory
+        # limit for one, must not find the jobs this worker took meanwhile filling it.
+        self.consumer_ready.wait(CONSUMER_WAIT_S)
         try:
             server.serve(self.stop_event)
         except Exception:
