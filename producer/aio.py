@@ -57,10 +57,6 @@ def _pool(url: str, timeout: float, max_connections: int) -> aioredis.Redis:
     return aioredis.Redis(connection_pool=pool)
 
 
-async def _raise(error: Exception) -> None:
-    raise error
-
-
 async def _call(awaitable: Awaitable[T]) -> T:
     """``awaitable``, its Redis failures raised as the inferq error they stand for."""
     try:
@@ -367,18 +363,14 @@ class AsyncInferenceClient:
         advertised; they drop out within seconds of its last one)."""
         if refresh or not self._catalog.fresh():
             known = parse_models(await _call(self._broker.hgetall(wire.MODELS_KEY)))
-            replies: list[Any] = [[]]
+            replies: list[Any] = []
             if known:
                 pipe = self._broker.pipeline(transaction=False)
                 for name in known:
                     pipe.zcount(*live_count_args(name))
                 pipe.mget(routes_args(list(known)))
-                # A user without read access to routes still submits (workers resolve).
                 replies = await _call(pipe.execute(raise_on_error=False))
-                for reply in replies[:-1]:
-                    if isinstance(reply, Exception):
-                        await _call(_raise(reply))
-            self._catalog.update(known, replies[:-1], replies[-1])
+            self._catalog.read(known, replies)
         return self._catalog.live
 
     async def model(self, name: str, version: int | None = None) -> ModelInfo | None:
@@ -467,14 +459,9 @@ class AsyncInferenceClient:
     async def _pin(self, model: str, version: VersionSpec, keys: Sequence[str]
                    ) -> tuple[list[int | None], str | None]:
         """Each job's version and the route that chose them (as the sync client)."""
-        if isinstance(version, int) and not isinstance(version, bool):
-            return [version] * len(keys), None
-        if not self._catalog.fresh():
+        if self._catalog.needs_read(version):
             await self.models(refresh=False)
-        catalog = self._catalog
-        info = catalog.registered(model)
-        pinned = [catalog.pin(model, version, key, info) for key in keys]
-        return [v for v, _ in pinned], (pinned[0][1] if pinned else None)
+        return self._catalog.pin(model, version, keys)
 
     async def _push(self, target: str, model: str, messages: list[bytes],
                     blobs: submission.Blobs, jobs: list[list[str]],

@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from producer import wire
+from producer import waiting, wire
 from producer.submission import ModelInfo, VersionSpec, lookup, pin
 from producer.wire.routes import Route, route_key
 
@@ -69,17 +69,33 @@ class ModelCatalog:
         self.read_at = time.monotonic()
         return self.live
 
-    def pin(self, model: str, version: VersionSpec, key: str, info: ModelInfo | None
-            ) -> tuple[int | None, str | None]:
-        """The version to pin for a job of ``model`` (see :func:`producer.submission.pin`)
-        under the route last read."""
-        route = None if self.routes is None else self.routes.get(model, Route())
-        return pin(model, route, version, key, info)
+    def read(self, known: dict[str, ModelInfo], replies: Sequence[Any]) -> dict[str, ModelInfo]:
+        """Take a fresh read from the pipeline that follows ``HGETALL``, run with
+        ``raise_on_error=False``: a ZCOUNT per model of ``known``, then the routes' MGET. A
+        failed ZCOUNT raises (as the inferq error it stands for); a failed MGET (no read
+        access to routes) leaves routes unknown, and submits still go: workers resolve."""
+        for reply in replies[:-1]:
+            if isinstance(reply, Exception):
+                raise (waiting.redis_failure(reply) or reply) from reply
+        return self.update(known, replies[:-1], replies[-1] if replies else ())
 
-    def needs_route(self, version: VersionSpec) -> bool:
-        """Whether pinning ``version`` needs a fresh read of the routes: an alias, or
-        none named (the route's split decides)."""
-        return version is None or (isinstance(version, str) and not version.isdigit())
+    def pin(self, model: str, version: VersionSpec, keys: Sequence[str]
+            ) -> tuple[list[int | None], str | None]:
+        """The version to pin for each job of ``model`` (``keys``: what each job's split is
+        hashed on; see :func:`producer.submission.pin`) under the route last read, and the
+        route that chose them."""
+        if isinstance(version, int) and not isinstance(version, bool):
+            return [version] * len(keys), None
+        route = None if self.routes is None else self.routes.get(model, Route())
+        info = self.registered(model)
+        pinned = [pin(model, route, version, key, info) for key in keys]
+        return [v for v, _ in pinned], (pinned[0][1] if pinned else None)
+
+    def needs_read(self, version: VersionSpec) -> bool:
+        """Whether pinning ``version`` needs the catalog read again first: it is stale and
+        ``version`` is resolved through it (an alias, ``latest``, or none: the split)."""
+        return not self.fresh() and (
+            version is None or (isinstance(version, str) and not version.isdigit()))
 
     def fresh(self) -> bool:
         """Whether the last read is recent enough to answer without reading again."""

@@ -102,19 +102,15 @@ class InferenceClient:
         advertised; they drop out within seconds of its last one)."""
         if refresh or not self._catalog.fresh():
             known = parse_models(self._call(self._broker.hgetall, wire.MODELS_KEY))
-            replies: list[Any] = [[]]
+            replies: list[Any] = []
             if known:
                 pipe = self._broker.pipeline(transaction=False)
                 for name in known:
                     pipe.zcount(*live_count_args(name))
                 pipe.mget(routes_args(list(known)))
-                # A user without read access to routes still submits (workers resolve).
                 replies = self._call(pipe.execute, raise_on_error=False)
-                for reply in replies[:-1]:
-                    if isinstance(reply, Exception):
-                        self._call(_reraise, reply)
             with self._lock:
-                self._catalog.update(known, replies[:-1], replies[-1])
+                self._catalog.read(known, replies)
         return self._catalog.live
 
     def model(self, name: str, version: int | None = None) -> ModelInfo | None:
@@ -196,14 +192,9 @@ class InferenceClient:
              ) -> tuple[list[int | None], str | None]:
         """Each job's version (``keys``: what its split is hashed on) and the route that
         chose them, from routes at most one catalog refresh old."""
-        if isinstance(version, int) and not isinstance(version, bool):
-            return [version] * len(keys), None
-        if not self._catalog.fresh():
+        if self._catalog.needs_read(version):
             self.models(refresh=False)
-        catalog = self._catalog
-        info = catalog.registered(model)
-        pinned = [catalog.pin(model, version, key, info) for key in keys]
-        return [v for v, _ in pinned], (pinned[0][1] if pinned else None)
+        return self._catalog.pin(model, version, keys)
 
     def submit(
         self,
@@ -436,6 +427,3 @@ class InferenceClient:
                 raise
             raise error from exc
 
-
-def _reraise(error: Exception) -> None:
-    raise error

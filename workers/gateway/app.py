@@ -38,7 +38,7 @@ from starlette.types import Receive, Scope, Send
 from producer.aio import AsyncInferenceClient, AsyncJobHandle
 from producer.errors import InferqError, JobFailed, JobTimeout, UnknownJob
 from producer.jobs import JobResult
-from producer.submission import ModelInfo
+from producer.submission import ModelInfo, pin
 from producer.waiting import redis_failure
 from producer.wire.connect import require_verified_tls
 from producer.wire.routes import Route, route_key
@@ -144,14 +144,13 @@ class Gateway:
         the version its route names (``inferq alias``); None leaves it to the route."""
         if not isinstance(version, str):
             return version
-        if version == "latest":
-            info = await self.client.model(model)
-            return max(info.versions) if info is not None and info.versions else None
-        route = Route.from_json(await _redis(self.redis.get(route_key(model))))
-        if version not in route.aliases:
-            raise Problem("NOT_FOUND", f"model {model!r} has no alias {version!r} (aliases: "
-                          f"{sorted(route.aliases) or 'none'}; inferq alias {model} NAME N)")
-        return route.aliases[version]
+        # The clients' resolution, on the route as it is now (a client's is up to 1 s old).
+        latest = version == "latest"
+        info = await self.client.model(model) if latest else None
+        route = Route() if latest else Route.from_json(
+            await _redis(self.redis.get(route_key(model))))
+        pinned, _ = pin(model, route, version, "", info)
+        return pinned
 
     @staticmethod
     def owned(request: Request, caller: Admitted, job_id: str) -> None:
