@@ -190,7 +190,28 @@ def wait_http(base: str, alive: Callable[[], bool] = lambda: True,
         time.sleep(0.2)
 
 
-class FlowerProcess:
+class _Served:
+    """What the Flower and gateway processes share: their log, and a stop that kills what
+    does not end within ``stop_timeout`` seconds of SIGTERM."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    stop_timeout = 15.0
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class FlowerProcess(_Served):
     """``celery flower`` on 127.0.0.1 with the given broker URL and extra environment."""
 
     def __init__(self, broker_url: str, log_path: Path, **env: str) -> None:
@@ -217,24 +238,15 @@ class FlowerProcess:
         except RuntimeError:
             raise RuntimeError(f"Flower did not start:\n{self.log()}") from None
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 # --- the HTTP gateway ----------------------------------------------------------------------
 
 
-class GatewayProcess:
+class GatewayProcess(_Served):
     """``inferq gateway serve`` on a free loopback port with the given broker URL."""
+
+    stop_timeout = 30.0
 
     def __init__(self, broker_url: str, log_path: Path, **env: str) -> None:
         self.port = free_port()
@@ -260,14 +272,3 @@ class GatewayProcess:
                 raise RuntimeError(f"the gateway is not ready ({status}):\n{self.log()}")
             time.sleep(0.1)
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
