@@ -84,10 +84,16 @@ class ModelCatalog:
         """The version to pin for each job of ``model`` (``keys``: what each job's split is
         hashed on; see :func:`producer.submission.pin`) under the route last read, and the
         route that chose them."""
+        if not keys:
+            return [], None
         if isinstance(version, int) and not isinstance(version, bool):
             return [version] * len(keys), None
         route = None if self.routes is None else self.routes.get(model, Route())
         info = self.registered(model)
+        if version is not None or route is None or not route.split:
+            # Only a split gives jobs of one submit different versions.
+            one, label = pin(model, route, version, "", info)
+            return [one] * len(keys), label
         pinned = [pin(model, route, version, key, info) for key in keys]
         return [v for v, _ in pinned], (pinned[0][1] if pinned else None)
 
