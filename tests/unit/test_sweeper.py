@@ -101,3 +101,34 @@ def test_one_worker_sweeps_at_a_time(r: Any) -> None:
     r.delete("inferq:sweep:lock")
     second()
     assert second._seen and not r.exists("inferq:sweep:lock"), "released after its pass"
+
+
+def test_a_sweep_scans_a_bounded_part_of_a_large_keyspace(r: Any) -> None:
+    """Results fill the keyspace: each sweep goes on with the scan where the last stopped,
+    at most ``scan_steps`` SCAN calls, and a queue found once is looked at directly."""
+    clock = Clock()
+    for start in range(0, 5000, 500):
+        r.mset({wire.result_key(f"done-{i}"): b"{}" for i in range(start, start + 500)})
+    r.lpush(wire.queue_name("lost"), message("lost", "j1"))
+    sweep = UnknownQueueSweeper(r, ResultStore(r, 600), "cpu0@test", grace_s=30, clock=clock,
+                                scan_steps=2, scan_count=100)
+    calls = []
+    scan = r.scan
+
+    def counting_scan(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        return scan(*args, **kwargs)
+
+    r.scan = counting_scan
+    sweeps = 0
+    while not sweep._seen:
+        before = len(calls)
+        sweep.sweep()
+        sweeps += 1
+        assert len(calls) - before <= 2, "a sweep makes at most scan_steps SCAN calls"
+        assert sweeps < 100, "the queue is found within one pass over the keyspace"
+    assert sweeps > 1, "5,000 keys are not scanned in one sweep of 2 x 100"
+    clock.now += 31
+    calls.clear()
+    assert sweep.sweep() == 1, "found once, it is answered after its grace"
+    assert wire.read_result("j1", r.get(wire.result_key("j1"))) is not None

@@ -6,6 +6,12 @@ queue whose model no worker has ever registered (``inferq:models``) and that has
 messages for ``grace_s`` is drained, and each of its jobs gets a NOT_FOUND result. Queues
 of registered models are left alone even with no live worker: their workers may be scaling
 from zero.
+
+Finding such queues takes a SCAN of the keyspace, which holds every stored result too
+(millions on a busy fleet): each sweep goes on with the scan where the last one stopped, for
+at most ``scan_steps`` steps, and looks at the queues it found before directly. A sweep costs
+Redis a bounded amount of work whatever the keyspace's size; a queue is found within one
+pass over the keyspace, and answered once its grace is over.
 """
 
 from __future__ import annotations
@@ -28,19 +34,25 @@ log = structlog.get_logger(__name__)
 DEFAULT_GRACE_S = 30.0
 _LOCK = "inferq:sweep:lock"
 _BATCH = 100
+#: Keys one SCAN step looks at, and steps per sweep (per heartbeat of the sweeping worker).
+SCAN_COUNT = 1000
+SCAN_STEPS = 10
 
 
 class UnknownQueueSweeper:
     """Answers NOT_FOUND for jobs queued for models that no worker registers."""
 
     def __init__(self, broker: redis.Redis, store: ResultStore, hostname: str,
-                 grace_s: float = DEFAULT_GRACE_S, clock: Callable[[], float] = wire.now
-                 ) -> None:
+                 grace_s: float = DEFAULT_GRACE_S, clock: Callable[[], float] = wire.now,
+                 scan_steps: int = SCAN_STEPS, scan_count: int = SCAN_COUNT) -> None:
         self.broker, self.store, self.hostname = broker, store, hostname
         self.grace_s = grace_s
         self.clock = clock
+        self.scan_steps, self.scan_count = scan_steps, scan_count
         #: Queue key -> when this worker first saw it non-empty with an unknown model.
         self._seen: dict[str, float] = {}
+        #: Where the scan of the keyspace goes on at the next sweep (0: a new pass).
+        self._cursor = 0
 
     def __call__(self) -> None:
         try:
@@ -55,21 +67,37 @@ class UnknownQueueSweeper:
             log.warning("sweep_failed", error=str(exc))
 
     def sweep(self) -> int:
-        """One pass; returns how many jobs were answered."""
+        """One sweep; returns how many jobs were answered."""
         known = {k.decode() if isinstance(k, bytes) else str(k)
                  for k in self.broker.hkeys(wire.MODELS_KEY)}
-        now, answered, still = self.clock(), 0, {}
-        for raw_key in self.broker.scan_iter(match=wire.QUEUE_PREFIX + "*", count=1000,
-                                             _type="LIST"):
-            key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
+        now = self.clock()
+        tracked = list(self._seen)
+        if tracked:  # emptied meanwhile (a worker came up and took them): grace starts again
+            pipe = self.broker.pipeline(transaction=False)
+            for key in tracked:
+                pipe.exists(key)
+            for key, found in zip(tracked, pipe.execute(), strict=True):
+                if not found:
+                    del self._seen[key]
+        for _ in range(self.scan_steps):
+            cursor, keys = self.broker.scan(self._cursor, match=wire.QUEUE_PREFIX + "*",
+                                            count=self.scan_count, _type="LIST")
+            self._cursor = int(cursor)
+            for raw_key in keys:
+                key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
+                model = wire.model_of_queue(key)
+                if model is not None and model not in known:
+                    self._seen.setdefault(key, now)
+            if not self._cursor:
+                break  # a whole pass: the rest at the next sweep
+        answered = 0
+        for key, first in list(self._seen.items()):
             model = wire.model_of_queue(key)
             if model is None or model in known:
-                continue
-            first = still[key] = self._seen.get(key, now)
-            if now - first >= self.grace_s:
+                del self._seen[key]  # registered meanwhile: its workers will come
+            elif now - first >= self.grace_s:
                 answered += self._answer(key, model)
-                still.pop(key)
-        self._seen = still
+                del self._seen[key]
         return answered
 
     def _answer(self, key: str, model: str) -> int:
