@@ -239,11 +239,11 @@ def bulk_messages(env: Envelope, ids: Sequence[str], prepared: Sequence[dict[str
         chunk_ids = list(ids[start : start + jobs_per_message])
         chunk_versions = (versions[start : start + jobs_per_message] if versions is not None
                           else [env.version] * len(chunk_ids))
-        entries = [
-            {"id": i, "inputs": t, "version": v}
-            for i, t, v in zip(chunk_ids, prepared[start : start + jobs_per_message],
-                               chunk_versions, strict=True)
-        ]
+        chunk = prepared[start : start + jobs_per_message]
+        entries: Any = wire.columns_entries(chunk_ids, chunk, chunk_versions)
+        if entries is None:  # jobs not alike: one entry each
+            entries = [{"id": i, "inputs": t, "version": v}
+                       for i, t, v in zip(chunk_ids, chunk, chunk_versions, strict=True)]
         headers = env.headers()
         headers[wire.HEADER_JOB_IDS] = chunk_ids
         message_id = wire.new_id()
@@ -259,7 +259,7 @@ def bulk_messages(env: Envelope, ids: Sequence[str], prepared: Sequence[dict[str
             headers=headers,
             reply_to=env.client_id,
             expires=stamp,
-            argsrepr=f"({env.model!r}, <{len(entries)} jobs>)",
+            argsrepr=f"({env.model!r}, <{len(chunk_ids)} jobs>)",
             priority=env.priority,
         ))
     return messages

@@ -11,7 +11,7 @@ import base64
 import json
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 import msgpack
 
 from producer.errors import InferqError, InvalidInput
+from producer.wire import tensors as _tensors
 from producer.wire.names import (
     BLOB_KEY_PREFIX,
     BULK_TASK_NAME,
@@ -108,11 +109,14 @@ class JobRequest:
     deadline: float | None = None
     #: How the producer chose ``version`` (None: it named it, or the worker chooses).
     route: str | None = None
+    #: The job's row in its message's columns (:attr:`Delivery.columns`); None: its own
+    #: ``inputs``.
+    column_row: int | None = None
 
     @property
     def refs(self) -> list[str]:
         """Blob keys this job's tensors name; only keys under the blob prefix are ever read."""
-        if not isinstance(self.inputs, Mapping):
+        if not isinstance(self.inputs, dict):  # msgpack and JSON decode to dicts
             return []
         return [t["ref"] for t in self.inputs.values()
                 if isinstance(t, Mapping) and isinstance(t.get("ref"), str)
@@ -135,11 +139,16 @@ class Delivery:
     deadline: float | None = None
     enqueued_at: Any = None
     route: str | None = None
+    #: A bulk message of alike jobs: each input of all its jobs as one array (jobs along
+    #: the first axis; see :func:`columns_entries`). None: each job has its own ``inputs``.
+    columns: dict[str, Any] | None = None
 
     def owned_blobs(self) -> list[str]:
         """Blob keys to delete once this message is acked: its entries, and each job's own
         tensors (a reference to another job's data is read, never deleted)."""
         owned = [] if self.entries_ref is None else [self.entries_ref]
+        if self.columns is not None:
+            return owned  # columns travel inline in the entries
         owned += [key for job in self.jobs for key in job.refs if owns_blob(job.id, key)]
         return owned
 
@@ -251,8 +260,77 @@ def attach_entries(delivery: Delivery, blob: bytes | None) -> None:
     _add_jobs(delivery, entries)
 
 
+def columns_entries(ids: Sequence[str], tensors: Sequence[Mapping[str, Any]],
+                    versions: Sequence[int | None]) -> dict[str, Any] | None:
+    """The entries of a bulk message whose jobs are alike (every tensor inline as bytes, one
+    dtype and shape per input) as columns: each input's bytes of all the jobs in one buffer,
+    which the worker decodes with one ``frombuffer`` instead of a tensor per job. None when
+    the jobs are not alike (they then travel one entry each)."""
+    heads = {}
+    for name, tensor in tensors[0].items():
+        data, shape = tensor.get("data"), tensor.get("shape")
+        if not isinstance(data, bytes) or len(shape) >= _tensors.MAX_RANK:
+            return None
+        heads[name] = (tensor.get("dtype"), shape, len(data))
+    datas: dict[str, list[bytes]] = {name: [] for name in heads}
+    for job in tensors:
+        if len(job) != len(heads):
+            return None
+        for name, (dtype, shape, size) in heads.items():
+            tensor = job.get(name)
+            if tensor is None or tensor.get("dtype") != dtype or tensor.get("shape") != shape:
+                return None
+            data = tensor.get("data")
+            if not isinstance(data, bytes) or len(data) != size:
+                return None
+            datas[name].append(data)
+    return {"ids": list(ids), "versions": list(versions),
+            "columns": {name: {"dtype": dtype, "shape": shape, "data": b"".join(datas[name])}
+                        for name, (dtype, shape, _) in heads.items()}}
+
+
+def _add_columns(delivery: Delivery, entries: dict[str, Any]) -> None:
+    """The jobs of entries sent as columns (:func:`columns_entries`)."""
+    ids = delivery.ids
+    try:
+        if entries.get("ids") != ids:
+            raise InvalidInput("bulk columns do not match their job ids")
+        versions = entries.get("versions")
+        if not isinstance(versions, list) or len(versions) != len(ids):
+            raise InvalidInput("bulk columns need one version per job")
+        columns = entries.get("columns")
+        if not isinstance(columns, dict) or not columns:
+            raise InvalidInput("bulk columns must map input names to tensors")
+        arrays = {}
+        for name, tensor in columns.items():
+            if not isinstance(tensor, dict) or not isinstance(tensor.get("shape"), list):
+                raise InvalidInput(f"input {name!r}: a column needs dtype, shape and data")
+            arrays[str(name)] = _tensors.decode_tensor(
+                {**tensor, "shape": [len(ids), *tensor["shape"]]}, f"input {name!r}")
+        enqueued_at = _parse_time(delivery.enqueued_at)
+    except (InvalidInput, ValueError, TypeError) as exc:
+        err = exc if isinstance(exc, InvalidInput) else InvalidInput(str(exc))
+        delivery.failed = [(i, err) for i in ids]
+        return
+    delivery.columns = arrays
+    model, deadline, route, jobs = delivery.model, delivery.deadline, delivery.route, []
+    for row, (job_id, version) in enumerate(zip(ids, versions, strict=True)):
+        try:
+            job = _job(job_id, model, None, version)
+        except InvalidInput as exc:
+            delivery.failed.append((job_id, exc))
+            continue
+        job.enqueued_at, job.deadline, job.route, job.column_row = (
+            enqueued_at, deadline, route, row)
+        jobs.append(job)
+    delivery.jobs += jobs
+
+
 def _add_jobs(delivery: Delivery, entries: Any) -> None:
     ids = delivery.ids
+    if isinstance(entries, dict) and "columns" in entries:
+        _add_columns(delivery, entries)
+        return
     if not isinstance(entries, list) or len(entries) != len(ids):
         delivery.failed = [(i, InvalidInput("bulk message body does not match its job ids"))
                            for i in ids]

@@ -187,10 +187,27 @@ def test_submit_many_chunks_messages_and_keeps_order(client: InferenceClient, r:
     jobs = [job for d in deliveries for job in d.jobs]
     assert [j.id for j in jobs] == ids
     assert all(d.failed == [] and d.notify == client.client_id for d in deliveries)
-    for i, job in enumerate(jobs):
-        assert job.version == 1
-        arr = wire.decode_tensor(job.inputs["pixels"])
+    # Alike jobs travel as columns: one array per input, a row of it per job.
+    assert all(d.columns is not None and d.columns["pixels"].shape == (len(d.jobs), 1, 64)
+               for d in deliveries)
+    rows = [(d, job) for d in deliveries for job in d.jobs]
+    for i, (delivery, job) in enumerate(rows):
+        assert job.version == 1 and job.inputs is None
+        assert delivery.columns is not None and job.column_row is not None
+        arr = delivery.columns["pixels"][job.column_row]
         assert arr.shape == (1, 64) and float(arr[0, 0]) == i
+
+
+def test_jobs_not_alike_travel_one_entry_each(client: InferenceClient, r: Any) -> None:
+    advertise(r)
+    items = [{"pixels": np.full((1 + i % 2, 64), i, np.float32)} for i in range(4)]
+    handles = client.submit_many("digits", items)
+    [delivery] = queued(r)
+    assert delivery.columns is None
+    for i, job in enumerate(delivery.jobs):
+        assert job.id == handles[i].id
+        arr = wire.decode_tensor(job.inputs["pixels"])
+        assert arr.shape == (1 + i % 2, 64) and float(arr[0, 0]) == i
 
 
 def test_submit_many_with_nothing(client: InferenceClient, r: Any) -> None:

@@ -110,10 +110,11 @@ class World:
 
     def server(self, *, max_rows: int = 8, max_wait_s: float = 60.0, max_executions: int = 3,
                observer: Observer | None = None, versions: Sequence[int] = (1,),
-               store: ResultStore | None = None) -> ModelServer:
+               store: ResultStore | None = None, reject_nonfinite: bool = False
+               ) -> ModelServer:
         """A ModelServer wired as workers/serving/service.py wires it."""
         settings = Settings(max_executions=max_executions, max_tensor_bytes=1 << 20,
-                            reject_nonfinite=False, result_ttl_s=600)
+                            reject_nonfinite=reject_nonfinite, result_ttl_s=600)
         server = model_server(
             MODEL, {v: FakeModel(v, self.calls) for v in versions},  # type: ignore[misc]
             INPUTS, broker=self.broker, results=self.results, same_server=not self.separate,
@@ -436,6 +437,22 @@ def test_early_failures_of_one_bulk_message(world: World) -> None:
     assert isinstance(world.result(pinned), ModelNotFound)
     assert [world.ok(h.id).batch_size for h in handles] == [2, 2]
     assert world.batch_rows == [2]
+
+
+def test_a_bad_job_of_a_message_sent_as_columns_fails_alone(world: World) -> None:
+    client = world.client()
+    bad = rows_of(1, 2)
+    bad[0, 0] = np.nan
+    handles = client.submit_many(MODEL, [{"x": rows_of(1, 0)}, {"x": rows_of(1, 1)},
+                                         {"x": bad}, {"x": rows_of(1, 3)}])
+    assert wire.parse_message(world.broker.lindex(QUEUE, 0), QUEUE).entries_ref is not None
+    world.run(world.server(reject_nonfinite=True))
+
+    failed = world.result(handles[2].id)
+    assert isinstance(failed, InvalidInput) and "NaN or Inf" in failed.message
+    assert [world.ok(h.id).batch_size for h in (handles[0], handles[1], handles[3])] == [3] * 3
+    assert world.batch_rows == [3]
+    assert world.unacked() == set()
 
 
 def test_an_unreadable_message_is_dead_lettered(any_world: World) -> None:

@@ -123,7 +123,8 @@ class Intake:
 
     def _fetch_blobs(self, deliveries: list[Delivery]) -> dict[str, bytes | None]:
         """Every by-reference tensor of these messages, in one round trip."""
-        keys = [key for d in deliveries for job in d.jobs for key in job.refs]
+        keys = [key for d in deliveries if d.columns is None for job in d.jobs
+                for key in job.refs]
         if not keys:
             return {}
         values: list[Any] = self.broker.mget(keys)
@@ -147,18 +148,30 @@ class Intake:
             self.observer.received([j.id for j in jobs], delivery.redelivered)
         routed = self._route(jobs, delivery.redelivered)
         checks = self.checks
-        alike = validation.decode_uniform(
-            [j.inputs for j in jobs], checks.inputs, max_tensor_bytes=checks.max_tensor_bytes,
-            reject_nonfinite=checks.reject_nonfinite) if len(jobs) > 1 else None
+        alike: Sequence[tuple[Arrays, int] | InvalidInput] | None = None
+        if delivery.columns is not None:
+            alike = validation.decode_columns(
+                delivery.columns, [j.column_row or 0 for j in jobs], checks.inputs,
+                max_tensor_bytes=checks.max_tensor_bytes,
+                reject_nonfinite=checks.reject_nonfinite)
+        elif len(jobs) > 1:
+            alike = validation.decode_uniform(
+                [j.inputs for j in jobs], checks.inputs,
+                max_tensor_bytes=checks.max_tensor_bytes,
+                reject_nonfinite=checks.reject_nonfinite)
+        # Jobs decoded together share their non-batch dimensions: worked out once.
+        shape = None
         rows = 0
         for i, job in enumerate(jobs):
             try:
                 checked = self._check(job, message, picked_at, blobs, routed.get(job.id),
-                                      None if alike is None else alike[i])
+                                      None if alike is None else alike[i], shape)
             except _Refused as refused:
                 failures.append((job.id, refused.error, message, refused.version))
                 continue
             checked.suspect = delivery.redelivered
+            if alike is not None:
+                shape = checked.shape
             pending.append(checked)
             self.seen[checked.version] = picked_at
             rows += checked.rows
@@ -194,9 +207,11 @@ class Intake:
 
     def _check(self, job: JobRequest, message: Message, picked_at: float,
                blobs: Mapping[str, bytes | None], routed: tuple[int, str] | None = None,
-               decoded: tuple[Arrays, int] | None = None) -> Pending:
+               decoded: tuple[Arrays, int] | InvalidInput | None = None,
+               shape: tuple[tuple[int, ...], ...] | None = None) -> Pending:
         """Check ``job``; ``decoded``: its inputs, decoded and checked with its message's
-        other jobs (:func:`validation.decode_uniform`)."""
+        other jobs (:func:`validation.decode_uniform`, :func:`validation.decode_columns`),
+        or why they failed; ``shape``: their non-batch dimensions, when known."""
         checks = self.checks
         version: int | None = None
         try:
@@ -205,6 +220,8 @@ class Intake:
                 raise ModelNotFound(f"model {checks.model!r} has no version loaded")
             version = validation.resolve_version(job, checks.model, checks.versions, chosen)
             validation.check_deadline(job, picked_at)
+            if isinstance(decoded, InvalidInput):
+                raise decoded
             arrays, rows = decoded or validation.decode_inputs(
                 job.inputs, checks.inputs, blobs, max_tensor_bytes=checks.max_tensor_bytes,
                 reject_nonfinite=checks.reject_nonfinite)
@@ -213,7 +230,8 @@ class Intake:
         except Exception as exc:
             # Whatever a hostile payload triggers fails that job, never the worker.
             raise _Refused(InvalidInput(f"malformed job: {exc!r}"), version) from None
-        shape = tuple(arrays[s.name].shape[1:] for s in checks.inputs)
+        if shape is None:
+            shape = tuple(arrays[s.name].shape[1:] for s in checks.inputs)
         route = job.route or (routed[1] if routed else
                               "pinned" if job.version is not None else "latest")
         return Pending(job, version, arrays, rows, message, picked_at, shape, route)

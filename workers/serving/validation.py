@@ -112,3 +112,43 @@ def decode_uniform(
     except InvalidInput:
         return None
     return [({n: a[i] for n, a in stacked.items()}, rows) for i in range(len(jobs_inputs))]
+
+
+def decode_columns(
+    columns: Mapping[str, np.ndarray[Any, Any]],
+    rows: Sequence[int],
+    specs: Sequence[TensorSpec],
+    *,
+    max_tensor_bytes: int,
+    reject_nonfinite: bool,
+) -> list[tuple[Arrays, int] | InvalidInput]:
+    """Check a bulk message sent as columns (every job alike: one array per input, jobs
+    along its first axis) and cut out the jobs at ``rows`` of it: each its inputs (views)
+    and its row count, or the error that fails it alone.
+
+    The size and signature checks hold for every job once they hold for one; the NaN check
+    runs once over the whole array and names the jobs it fails.
+    """
+    try:
+        for name, arr in columns.items():
+            size = arr[0].nbytes if len(arr) else 0
+            if size > max_tensor_bytes:
+                raise InvalidInput(
+                    f"input {name!r} is {size} bytes; the limit is {max_tensor_bytes}")
+        job_rows = wire.check_inputs(specs, {n: a[0] for n, a in columns.items()})
+    except InvalidInput as exc:
+        return [exc] * len(rows)
+    refused: dict[int, InvalidInput] = {}
+    if reject_nonfinite:
+        for name, arr in columns.items():
+            if arr.dtype.kind != "f":
+                continue
+            finite = np.isfinite(arr.reshape(len(arr), arr[0].size)).all(axis=1)
+            if not finite.all():
+                error = InvalidInput(f"input {name!r} contains NaN or Inf (refused: "
+                                     "INFERQ_NONFINITE=reject)")
+                for row in np.flatnonzero(~finite).tolist():
+                    refused.setdefault(row, error)
+    items = list(columns.items())
+    return [refused[r] if r in refused else ({n: a[r] for n, a in items}, job_rows)
+            for r in rows]
