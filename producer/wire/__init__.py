@@ -62,6 +62,7 @@ from producer.wire.names import (
 )
 from producer.wire.results import (
     JobResult,
+    SuccessDocuments,
     date_done,
     failure_document,
     read_result,
@@ -119,6 +120,7 @@ __all__ = [
     "Delivery",
     "JobRequest",
     "JobResult",
+    "SuccessDocuments",
     "Tensor",
     "TensorSpec",
     "accepted_key",

@@ -257,7 +257,7 @@ class ModelServer:
         if isinstance(outcome, JobFailed):
             self._fail(head.job.id, outcome, head.message, head.version)
         else:
-            self._succeed(head, outcome, batch, max(batch.runs), wire.date_done())
+            self._succeed(head, outcome, max(batch.runs), self._documents(batch))
         self.observer.batch_done(batch, [outcome])
         return 1
 
@@ -294,12 +294,12 @@ class ModelServer:
         batch.runs = self._runs or [batch.rows]
         self.jobs_done += len(jobs)
         batch.stored = wire.now()
-        done = wire.date_done()
+        documents = self._documents(batch)
         for pending, (outcome, rows) in zip(jobs, ran, strict=True):
             if isinstance(outcome, JobFailed):
                 self._fail(pending.job.id, outcome, pending.message, batch.version)
             else:
-                self._succeed(pending, outcome, batch, rows, done)
+                self._succeed(pending, outcome, rows, documents)
         self.observer.batch_done(batch, [outcome for outcome, _ in ran])
         return len(jobs)
 
@@ -326,17 +326,17 @@ class ModelServer:
             return [(InternalError(f"the model failed on this job: {exc}",
                                    job_id=jobs[0].job.id, model=self.name), rows)]
 
-    def _succeed(self, pending: Pending, outputs: Arrays, batch: Batch, rows: int,
-                 date_done: str) -> None:
+    def _documents(self, batch: Batch) -> wire.SuccessDocuments:
+        return wire.SuccessDocuments(
+            model=self.name, version=batch.version, worker=self.worker, started=batch.started,
+            finished=batch.finished, stored=batch.stored, date_done=wire.date_done())
+
+    def _succeed(self, pending: Pending, outputs: Arrays, rows: int,
+                 documents: wire.SuccessDocuments) -> None:
         job = pending.job
-        timings = wire.timings_ms(enqueued_at=job.enqueued_at, picked_at=pending.picked_at,
-                                  started=batch.started, finished=batch.finished,
-                                  stored=batch.stored)
-        result = wire.success_result(outputs, model=self.name, version=batch.version,
-                                     worker=self.worker, batch_size=rows, timings=timings,
-                                     route=pending.route)
-        self._docs.append((job.id, wire.success_document(job.id, result, date_done),
-                           pending.message.notify))
+        self._docs.append((job.id, documents.document(
+            job.id, outputs, batch_size=rows, enqueued_at=job.enqueued_at,
+            picked_at=pending.picked_at, route=pending.route), pending.message.notify))
         self.inflight.close(pending.message)
 
     def _fail(self, job_id: str, error: JobFailed, message: Message, version: int | None
