@@ -477,9 +477,11 @@ class AsyncInferenceClient:
             # blob writes repeat harmlessly, so load the script and run it all again.
             await _call(self._broker.script_load(submission.PUSH_SCRIPT))
             replies = await self._transaction(push, messages, blobs, jobs, mark)
-        marked = [mark[0] + i for ids in jobs for i in ids] if mark else []
-        if push.refused(replies, len(blobs) + len(marked)):
-            if blobs or marked:  # the transaction ran, blobs included: take them back
+        if push.refused(replies, len(blobs)):
+            # The transaction ran, blobs included: take them back (and the marks of any
+            # chunk of a large submit that went through before one was refused).
+            marked = [mark[0] + i for ids in jobs for i in ids] if mark else []
+            if blobs or marked:
                 with contextlib.suppress(InferqError, redis.exceptions.RedisError):
                     await _call(self._broker.unlink(*blobs, *marked))
             raise push.full()
@@ -488,9 +490,10 @@ class AsyncInferenceClient:
     async def _transaction(self, push: submission.Push, messages: list[bytes],
                            blobs: submission.Blobs, jobs: list[list[str]],
                            mark: Mark | None) -> list[Any]:
-        """Blobs, then marks, then the push script calls: the replies in that order."""
-        calls = list(push.script_calls(messages, jobs))
-        if not blobs and not mark and len(calls) == 1:
+        """Blobs, then the push script calls (which set the marks): the replies in that
+        order."""
+        calls = push.script_calls(messages, jobs, mark)
+        if not blobs and len(calls) == 1:
             # One script call is atomic on its own: no MULTI/EXEC to send and parse (and
             # execute_command: redis-py's evalsha() costs about 20 us more a call).
             return [await _call(self._broker.execute_command(  # type: ignore[no-untyped-call]
@@ -498,10 +501,6 @@ class AsyncInferenceClient:
         pipe = self._broker.pipeline(transaction=True)
         for key, data in blobs.items():
             pipe.set(key, data, ex=push.ttl)
-        if mark is not None:
-            prefix, value, ttl = mark
-            for job_id in (i for ids in jobs for i in ids):
-                pipe.set(prefix + job_id, value, ex=ttl)
         for args in calls:
             pipe.evalsha(submission.PUSH_SCRIPT_SHA, *args)
         return list(await _call(pipe.execute()))

@@ -32,6 +32,10 @@ DEFAULT_BLOB_THRESHOLD = 16 * 1024
 # bound), ARGV[2]: seconds a job's accepted marker lives at most, ARGV[3]: n job IDs,
 # ARGV[4 .. 3 + n]: the IDs, then the messages. Refused as a whole: no marker is written
 # for a job that is not queued.
+# KEYS: the list to push to, then the lists the queue bound counts. ARGV: bound, ttl, n,
+# mark prefix ('' for none), mark value, mark ttl, the n job IDs, then the messages. Each
+# job gets its accepted marker (and, with a mark prefix, ``prefix .. id`` set to the value:
+# the gateway records each job's API key) only when the bound lets the push through.
 PUSH_SCRIPT = """
 local bound = tonumber(ARGV[1])
 local n = tonumber(ARGV[3])
@@ -40,14 +44,19 @@ if bound > 0 then
   for k = 2, #KEYS do
     waiting = waiting + redis.call('LLEN', KEYS[k])
   end
-  if waiting + #ARGV - 3 - n > bound then
+  if waiting + #ARGV - 6 - n > bound then
     return -1
   end
 end
-for i = 4, 3 + n do
+for i = 7, 6 + n do
   redis.call('SET', '""" + wire.ACCEPTED_KEY_PREFIX + """' .. ARGV[i], '1', 'EX', ARGV[2])
 end
-return redis.call('LPUSH', KEYS[1], unpack(ARGV, 4 + n))
+if ARGV[4] ~= '' then
+  for i = 7, 6 + n do
+    redis.call('SET', ARGV[4] .. ARGV[i], ARGV[5], 'EX', ARGV[6])
+  end
+end
+return redis.call('LPUSH', KEYS[1], unpack(ARGV, 7 + n))
 """
 #: What EVALSHA names the push script by (SHA-1 of its text, as Redis computes it).
 PUSH_SCRIPT_SHA = hashlib.sha1(PUSH_SCRIPT.encode()).hexdigest()
@@ -304,16 +313,18 @@ class Push:
         ttl = blob_ttl if info is None else max(blob_ttl, 4 * info.visibility_timeout)
         return cls(queue, [target, *wire.priority_queues(queue)], bound, ttl)
 
-    def script_calls(self, messages: Sequence[bytes], jobs: Sequence[Sequence[str]]
-                     ) -> list[list[Any]]:
+    def script_calls(self, messages: Sequence[bytes], jobs: Sequence[Sequence[str]],
+                     mark: tuple[str, str, int] | None = None) -> list[list[Any]]:
         """The EVALSHA arguments after the SHA, one list per chunk of messages; ``jobs``
-        holds each message's job IDs."""
+        holds each message's job IDs; ``mark`` ``(prefix, value, ttl_s)``: also set
+        ``prefix + job ID`` to ``value`` for each job pushed."""
+        prefix, value, ttl = mark or ("", "", 0)
         calls = []
         for start in range(0, len(messages), PUSH_CHUNK):
             chunk = slice(start, start + PUSH_CHUNK)
             ids = [i for message_ids in jobs[chunk] for i in message_ids]
-            calls.append([len(self.lists), *self.lists, self.bound, self.ttl, len(ids), *ids,
-                          *messages[chunk]])
+            calls.append([len(self.lists), *self.lists, self.bound, self.ttl, len(ids),
+                          prefix, value, ttl, *ids, *messages[chunk]])
         return calls
 
     @staticmethod
