@@ -230,9 +230,13 @@ class _Waiters:
                 # (no hand-off to the resolver, no LPOP), then wait for the next.
                 try:
                     await self._client._read([first])
-                    continue
                 except Exception:  # the resolver reads it again, and tells the waiter
                     pass
+                else:
+                    # Let the waiter run before this task sends its next BLPOP: that write
+                    # is not on the caller's path.
+                    await asyncio.sleep(0)
+                    continue
             self._arrived([popped[1]])  # type: ignore[list-item]  # bytes (no decode_responses)
             if len(self.futures) <= len(self._notified):
                 # Every waiter is answered: the next BLPOP takes whatever comes. The

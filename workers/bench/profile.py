@@ -36,6 +36,12 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("serving loop", ("workers/serving/loop.py",)),
 )
 OTHER = "Celery, heartbeats, other"
+#: Innermost frames of a thread that is waiting, not running: py-spy does not always tell a
+#: thread blocked on a lock, in epoll or in a socket read from one on the CPU, and counting
+#: those samples would charge a stage for its idle time (the writer waiting for the next
+#: batch, a thread waiting for Redis's reply). The CPU per job itself is measured, not sampled.
+WAITING = ("Condition.wait (", "Event.wait (", "_epoll.poll (", "select (",
+           "read_from_socket (")
 
 
 def stage_of(stack: Sequence[str]) -> str:
@@ -53,7 +59,9 @@ def parse_raw(text: str) -> Counter[str]:
     for line in text.splitlines():
         stack, _, count = line.rpartition(" ")
         if stack and count.isdigit():
-            out[stage_of(stack.split(";"))] += int(count)
+            frames = stack.split(";")
+            if not any(mark in frames[-1] for mark in WAITING):
+                out[stage_of(frames)] += int(count)
     return out
 
 
