@@ -406,6 +406,17 @@ def test_task_events_above_the_rate_sample_jobs(clock: Clock) -> None:
     assert sent[0][1]["retries"] == 0
 
 
+def test_a_message_of_many_jobs_is_sampled_at_the_rate(clock: Clock) -> None:
+    sent: list[Event] = []
+    events = TaskEvents("m", sent.extend, max_rate=100)
+    events.received([f"j{i}" for i in range(250)], False)
+    assert list(events._admitted) == [f"j{i}" for i in range(100)], "the first 100 jobs"
+    clock.now += 0.5
+    events.received([f"k{i}" for i in range(250)], True)
+    assert len(events._admitted) == 150 and events._admitted["k49"] == 1
+    assert "k50" not in events._admitted
+
+
 def test_task_events_of_an_unsampled_job_that_failed_in_a_batch(clock: Clock) -> None:
     sent: list[Event] = []
     events = TaskEvents("m", sent.extend, max_rate=1)

@@ -51,16 +51,19 @@ class Sampler:
         self._refilled = time.monotonic()
 
     def admit(self) -> bool:
+        return self.admit_many(1) == 1
+
+    def admit_many(self, n: int) -> int:
+        """How many of the next ``n`` jobs get events (the first ones)."""
         if self.max_rate <= 0:
-            return True
+            return n
         now = time.monotonic()
         self._tokens = min(self._capacity,
                            self._tokens + (now - self._refilled) * self.max_rate)
         self._refilled = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        return False
+        admitted = min(n, int(self._tokens))
+        self._tokens -= admitted
+        return admitted
 
 
 def received(job_id: str, model: str, version: int | None, retries: int,
@@ -110,9 +113,8 @@ class TaskEvents(Observer):
 
     def received(self, job_ids: Sequence[str], redelivered: bool) -> None:
         retries = int(redelivered)
-        for job_id in job_ids:
-            if self.sampler.admit():
-                self._admitted[job_id] = retries
+        admitted = self.sampler.admit_many(len(job_ids))
+        self._admitted.update((job_id, retries) for job_id in job_ids[:admitted])
 
     def batch_started(self, batch: Batch) -> None:
         admitted, model = self._admitted, self.model
