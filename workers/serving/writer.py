@@ -25,46 +25,48 @@ from workers.serving.outage import Outage
 
 log = structlog.get_logger(__name__)
 
-# KEYS: result keys (n), kombu's unacked hash and index, then blob keys to delete.
-# ARGV: ttl, n, t, the n documents, t delivery tags to ack, then notify-list pairs
-# (list key, job id). A result that already exists is kept: the first result wins, so a
-# job run twice after a redelivery never shows two different outcomes. The acks come last
-# and in the same script, so a message is only forgotten once every result it carries is
-# stored; a Redis at maxmemory refuses the first SET and with it the whole script.
+# KEYS: kombu's unacked hash and index, then blob keys to delete.
+# ARGV: ttl, n, t, markers, the n job IDs, their n documents, t delivery tags to ack, then
+# (notify list, first, last) triples: jobs first..last (1-based) go to that client's list.
+# A result that already exists is kept: the first result wins, so a job run twice after a
+# redelivery never shows two different outcomes. The acks come last and in the same script,
+# so a message is only forgotten once every result it carries is stored; a Redis at
+# maxmemory refuses the first SET and with it the whole script.
 _STORE = """
 local ttl = ARGV[1]
 local n = tonumber(ARGV[2])
 local t = tonumber(ARGV[3])
 local markers = ARGV[4] == '1'
 local stored = 0
-for i = 1, n do
-  if redis.call('SET', KEYS[i], ARGV[i + 4], 'EX', ttl, 'NX') then
-    redis.call('PUBLISH', KEYS[i], ARGV[i + 4])
+for i = 5, 4 + n do
+  local key = 'RESULT_PREFIX' .. ARGV[i]
+  local doc = ARGV[i + n]
+  if redis.call('SET', key, doc, 'EX', ttl, 'NX') then
+    redis.call('PUBLISH', key, doc)
     stored = stored + 1
   end
   if markers then
-    redis.call('UNLINK', 'ACCEPTED_PREFIX' .. string.sub(KEYS[i], RESULT_PREFIX_LEN + 1))
+    redis.call('UNLINK', 'ACCEPTED_PREFIX' .. ARGV[i])
   end
 end
-local lists = {}
-for i = n + t + 5, #ARGV, 2 do
-  redis.call('RPUSH', ARGV[i], ARGV[i + 1])
-  lists[ARGV[i]] = true
+for r = 5 + 2 * n + t, #ARGV, 3 do
+  local list = ARGV[r]
+  redis.call('RPUSH', list, unpack(ARGV, 4 + tonumber(ARGV[r + 1]), 4 + tonumber(ARGV[r + 2])))
+  redis.call('EXPIRE', list, ttl)
+  redis.call('LTRIM', list, -100000, -1)
 end
-for key, _ in pairs(lists) do
-  redis.call('EXPIRE', key, ttl)
-  redis.call('LTRIM', key, -100000, -1)
+for i = 5 + 2 * n, 4 + 2 * n + t do
+  redis.call('ZREM', KEYS[2], ARGV[i])
+  redis.call('HDEL', KEYS[1], ARGV[i])
 end
-for i = n + 5, n + t + 4 do
-  redis.call('ZREM', KEYS[n + 2], ARGV[i])
-  redis.call('HDEL', KEYS[n + 1], ARGV[i])
-end
-for i = n + 3, #KEYS do
+for i = 3, #KEYS do
   redis.call('UNLINK', KEYS[i])
 end
 return stored
 """.replace("ACCEPTED_PREFIX", wire.ACCEPTED_KEY_PREFIX).replace(
-    "RESULT_PREFIX_LEN", str(len(wire.RESULT_KEY_PREFIX)))
+    "RESULT_PREFIX", wire.RESULT_KEY_PREFIX)
+#: Most jobs one RPUSH of the store script names (Lua's unpack has a stack limit).
+_NOTIFY_RUN = 1000
 
 
 class ResultStore:
@@ -115,14 +117,17 @@ class ResultStore:
         """
         if not docs and not acks and not blobs:
             return 0
-        keys = [wire.result_key(job_id) for job_id, _, _ in docs]
-        keys += [UNACKED, UNACKED_INDEX, *blobs]
         args: list[Any] = [self.ttl_s, len(docs), len(acks), 1 if markers else 0,
-                           *(doc for _, doc, _ in docs), *acks]
-        for job_id, _, notify in docs:
-            if notify:
-                args += [wire.notify_key(notify), job_id]
-        return int(self._store(keys=keys, args=args))
+                           *(job_id for job_id, _, _ in docs), *(doc for _, doc, _ in docs),
+                           *acks]
+        # Runs of jobs for the same waiting client (a batch's jobs mostly come from a few).
+        run_notify, run_start = None, 0
+        for i, (_, _, notify) in enumerate([*docs, ("", b"", None)]):
+            if notify != run_notify or i - run_start == _NOTIFY_RUN:
+                if run_notify:
+                    args += [wire.notify_key(run_notify), run_start + 1, i]
+                run_notify, run_start = notify, i
+        return int(self._store(keys=[UNACKED, UNACKED_INDEX, *blobs], args=args))
 
 
 @dataclass
