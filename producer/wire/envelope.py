@@ -97,7 +97,7 @@ def build_message(
     return json.dumps(envelope, separators=(",", ":")).encode()
 
 
-@dataclass
+@dataclass(slots=True)
 class JobRequest:
     """One job as a worker sees it after decoding (inputs not yet checked)."""
 
@@ -313,17 +313,20 @@ def _add_columns(delivery: Delivery, entries: dict[str, Any]) -> None:
         delivery.failed = [(i, err) for i in ids]
         return
     delivery.columns = arrays
-    model, deadline, route, jobs = delivery.model, delivery.deadline, delivery.route, []
-    for row, (job_id, version) in enumerate(zip(ids, versions, strict=True)):
-        try:
-            job = _job(job_id, model, None, version)
-        except InvalidInput as exc:
-            delivery.failed.append((job_id, exc))
-            continue
-        job.enqueued_at, job.deadline, job.route, job.column_row = (
-            enqueued_at, deadline, route, row)
-        jobs.append(job)
-    delivery.jobs += jobs
+    model, deadline, route = delivery.model, delivery.deadline, delivery.route
+    if not isinstance(model, str):
+        delivery.failed = [(i, InvalidInput("model name must be a string")) for i in ids]
+        return
+    # IDs were checked with the message. ``type(v) is int`` refuses bools as _job does.
+    delivery.jobs += [
+        JobRequest(job_id, model, version, None, enqueued_at, deadline, route, row)
+        for row, (job_id, version) in enumerate(zip(ids, versions, strict=True))
+        if version is None or type(version) is int]
+    if len(delivery.jobs) < len(ids):
+        delivery.failed += [
+            (job_id, InvalidInput(f"version must be an integer or null, got {version!r}"))
+            for job_id, version in zip(ids, versions, strict=True)
+            if not (version is None or type(version) is int)]
 
 
 def _add_jobs(delivery: Delivery, entries: Any) -> None:

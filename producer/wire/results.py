@@ -98,6 +98,7 @@ class SuccessDocuments:
                       + orjson.dumps(date_done) + b',"task_id":')
         self._heads: dict[tuple[str, Any], bytes] = {}
         self._shapes: dict[tuple[int, ...], bytes] = {}
+        self._timings: dict[tuple[float | None, float], bytes] = {}
         self._routes: dict[str | None, bytes] = {}
 
     def document(self, job_id: str, outputs: Arrays, *, batch_size: int,
@@ -113,13 +114,20 @@ class SuccessDocuments:
                 shape = self._shapes[array.shape] = orjson.dumps(list(array.shape))
             parts += [head if i == 0 else b"," + head, shape, b',"data":"',
                       base64.b64encode(tensor_bytes(array)), b'"}']
+        timings = self._timings.get((enqueued_at, picked_at))
+        if timings is None:  # jobs of one message share their stamps
+            timings = self._timings[(enqueued_at, picked_at)] = self._timed(enqueued_at,
+                                                                             picked_at)
+        parts += [b"},", self._middle, b"%d" % batch_size, timings, self._route(route), b"}",
+                  self._tail, orjson.dumps(job_id), b"}"]
+        return b"".join(parts)
+
+    def _timed(self, enqueued_at: float | None, picked_at: float) -> bytes:
         origin = picked_at if enqueued_at is None else enqueued_at
         queued = b"null" if enqueued_at is None else _json_ms(picked_at - enqueued_at)
-        parts += [b"},", self._middle, b"%d" % batch_size, b',"timings_ms":{"queued":', queued,
-                  b',"batch_wait":', _json_ms(self.started - picked_at), b',"inference":',
-                  self._inference, b',"total":', _json_ms(self.stored - origin), b"}",
-                  self._route(route), b"}", self._tail, orjson.dumps(job_id), b"}"]
-        return b"".join(parts)
+        return b"".join([b',"timings_ms":{"queued":', queued, b',"batch_wait":',
+                         _json_ms(self.started - picked_at), b',"inference":', self._inference,
+                         b',"total":', _json_ms(self.stored - origin), b"}"])
 
     def _head(self, name: str, array: np.ndarray[Any, Any]) -> bytes:
         dtype = dtype_name(array.dtype)

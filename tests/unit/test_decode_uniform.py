@@ -126,9 +126,10 @@ def test_columns_that_do_not_match_their_message_fail_every_job() -> None:
     delivery = columns_delivery([job(), job()], ids=["job-0", "someone-else"])
     assert delivery.jobs == [] and [i for i, _ in delivery.failed] == ["job-0", "job-1"]
     assert "do not match their job ids" in str(delivery.failed[0][1])
-    delivery = columns_delivery([job(), job()], versions=[1, "two"])
+    delivery = columns_delivery([job(), job(), job(), job()], versions=[1, "two", [3], True])
     assert [j.id for j in delivery.jobs] == ["job-0"] and delivery.jobs[0].version == 1
-    assert [i for i, _ in delivery.failed] == ["job-1"], "a bad version fails its job alone"
+    assert [i for i, _ in delivery.failed] == ["job-1", "job-2", "job-3"], \
+        "a bad version fails its job alone"
 
 
 def test_jobs_that_differ_are_not_sent_as_columns() -> None:

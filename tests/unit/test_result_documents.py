@@ -35,6 +35,7 @@ def test_documents_from_parts_are_the_contracts(route: str | None) -> None:
         ("job-3", {"flag": np.array([[True], [False]]),
                    "big": np.arange(4, dtype=">f8").reshape(2, 2)}, 1000.0, 1000.0),
         ("job-4", {"logits": rng.random((1, 10), dtype=np.float32)}, 1000.5, 1000.001),
+        ("job-5", {"logits": rng.random((1, 10), dtype=np.float32)}, 999.9, 1000.001),
     ]
     for job_id, outputs, enqueued_at, picked_at in cases:
         rows = len(next(iter(outputs.values())))

@@ -28,7 +28,7 @@ from workers.serving.routing import RouteBook
 log = structlog.get_logger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)
 class Pending:
     """A decoded, checked job waiting for its batch."""
 
