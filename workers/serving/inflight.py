@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 
-@dataclass
+@dataclass(slots=True)
 class Message:
     """One drained message: its delivery tag, whom to notify, and jobs still open."""
 
@@ -18,6 +18,8 @@ class Message:
     notify: str | None
     open_jobs: int
     blobs: Sequence[str]
+    #: From the lowest-priority list (batch runs): online jobs go ahead of its jobs.
+    background: bool = False
 
 
 class InFlight:
@@ -26,9 +28,10 @@ class InFlight:
     def __init__(self) -> None:
         self._touched: list[Message] = []
 
-    def add(self, tag: str, notify: str | None, jobs: int, blobs: Sequence[str]) -> Message:
+    def add(self, tag: str, notify: str | None, jobs: int, blobs: Sequence[str],
+            background: bool = False) -> Message:
         """Record a drained message carrying ``jobs`` jobs."""
-        message = Message(tag, notify, jobs, blobs)
+        message = Message(tag, notify, jobs, blobs, background)
         self._touched.append(message)
         return message
 

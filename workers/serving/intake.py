@@ -7,7 +7,7 @@ a typed error for that job only. A message without even a job ID is dead-lettere
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,8 +74,11 @@ class Intake:
 
     def __init__(self, checks: Checks, broker: redis.Redis, results: redis.Redis,
                  inflight: InFlight, observer: Observer, routes: RouteBook | None = None,
-                 pin_ttl_s: int = 86_400) -> None:
+                 pin_ttl_s: int = 86_400,
+                 background: Callable[[str], bool] = lambda tag: False) -> None:
         self.checks = checks
+        #: Whether a delivery tag names a message of the lowest-priority list (batch runs).
+        self.background = background
         self.routes = routes
         self.pin_ttl_s = pin_ttl_s
         self.broker, self.results = broker, results
@@ -135,7 +138,7 @@ class Intake:
                 failures: list[Failure]) -> None:
         message = self.inflight.add(tag, delivery.notify,
                                     len(delivery.jobs) + len(delivery.failed),
-                                    delivery.owned_blobs())
+                                    delivery.owned_blobs(), self.background(tag))
         for job_id, error in delivery.failed:
             failures.append((job_id, _job_failed(error), message, None))
         jobs = delivery.jobs

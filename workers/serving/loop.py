@@ -151,11 +151,14 @@ class ModelServer:
     def _fill(self) -> bool:
         """Drain messages into the waiting jobs; True when the queue had nothing more (or
         nothing more that the next batch could take)."""
-        want = drain_size(self.policy.max_rows - sum(p.rows for p in self._waiting),
-                          self.intake.rows_per_message)
-        background = sum(p.rows for p in self._waiting if self._background(p))
+        waiting = background = 0
+        for p in self._waiting:
+            waiting += p.rows
+            if p.message.background:
+                background += p.rows
+        want = drain_size(self.policy.max_rows - waiting, self.intake.rows_per_message)
         room = self._cap.rows(time.monotonic()) - background
-        online = background < sum(p.rows for p in self._waiting)
+        online = background < waiting
         if online or (background and room <= 0):
             # The next batch is online jobs, or background jobs already fill it: take only
             # online jobs (those that arrived meanwhile run next, not after the background
@@ -195,8 +198,9 @@ class ModelServer:
         for job_id, error, message, version in failures:
             self._fail(job_id, error, message, version)
 
-    def _background(self, pending: Pending) -> bool:
-        return self.reader.background(pending.message.tag)
+    @staticmethod
+    def _background(pending: Pending) -> bool:
+        return pending.message.background
 
     def _online_waiting(self) -> bool:
         return not all(self._background(p) for p in self._waiting)

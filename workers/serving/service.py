@@ -85,11 +85,13 @@ def model_server(name: str, versions: Mapping[int, runtime.LoadedModel],
     checks = Checks(name, frozenset(versions), inputs, settings.max_tensor_bytes,
                     settings.reject_nonfinite)
     store = store or ResultStore(results, settings.result_ttl_s, None if same_server else broker)
+    reader = QueueReader(broker, wire.queue_name(name))
     return ModelServer(
         name, versions,
-        reader=QueueReader(broker, wire.queue_name(name)),
+        reader=reader,
         intake=Intake(checks, broker, results, InFlight(), observer, routes,
-                      pin_ttl_s=max(settings.result_ttl_s, 4 * settings.visibility_timeout_s)),
+                      pin_ttl_s=max(settings.result_ttl_s, 4 * settings.visibility_timeout_s),
+                      background=reader.background),
         writer=ResultWriter(store, redis_url=settings.result_url),
         # Dead letters live on the broker, where `inferq dlq` and the exporter read them.
         poison=PoisonGuard(broker, settings.max_executions, settings.result_ttl_s),
