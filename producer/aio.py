@@ -60,12 +60,25 @@ def _pool(url: str, timeout: float, max_connections: int) -> aioredis.Redis:
 async def _call(awaitable: Awaitable[T]) -> T:
     """``awaitable``, its Redis failures raised as the inferq error they stand for."""
     try:
-        return await awaitable
+        result = await awaitable
     except redis.exceptions.RedisError as exc:
+        _raise_if_cancelled()
         error = waiting.redis_failure(exc)
         if error is None:
             raise
         raise error from exc
+    _raise_if_cancelled()
+    return result
+
+
+def _raise_if_cancelled() -> None:
+    """Raise CancelledError in a task that was cancelled while a Redis call ran: redis-py
+    can turn that cancellation into a connection error, and Python 3.11's ``wait_for`` (in
+    its connection pool) can lose one that races a free connection — the caller would then
+    wait on until its timeout. ``Task.cancelling()`` still counts it (Python >= 3.11)."""
+    task = asyncio.current_task()
+    if task is not None and getattr(task, "cancelling", lambda: 0)():
+        raise asyncio.CancelledError
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
