@@ -30,12 +30,9 @@ DEFAULT_BLOB_THRESHOLD = 16 * 1024
 # KEYS[1]: the list to push to (the queue, or its priority list), KEYS[2..]: every list of
 # the queue (the bound counts them all). ARGV[1]: most messages allowed to wait (0: no
 # bound), ARGV[2]: seconds a job's accepted marker lives at most, ARGV[3]: n job IDs,
-# ARGV[4 .. 3 + n]: the IDs, then the messages. Refused as a whole: no marker is written
-# for a job that is not queued.
-# KEYS: the list to push to, then the lists the queue bound counts. ARGV: bound, ttl, n,
-# mark prefix ('' for none), mark value, mark ttl, the n job IDs, then the messages. Each
-# job gets its accepted marker (and, with a mark prefix, ``prefix .. id`` set to the value:
-# the gateway records each job's API key) only when the bound lets the push through.
+# ARGV[4..6]: mark prefix ('' for none), mark value, mark ttl, ARGV[7 .. 6 + n]: the IDs,
+# then the messages. Refused as a whole: no marker (nor mark: ``prefix .. id`` set to the
+# value, how the gateway records each job's API key) is written for a job that is not queued.
 PUSH_SCRIPT = """
 local bound = tonumber(ARGV[1])
 local n = tonumber(ARGV[3])

@@ -89,8 +89,7 @@ class SuccessDocuments:
 
     def __init__(self, *, model: str, version: int, worker: str, started: float,
                  finished: float, stored: float, date_done: str) -> None:
-        self.started, self.stored = started, stored
-        self._inference = _json_ms(finished - started)
+        self.started, self.finished, self.stored = started, finished, stored
         self._middle = (b'"model":' + orjson.dumps(model) + b',"version":'
                         + orjson.dumps(version) + b',"worker":' + orjson.dumps(worker)
                         + b',"batch_size":')
@@ -116,18 +115,12 @@ class SuccessDocuments:
                       base64.b64encode(tensor_bytes(array)), b'"}']
         timings = self._timings.get((enqueued_at, picked_at))
         if timings is None:  # jobs of one message share their stamps
-            timings = self._timings[(enqueued_at, picked_at)] = self._timed(enqueued_at,
-                                                                             picked_at)
+            timings = self._timings[(enqueued_at, picked_at)] = b',"timings_ms":' + orjson.dumps(
+                timings_ms(enqueued_at=enqueued_at, picked_at=picked_at, started=self.started,
+                           finished=self.finished, stored=self.stored))
         parts += [b"},", self._middle, b"%d" % batch_size, timings, self._route(route), b"}",
                   self._tail, orjson.dumps(job_id), b"}"]
         return b"".join(parts)
-
-    def _timed(self, enqueued_at: float | None, picked_at: float) -> bytes:
-        origin = picked_at if enqueued_at is None else enqueued_at
-        queued = b"null" if enqueued_at is None else _json_ms(picked_at - enqueued_at)
-        return b"".join([b',"timings_ms":{"queued":', queued, b',"batch_wait":',
-                         _json_ms(self.started - picked_at), b',"inference":', self._inference,
-                         b',"total":', _json_ms(self.stored - origin), b"}"])
 
     def _head(self, name: str, array: np.ndarray[Any, Any]) -> bytes:
         dtype = dtype_name(array.dtype)
@@ -143,10 +136,6 @@ class SuccessDocuments:
             part = self._routes[route] = (b"" if route is None
                                           else b',"route":' + orjson.dumps(route))
         return part
-
-
-def _json_ms(seconds: float) -> bytes:
-    return orjson.dumps(_ms(seconds))
 
 
 def failure_document(job_id: str, error: InferqError, model: str | None = None) -> bytes:

@@ -24,18 +24,24 @@ def job(rows: int = 1, seed: int = 0, **override: Any) -> dict[str, Any]:
     return inputs
 
 
+def assert_as_alone(inputs: dict[str, Any], got: tuple[dict[str, Any], int]) -> None:
+    """``got`` (decoded with other jobs) is what decoding ``inputs`` alone gives: 2 rows."""
+    arrays, rows = got
+    alone, alone_rows = decode_inputs(inputs, SPECS, {}, max_tensor_bytes=LIMIT,
+                                      reject_nonfinite=True)
+    assert rows == alone_rows == 2
+    for name in ("pixels", "ids"):
+        assert arrays[name].dtype == alone[name].dtype
+        np.testing.assert_array_equal(arrays[name], alone[name])
+        assert not arrays[name].flags.writeable
+
+
 def test_alike_jobs_decode_as_they_would_one_at_a_time() -> None:
     jobs = [job(2, seed) for seed in range(5)]
     together = decode_uniform(jobs, SPECS, max_tensor_bytes=LIMIT, reject_nonfinite=True)
     assert together is not None
-    for inputs, (arrays, rows) in zip(jobs, together, strict=True):
-        alone, alone_rows = decode_inputs(inputs, SPECS, {}, max_tensor_bytes=LIMIT,
-                                          reject_nonfinite=True)
-        assert rows == alone_rows == 2
-        for name in ("pixels", "ids"):
-            assert arrays[name].dtype == alone[name].dtype
-            np.testing.assert_array_equal(arrays[name], alone[name])
-            assert not arrays[name].flags.writeable
+    for inputs, got in zip(jobs, together, strict=True):
+        assert_as_alone(inputs, got)
 
 
 def test_jobs_that_differ_or_a_bad_job_go_one_at_a_time() -> None:
@@ -83,14 +89,7 @@ def test_columns_decode_as_each_job_would_alone() -> None:
                              SPECS, max_tensor_bytes=LIMIT, reject_nonfinite=True)
     for inputs, got in zip(jobs, decoded, strict=True):
         assert not isinstance(got, Exception)
-        arrays, rows = got
-        alone, alone_rows = decode_inputs(inputs, SPECS, {}, max_tensor_bytes=LIMIT,
-                                          reject_nonfinite=True)
-        assert rows == alone_rows == 2
-        for name in ("pixels", "ids"):
-            assert arrays[name].dtype == alone[name].dtype
-            np.testing.assert_array_equal(arrays[name], alone[name])
-            assert not arrays[name].flags.writeable
+        assert_as_alone(inputs, got)
 
 
 def test_a_nan_row_of_columns_fails_its_job_alone() -> None:
