@@ -459,8 +459,9 @@ class AsyncInferenceClient:
                  if self.validate and items else {})
         blobs: submission.Blobs = {}
         prepared = [
+            # Inline in the entries (one raw blob already): one MGET for the worker.
             submission.prepare(infos.get(v), item, job_id, blobs, text=False,
-                               blob_threshold=self.blob_threshold)
+                               blob_threshold=None)
             for job_id, item, v in zip(ids, items, versions, strict=True)
         ]
         env = submission.envelope(model, self.client_id, self.serializer,

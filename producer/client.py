@@ -131,11 +131,11 @@ class InferenceClient:
 
     def _prepare(
         self, model: str, inputs: Mapping[str, Any], version: int | None, job_id: str,
-        blobs: submission.Blobs, text: bool,
+        blobs: submission.Blobs, text: bool, blob_threshold: int | None,
     ) -> dict[str, wire.Tensor]:
         info = self._model_info(model, version) if self.validate else None
         return submission.prepare(info, inputs, job_id, blobs, text=text,
-                                  blob_threshold=self.blob_threshold)
+                                  blob_threshold=blob_threshold)
 
     def _push(
         self, target: str, model: str, messages: list[bytes], blobs: submission.Blobs,
@@ -222,7 +222,8 @@ class InferenceClient:
         (pinned,), route = self._pin(model, version, [route_key or job_id])
         blobs: submission.Blobs = {}
         tensors = self._prepare(model, inputs, pinned, job_id, blobs,
-                                text=self.serializer == "json")
+                                text=self.serializer == "json",
+                                blob_threshold=self.blob_threshold)
         env = self._envelope(model, pinned, deadline, priority, route)
         message = submission.single_message(env, job_id, tensors)
         self._push(env.queue, model, [message], blobs, [[job_id]])
@@ -251,7 +252,9 @@ class InferenceClient:
         versions, route = self._pin(model, version, [route_key or i for i in ids])
         blobs: submission.Blobs = {}
         prepared = [
-            self._prepare(model, item, v, job_id, blobs, text=False)
+            # Inline in the entries (one raw blob already): the worker reads a message's
+            # tensors with the entries, in one MGET, not a second round trip for them.
+            self._prepare(model, item, v, job_id, blobs, text=False, blob_threshold=None)
             for job_id, item, v in zip(ids, items, versions, strict=True)
         ]
         env = self._envelope(model, versions[0] if len(set(versions)) == 1 else None,

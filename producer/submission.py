@@ -160,9 +160,10 @@ def _as_array(value: Any, dtype: str | None) -> np.ndarray[Any, Any]:
 
 
 def prepare(info: ModelInfo | None, inputs: Mapping[str, Any], job_id: str, blobs: Blobs, *,
-            text: bool, blob_threshold: int) -> dict[str, wire.Tensor]:
+            text: bool, blob_threshold: int | None) -> dict[str, wire.Tensor]:
     """Check one job's inputs against ``info`` (when known) and encode them; tensors of at
-    least ``blob_threshold`` bytes go into ``blobs`` and travel by reference."""
+    least ``blob_threshold`` bytes go into ``blobs`` and travel by reference (None: every
+    tensor inline, for bulk entries, which travel as one raw blob already)."""
     if not isinstance(inputs, Mapping) or not inputs:
         raise InvalidInput("inputs must be a non-empty mapping of input name to array")
     dtypes = {s.name: s.dtype for s in info.inputs} if info is not None else {}
@@ -176,7 +177,7 @@ def prepare(info: ModelInfo | None, inputs: Mapping[str, Any], job_id: str, blob
         wire.check_inputs(info.inputs, arrays)
     tensors = {}
     for name, arr in arrays.items():
-        if arr.nbytes >= blob_threshold:
+        if blob_threshold is not None and arr.nbytes >= blob_threshold:
             key = wire.blob_key(job_id, name)
             blobs[key] = wire.tensor_buffer(arr)
             tensors[name] = wire.tensor_ref(arr, key)

@@ -165,8 +165,12 @@ def test_background_runs_are_full_size_until_online_jobs_are_seen() -> None:
 def test_the_background_cap_follows_the_model_and_stays_in_bounds() -> None:
     cap = BackgroundCap(BatchPolicy(max_rows=16, max_wait_s=0.002, background_run_s=0.001))
     cap.saw_online(now=0.0)
-    cap.observe(rows=4, seconds=0.008)  # 2 ms a row: the smallest run, an eighth
-    assert cap.rows(now=0.0) == 2
+    cap.observe(rows=4, seconds=0.008)  # 2 ms a row: the smallest run, a sixteenth
+    assert cap.rows(now=0.0) == 1
+    big = BackgroundCap(BatchPolicy(max_rows=256, max_wait_s=0.002, background_run_s=0.001))
+    big.saw_online(now=0.0)
+    big.observe(rows=4, seconds=0.008)
+    assert big.rows(now=0.0) == 16
     small = BackgroundCap(BatchPolicy(max_rows=4, max_wait_s=0.002, background_run_s=0.001))
     small.saw_online(now=0.0)
     small.observe(rows=4, seconds=0.008)

@@ -210,6 +210,27 @@ def test_jobs_not_alike_travel_one_entry_each(client: InferenceClient, r: Any) -
         assert arr.shape == (1 + i % 2, 64) and float(arr[0, 0]) == i
 
 
+def test_large_tensors_of_a_bulk_submit_travel_inside_its_entries(
+    make_client: Any, r: Any
+) -> None:
+    # One job alone puts a large tensor in a key of its own; a bulk message's entries are
+    # one raw blob already, so its tensors stay in it: the worker reads them in one MGET.
+    advertise(r)
+    client = make_client(blob_threshold=1024)
+    big = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
+    alone = client.submit("digits", {"pixels": big})
+    assert r.exists(wire.blob_key(alone.id, "pixels"))
+    r.delete(QUEUE)
+    before = set(r.scan_iter(wire.BLOB_KEY_PREFIX + "*"))
+    handles = client.submit_many("digits", [{"pixels": big}, {"pixels": big + 1}])
+    [delivery] = queued(r)
+    [entries] = set(r.scan_iter(wire.BLOB_KEY_PREFIX + "*")) - before
+    assert entries.decode() == delivery.entries_ref
+    assert delivery.columns is not None and all(not j.refs for j in delivery.jobs)
+    assert [j.id for j in delivery.jobs] == [h.id for h in handles]
+    assert np.array_equal(delivery.columns["pixels"][1], big + 1)
+
+
 def test_submit_many_with_nothing(client: InferenceClient, r: Any) -> None:
     assert client.submit_many("digits", []) == []
     assert r.llen(QUEUE) == 0

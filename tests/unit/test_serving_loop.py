@@ -838,11 +838,10 @@ def test_higher_priority_messages_are_served_first(world: World) -> None:
 # --- online jobs ahead of background (priority 9) work ------------------------------------
 
 
-def online_recently(server: ModelServer, seconds_per_row: float) -> None:
-    """As if online jobs were seen all test long and background rows took
-    ``seconds_per_row`` (the policy asks for background runs of 1 ms), whatever the fake
-    model's real speed."""
-    server._cap.seconds_per_row = seconds_per_row
+def online_recently(server: ModelServer, rows: int) -> None:
+    """As if online jobs were seen all test long and ``rows`` background rows filled the
+    model time the policy gives a background run, whatever the fake model's real speed."""
+    server._cap.seconds_per_row = server.policy.background_run_s / rows
     server._cap.saw_online(time.monotonic() + 3600)
     server._cap.observe = lambda rows, seconds: None  # type: ignore[method-assign]
 
@@ -852,18 +851,22 @@ def test_a_background_job_runs_in_slices_with_online_jobs_between(world: World) 
     big = rows_of(20, 3)
     background = client.submit(MODEL, {"x": big}, priority=9).id
     server = world.server(max_rows=8)
-    online_recently(server, 0.00025)  # 1 ms of background rows is 4 rows
+    online_recently(server, 4)  # a background run is 4 rows
     server.cycle(block_s=0.01)
     settle(server.writer)
     assert world.batch_rows == [4] and world.result(background) is None
     assert len(world.unacked()) == 1, "the background job stays in flight between slices"
     online = client.submit(MODEL, {"x": rows_of(1, 7)}).id
     server.cycle(block_s=0.01)
+    # The look for online jobs travels while a slice runs: the slice under way finishes,
+    # then the online job goes before the next one.
+    assert world.batch_rows == [4, 4] and world.result(online) is None
+    server.cycle(block_s=0.01)
     settle(server.writer)
-    assert world.batch_rows == [4, 1], "the online job went before the next slice"
+    assert world.batch_rows == [4, 4, 1], "the online job went before the next slice"
     assert world.ok(online)["y"].tolist() == rows_of(1, 7).sum(axis=1, keepdims=True).tolist()
     world.run(server)
-    assert world.batch_rows == [4, 1, 4, 4, 4, 4]
+    assert world.batch_rows == [4, 4, 1, 4, 4, 4]
     got = world.ok(background)
     np.testing.assert_array_equal(got["y"], big.sum(axis=1, keepdims=True))
     assert got.batch_size == 4
@@ -908,7 +911,7 @@ def test_small_background_jobs_batch_up_to_the_cap(world: World) -> None:
     ids = [client.submit(MODEL, {"x": rows_of(2, s)}, priority=9).id for s in range(4)]
     server = world.server(max_rows=8)
     server.intake.rows_per_message = 1.0
-    online_recently(server, 0.00025)
+    online_recently(server, 4)
     world.run(server)
     assert world.batch_rows == [4, 4]
     assert all(world.ok(i).batch_size == 4 for i in ids)
@@ -927,7 +930,7 @@ def test_a_background_job_failing_in_a_slice_fails_once_and_alone(world: World) 
             failed.append((job_id, error.code))
 
     server = world.server(max_rows=8, observer=Failures())
-    online_recently(server, 0.00025)
+    online_recently(server, 4)
     world.run(server)
     assert world.batch_rows[:3] == [4, 4, 4], "the third slice holds the bad row"
     assert isinstance(world.result(failing), InternalError)
@@ -956,7 +959,7 @@ def test_a_server_takes_no_more_background_jobs_than_its_next_run_needs(world: W
     server._background_job_rows = 4.0  # learned: batch jobs of 4 rows
     server.cycle(block_s=0.01)
     assert world.batch_rows == [16] and world.queued() == 2
-    online_recently(server, 0.00025)  # background runs of 4 rows from now on
+    online_recently(server, 4)  # background runs of 4 rows from now on
     server.cycle(block_s=0.01)
     assert world.batch_rows == [16, 4]
     assert world.queued() == 1, "the rest is left for whichever worker is free first"

@@ -25,7 +25,7 @@ class BatchPolicy:
     #: While online (higher-priority) jobs have been seen within ``online_recent_s``, a model
     #: run of background (lowest-priority) rows lasts about this long, so an online job
     #: arriving meanwhile waits at most that; otherwise background runs are full size.
-    background_run_s: float = 0.001
+    background_run_s: float = 0.0005
     online_recent_s: float = 1.0
 
     def should_flush(self, rows: int, waited_s: float, queue_empty: bool) -> bool:
@@ -145,7 +145,7 @@ def online_first(waiting: Sequence[W], background: Callable[[W], bool]) -> list[
 #: A background run takes at least ``max_rows`` over this many rows, however slow rows
 #: seem (a busy machine inflates the measure): below that, the per-run overhead (an online
 #: look, a model call) would cost the batch more throughput than it saves online latency.
-BACKGROUND_MIN_PART = 8
+BACKGROUND_MIN_PART = 16
 
 
 class BackgroundCap:

@@ -134,13 +134,20 @@ class ModelServer:
         ):
             empty = self._fill()
         done = 0
-        if self._waiting:
-            self._background_rows = 0
-            started = time.monotonic()
-            done = self._run_batch()
-            if self._background_rows:
-                # The whole step, outputs encoded included: what an online job waits behind.
-                self._cap.observe(self._background_rows, time.monotonic() - started)
+        try:
+            if self._waiting:
+                self._background_rows = 0
+                started = time.monotonic()
+                done = self._run_batch()
+                if self._background_rows:
+                    # The whole step, outputs encoded included: what an online job waits
+                    # behind.
+                    self._cap.observe(self._background_rows, time.monotonic() - started)
+        finally:
+            if self.reader.drain_in_flight:
+                drained, left = self.reader.read_drain()
+                self._backlog = self._backlog or left > 0
+                self._take(drained)
         # Nothing else waiting: write on this thread and save the hand-off to the writer.
         self._hand_off(inline=empty and not self._waiting and not self._deferred)
         if self._deferred:
@@ -165,8 +172,15 @@ class ModelServer:
             # ones), and leave the other background jobs to whichever worker is free first.
             if not want and online:
                 return False
-            drained, left = self.reader.drain(want or min(MAX_DRAIN, self.policy.max_rows),
-                                              max_background=0)
+            most = want or min(MAX_DRAIN, self.policy.max_rows)
+            if not online and self._cap.online_recent(time.monotonic()):
+                # Background rows fill the next run, one of the short ones while online
+                # jobs are about: the look for online jobs is sent now and read once that
+                # run is over, so its round trip costs the run nothing (an online job
+                # waits at most the run under way and this one).
+                self.reader.send_drain(most, max_background=0)
+                return True
+            drained, left = self.reader.drain(most, max_background=0)
             self._backlog = self._backlog or left > 0
             self._take(drained)
             return left == 0 or not online

@@ -72,6 +72,8 @@ class QueueReader:
         self._prefix = f"inferq-{uuid.uuid4().hex[:12]}-"
         self._priority_seen = -1e9
         self._calls = itertools.count()
+        #: The connection (and arguments) of a drain sent whose reply is not read yet.
+        self._sent: tuple[Any, int, int | None] | None = None
 
     def wait(self, timeout: float) -> bool:
         """Block until the queue is non-empty (or ``timeout``), without taking anything.
@@ -120,17 +122,65 @@ class QueueReader:
         Returns the messages and how many are still waiting (in the lists it may take from),
         so the caller knows the queue is empty without asking again.
         """
+        flat: list[Any] = self._drain(keys=self._keys,
+                                      args=self._args(max_messages, max_background))
+        return _parsed(flat)
+
+    def send_drain(self, max_messages: int, max_background: int | None = None) -> None:
+        """Send a :meth:`drain` and return without its reply, which :meth:`read_drain`
+        reads: the round trip overlaps whatever the caller does meanwhile (a model run)."""
+        assert self._sent is None, "one drain in flight at a time"
+        args = self._args(max_messages, max_background)
+        conn = self.client.connection_pool.get_connection()
+        self._sent = (conn, max_messages, max_background)
+        try:
+            conn.send_command(  # type: ignore[no-untyped-call]
+                "EVALSHA", self._drain.sha, len(self._keys), *self._keys, *args)
+        except BaseException:
+            self._release(disconnect=True)
+            raise
+
+    def read_drain(self) -> tuple[list[tuple[str, bytes]], int]:
+        """The reply of the drain :meth:`send_drain` sent (as :meth:`drain` returns it)."""
+        assert self._sent is not None, "no drain in flight"
+        conn, max_messages, max_background = self._sent
+        try:
+            flat = conn.read_response()
+        except redis.exceptions.NoScriptError:
+            # Redis lost its scripts (a restart): nothing ran; the plain call loads it.
+            self._release()
+            return self.drain(max_messages, max_background)
+        except BaseException:
+            self._release(disconnect=True)
+            raise
+        self._release()
+        return _parsed(flat)
+
+    @property
+    def drain_in_flight(self) -> bool:
+        return self._sent is not None
+
+    def _release(self, disconnect: bool = False) -> None:
+        conn = self._sent[0] if self._sent is not None else None
+        self._sent = None
+        if conn is not None:
+            if disconnect:
+                # Its reply may still come: the connection is not reusable.
+                conn.disconnect()
+            self.client.connection_pool.release(conn)
+
+    def _args(self, max_messages: int, max_background: int | None) -> list[Any]:
         prefix = f"{self._prefix}{next(self._calls)}-"
         most = max(1, max_messages)
-        flat: list[Any] = self._drain(
-            keys=self._keys,
-            args=[most, now(), prefix, self.queue,
-                  most if max_background is None else max_background]
-        )
-        left = int(flat.pop())
-        return [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)], left
+        return [most, now(), prefix, self.queue,
+                most if max_background is None else max_background]
 
     def background(self, tag: str) -> bool:
         """Whether the message drained under ``tag`` came from the lowest-priority list
         (batch runs): background work that online jobs go ahead of."""
         return tag.endswith(self._background_suffix)
+
+
+def _parsed(flat: list[Any]) -> tuple[list[tuple[str, bytes]], int]:
+    left = int(flat.pop())
+    return [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)], left
