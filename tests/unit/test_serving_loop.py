@@ -873,6 +873,29 @@ def test_a_background_job_runs_in_slices_with_online_jobs_between(world: World) 
     assert world.unacked() == set()
 
 
+def test_a_look_sent_ahead_is_read_back_even_after_redis_lost_its_scripts(
+    world: World
+) -> None:
+    client = world.client()
+    online = client.submit(MODEL, {"x": rows_of(1, 7)}).id
+    reader = world.server().reader
+    reader.send_drain(8, max_background=0)
+    assert reader.drain_in_flight
+    [(tag, _)], left = reader.read_drain()
+    assert left == 0 and not reader.drain_in_flight
+    assert world.unacked() == {tag} and world.queued() == 0
+    # A restarted Redis forgets scripts: the look sent finds none and nothing was taken;
+    # its reply is then the plain call's, which loads the script again.
+    again = client.submit(MODEL, {"x": rows_of(1, 8)}).id
+    world.broker.script_flush()
+    reader.send_drain(8, max_background=0)
+    [(tag2, body)], _ = reader.read_drain()
+    assert world.unacked() == {tag, tag2} and world.queued() == 0
+    assert again.encode() in body and online != again
+    with pytest.raises(AssertionError, match="no drain in flight"):
+        reader.read_drain()
+
+
 def test_without_online_traffic_background_runs_are_full_size(world: World) -> None:
     client = world.client()
     background = client.submit(MODEL, {"x": rows_of(20, 3)}, priority=9).id
