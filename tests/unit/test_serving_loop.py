@@ -873,6 +873,26 @@ def test_a_background_job_runs_in_slices_with_online_jobs_between(world: World) 
     assert world.unacked() == set()
 
 
+def test_online_jobs_a_look_found_run_next_without_another_look(world: World) -> None:
+    client = world.client()
+    background = client.submit(MODEL, {"x": rows_of(6, 3)}, priority=9).id
+    server = world.server(max_rows=8)
+    online_recently(server, 4)
+    server.cycle(block_s=0.01)
+    online = client.submit(MODEL, {"x": rows_of(1, 7)}).id
+    server.cycle(block_s=0.01)  # the last slice, with the look that finds the online job
+    settle(server.writer)
+    assert world.batch_rows == [4, 2] and world.result(background) is not None
+    drains: list[Any] = []
+    plain = server.reader.drain
+    server.reader.drain = (  # type: ignore[method-assign]
+        lambda *a, **k: drains.append(a) or plain(*a, **k))
+    server.cycle(block_s=0.01)
+    settle(server.writer)
+    assert world.batch_rows == [4, 2, 1] and world.result(online) is not None
+    assert drains == [], "nothing else was waiting when the look ran: no second look"
+
+
 def test_a_look_sent_ahead_is_read_back_even_after_redis_lost_its_scripts(
     world: World
 ) -> None:

@@ -95,6 +95,8 @@ class ModelServer:
         #: Background messages drained with online ones, read after the online batch ran
         #: (in the same cycle: none is left over).
         self._deferred: list[tuple[str, bytes]] = []
+        #: The look sent with the last background run found online jobs and nothing more.
+        self._looked = False
         self.log = log.bind(model=name, worker=worker, instance=instance)
         self.outage = Outage(self.log, "queue", redis_url)
 
@@ -128,7 +130,10 @@ class ModelServer:
         per cycle, so online jobs go between its slices."""
         if not self._waiting and not self._backlog and not self.reader.wait(block_s):
             return 0
-        empty = self._fill()
+        # The look sent with the last run found online jobs and left none behind: they run
+        # now, without a second look first.
+        empty = True if self._looked else self._fill()
+        self._looked = False
         while self._waiting and not self.policy.should_flush(
             sum(p.rows for p in self._waiting), wire.now() - self._waiting[0].picked_at, empty
         ):
@@ -148,6 +153,7 @@ class ModelServer:
                 drained, left = self.reader.read_drain()
                 self._backlog = self._backlog or left > 0
                 self._take(drained)
+                self._looked = bool(drained) and not left and self._online_waiting()
         # Nothing else waiting: write on this thread and save the hand-off to the writer.
         self._hand_off(inline=empty and not self._waiting and not self._deferred)
         if self._deferred:
