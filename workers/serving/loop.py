@@ -183,8 +183,12 @@ class ModelServer:
                 # Background rows fill the next run, one of the short ones while online
                 # jobs are about: the look for online jobs is sent now and read once that
                 # run is over, so its round trip costs the run nothing (an online job
-                # waits at most the run under way and this one).
-                self.reader.send_drain(most, max_background=0)
+                # waits at most the run under way and this one). When that run takes the
+                # last background rows waiting, the look brings the next ones too.
+                cap = room + background
+                left = background - (self._sliced.done if self._sliced is not None else 0)
+                more = drain_size(cap, self._background_job_rows) if left <= cap else 0
+                self.reader.send_drain(most + more, max_background=more)
                 return True
             drained, left = self.reader.drain(most, max_background=0)
             self._backlog = self._backlog or left > 0
