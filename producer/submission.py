@@ -211,9 +211,13 @@ class Envelope:
         """The list this envelope's messages are pushed to."""
         return wire.priority_queue(wire.queue_name(self.model), self.priority)
 
-    def headers(self) -> dict[str, Any]:
-        return {wire.HEADER_ENQUEUED_AT: wire.now(), wire.HEADER_NOTIFY: self.client_id,
-                **self.extra_headers}
+    def headers(self, blobs: Sequence[str] = ()) -> dict[str, Any]:
+        """A message's inferq headers; ``blobs``: the keys it reads first."""
+        out = {wire.HEADER_ENQUEUED_AT: wire.now(), wire.HEADER_NOTIFY: self.client_id,
+               **self.extra_headers}
+        if blobs:
+            out[wire.HEADER_BLOBS] = list(blobs)
+        return out
 
 
 def single_message(env: Envelope, job_id: str, tensors: dict[str, wire.Tensor]) -> bytes:
@@ -225,7 +229,7 @@ def single_message(env: Envelope, job_id: str, tensors: dict[str, wire.Tensor]) 
         kwargs={"version": env.version},
         queue=wire.queue_name(env.model),
         serializer=env.serializer,
-        headers=env.headers(),
+        headers=env.headers([t["ref"] for t in tensors.values() if "ref" in t]),
         reply_to=env.client_id,
         expires=expires(env.deadline),
         argsrepr=f"({env.model!r}, <{len(tensors)} tensors>)",
@@ -251,10 +255,10 @@ def bulk_messages(env: Envelope, ids: Sequence[str], prepared: Sequence[dict[str
         if entries is None:  # jobs not alike: one entry each
             entries = [{"id": i, "inputs": t, "version": v}
                        for i, t, v in zip(chunk_ids, chunk, chunk_versions, strict=True)]
-        headers = env.headers()
-        headers[wire.HEADER_JOB_IDS] = chunk_ids
         message_id = wire.new_id()
         entries_key = wire.blob_key(message_id, "entries")
+        headers = env.headers([entries_key])
+        headers[wire.HEADER_JOB_IDS] = chunk_ids
         blobs[entries_key] = wire.pack_body(entries, "msgpack")
         messages.append(wire.build_message(
             task=wire.BULK_TASK_NAME,

@@ -57,6 +57,9 @@ ATTEMPTS_PREFIX = "inferq:attempts:"
 HEADER_ENQUEUED_AT = "inferq_enqueued_at"
 HEADER_NOTIFY = "inferq_notify"
 HEADER_JOB_IDS = "inferq_job_ids"
+#: Blob keys a message reads first (a bulk message's entries, a job's tensors by reference):
+#: the worker's drain script returns their values with the message, saving a round trip.
+HEADER_BLOBS = "inferq_blobs"
 #: How the producer chose the version it pinned (``alias:canary``, ``split:<rev>``, ...).
 HEADER_ROUTE = "inferq_route"
 

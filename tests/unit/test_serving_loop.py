@@ -893,6 +893,30 @@ def test_online_jobs_a_look_found_run_next_without_another_look(world: World) ->
     assert drains == [], "nothing else was waiting when the look ran: no second look"
 
 
+def test_the_drain_brings_the_blobs_a_message_names(world: World) -> None:
+    client = world.client(blob_threshold=64)
+    big = rows_of(8, 2)  # 96 bytes: by reference
+    ids = [client.submit(MODEL, {"x": big}).id,
+           *(h.id for h in client.submit_many(MODEL, [{"x": big}, {"x": big}]))]
+    mgets: list[list[Any]] = []
+    plain = world.broker.mget
+    world.broker.mget = (  # type: ignore[method-assign]
+        lambda keys, *more: mgets.append(list(keys)) or plain(keys, *more))
+    server = world.server(max_rows=64)
+    world.run(server)
+    want = big.sum(axis=1, keepdims=True).tolist()
+    assert all(world.ok(i)["y"].tolist() == want for i in ids)
+    assert mgets == [], "a job's tensor and a bulk message's entries came with the drain"
+    # A message without the header (another client's) still has its blobs read.
+    other = client.submit(MODEL, {"x": big}).id
+    raw = world.broker.rpop(QUEUE)
+    assert raw is not None and f'"{wire.HEADER_BLOBS}":["'.encode() in raw
+    world.broker.lpush(QUEUE, raw.replace(wire.HEADER_BLOBS.encode(), b"other_header"))
+    world.run(server)
+    assert world.ok(other)["y"].tolist() == want
+    assert mgets == [[wire.blob_key(other, "x")]]
+
+
 def test_a_look_sent_ahead_is_read_back_even_after_redis_lost_its_scripts(
     world: World
 ) -> None:
@@ -901,15 +925,15 @@ def test_a_look_sent_ahead_is_read_back_even_after_redis_lost_its_scripts(
     reader = world.server().reader
     reader.send_drain(8, max_background=0)
     assert reader.drain_in_flight
-    [(tag, _)], left = reader.read_drain()
-    assert left == 0 and not reader.drain_in_flight
+    [(tag, _, blobs)], left = reader.read_drain()
+    assert left == 0 and not reader.drain_in_flight and blobs == {}
     assert world.unacked() == {tag} and world.queued() == 0
     # A restarted Redis forgets scripts: the look sent finds none and nothing was taken;
     # its reply is then the plain call's, which loads the script again.
     again = client.submit(MODEL, {"x": rows_of(1, 8)}).id
     world.broker.script_flush()
     reader.send_drain(8, max_background=0)
-    [(tag2, body)], _ = reader.read_drain()
+    [(tag2, body, _)], _ = reader.read_drain()
     assert world.unacked() == {tag, tag2} and world.queued() == 0
     assert again.encode() in body and online != again
     with pytest.raises(AssertionError, match="no drain in flight"):

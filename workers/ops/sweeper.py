@@ -106,7 +106,7 @@ class UnknownQueueSweeper:
         while True:
             drained, left = reader.drain(_BATCH)
             docs, tags, blobs = [], [], []
-            for tag, raw in drained:
+            for tag, raw, _ in drained:
                 try:
                     delivery = wire.parse_message(raw, key)
                 except Exception as exc:

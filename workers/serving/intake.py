@@ -23,6 +23,7 @@ from workers.serving import validation
 from workers.serving.batching import Arrays, rows_per_message
 from workers.serving.inflight import InFlight, Message
 from workers.serving.observers import Observer
+from workers.serving.reader import Drained
 from workers.serving.routing import RouteBook
 
 log = structlog.get_logger(__name__)
@@ -90,11 +91,14 @@ class Intake:
         #: Running average, for sizing the next drain to the room left in a batch.
         self.rows_per_message = 8.0
 
-    def take(self, drained: Sequence[tuple[str, bytes]], picked_at: float
+    def take(self, drained: Sequence[Drained], picked_at: float
              ) -> tuple[list[Pending], list[Failure]]:
         """Parse and check ``drained`` messages picked up at ``picked_at``."""
         parsed = []
-        for tag, raw in drained:
+        known: dict[str, bytes | None] = {}
+        for tag, raw, brought in drained:
+            if brought:
+                known.update(brought)
             try:
                 parsed.append((tag, wire.parse_message(raw, self.broker_queue)))
             except Exception as exc:
@@ -104,8 +108,8 @@ class Intake:
                 deadletter.dead_letter_message(self.broker, tag, self.broker_queue, raw,
                                                str(exc))
         deliveries = [d for _, d in parsed]
-        self._attach_entries(deliveries)
-        blobs = self._fetch_blobs(deliveries)
+        self._attach_entries(deliveries, known)
+        blobs = self._fetch_blobs(deliveries, known)
         pending: list[Pending] = []
         failures: list[Failure] = []
         for tag, delivery in parsed:
@@ -116,22 +120,30 @@ class Intake:
     def broker_queue(self) -> str:
         return wire.queue_name(self.checks.model)
 
-    def _attach_entries(self, deliveries: list[Delivery]) -> None:
-        """Read the entries of bulk messages that carry them by reference, in one round trip."""
+    def _attach_entries(self, deliveries: list[Delivery], known: Mapping[str, bytes | None]
+                        ) -> None:
+        """Attach the entries of bulk messages that carry them by reference: those the
+        drain brought (``known``), the others read in one round trip."""
         by_ref = [d for d in deliveries if d.entries_ref is not None]
-        if by_ref:
-            values: list[Any] = self.broker.mget([str(d.entries_ref) for d in by_ref])
-            for delivery, blob in zip(by_ref, values, strict=True):
-                wire.attach_entries(delivery, blob)
+        if not by_ref:
+            return
+        missing = [str(d.entries_ref) for d in by_ref if d.entries_ref not in known]
+        if missing:
+            values: list[Any] = self.broker.mget(missing)
+            known = {**known, **dict(zip(missing, values, strict=True))}
+        for delivery in by_ref:
+            wire.attach_entries(delivery, known[str(delivery.entries_ref)])
 
-    def _fetch_blobs(self, deliveries: list[Delivery]) -> dict[str, bytes | None]:
-        """Every by-reference tensor of these messages, in one round trip."""
+    def _fetch_blobs(self, deliveries: list[Delivery], known: Mapping[str, bytes | None]
+                     ) -> Mapping[str, bytes | None]:
+        """Every by-reference tensor of these messages: those the drain brought
+        (``known``), the others read in one round trip."""
         keys = [key for d in deliveries if d.columns is None for job in d.jobs
-                for key in job.refs]
+                for key in job.refs if key not in known]
         if not keys:
-            return {}
+            return known
         values: list[Any] = self.broker.mget(keys)
-        return dict(zip(keys, values, strict=True))
+        return {**known, **dict(zip(keys, values, strict=True))}
 
     def _accept(self, tag: str, delivery: Delivery, picked_at: float,
                 blobs: Mapping[str, bytes | None], pending: list[Pending],

@@ -39,7 +39,7 @@ from workers.serving.intake import Intake, Pending
 from workers.serving.observers import Batch, Observer, Outcome
 from workers.serving.outage import Outage
 from workers.serving.poison import PoisonGuard
-from workers.serving.reader import QueueReader
+from workers.serving.reader import Drained, QueueReader
 from workers.serving.runtime import LoadedModel
 from workers.serving.writer import Completed, ResultWriter
 
@@ -94,7 +94,7 @@ class ModelServer:
         self._background_job_rows = float(policy.max_rows)
         #: Background messages drained with online ones, read after the online batch ran
         #: (in the same cycle: none is left over).
-        self._deferred: list[tuple[str, bytes]] = []
+        self._deferred: list[Drained] = []
         #: The look sent with the last background run found online jobs and nothing more.
         self._looked = False
         self.log = log.bind(model=name, worker=worker, instance=instance)
@@ -200,7 +200,7 @@ class ModelServer:
         self._take(drained)
         return left == 0
 
-    def _take(self, drained: list[tuple[str, bytes]]) -> None:
+    def _take(self, drained: list[Drained]) -> None:
         if not drained:
             return
         background = [m for m in drained if self.reader.background(m[0])]

@@ -21,7 +21,27 @@ from producer.wire import UNACKED, UNACKED_INDEX, now, priority_queues
 # KEYS: unacked, unacked_index, queue lists in priority order.
 # ARGV: max messages, now, tag prefix, queue name, max messages from the last (lowest
 # priority) list. A tag ends with '@' and the index of the list its message came from.
+# Returns tag, message and [key, value, ...] of the blobs the message's inferq_blobs header
+# names (at most 64, only keys under inferq:blob:; the header is JSON in kombu's envelope,
+# which a quote inside a string value cannot fake), for each message; then how many wait.
 _DRAIN = """
+local function blobs(m)
+  local out = {}
+  local list = string.match(m, '"inferq_blobs":%[([^%]]*)%]')
+  if not list then return out end
+  local names = {}
+  for key in string.gmatch(list, '"(inferq:blob:[^"]*)"') do
+    if #names == 64 then break end
+    names[#names + 1] = key
+  end
+  if #names == 0 then return out end
+  local got = redis.call('MGET', unpack(names))
+  for i, key in ipairs(names) do
+    out[#out + 1] = key
+    out[#out + 1] = got[i]
+  end
+  return out
+end
 local want = tonumber(ARGV[1])
 local out = {}
 for k = 3, #KEYS do
@@ -35,6 +55,7 @@ for k = 3, #KEYS do
       redis.call('ZADD', KEYS[2], ARGV[2], tag)
       out[#out + 1] = tag
       out[#out + 1] = m
+      out[#out + 1] = blobs(m)
     end
     want = want - #got
   end
@@ -48,6 +69,13 @@ end
 out[#out + 1] = left
 return out
 """
+
+#: A drained message: its delivery tag, its bytes, and the blobs its header names (key:
+#: value, None for a key that is gone), read in the same round trip.
+Drained = tuple[str, bytes, dict[str, bytes | None]]
+
+_NO_BLOBS: dict[str, bytes | None] = {}
+
 
 #: A delivery tag ends with ``@<n>``: the message came from the queue's n-th priority list.
 LEVEL_SEP = "@"
@@ -114,13 +142,14 @@ class QueueReader:
                 return True
 
     def drain(self, max_messages: int, max_background: int | None = None
-              ) -> tuple[list[tuple[str, bytes]], int]:
+              ) -> tuple[list[Drained], int]:
         """Pop up to ``max_messages`` (oldest first, higher priorities first) and record
         them as unacknowledged; at most ``max_background`` of them from the lowest-priority list
         (batch runs), any number when None.
 
-        Returns the messages and how many are still waiting (in the lists it may take from),
-        so the caller knows the queue is empty without asking again.
+        Returns the messages (each with the blobs its header names) and how many are still
+        waiting (in the lists it may take from), so the caller knows the queue is empty
+        without asking again.
         """
         flat: list[Any] = self._drain(keys=self._keys,
                                       args=self._args(max_messages, max_background))
@@ -140,7 +169,7 @@ class QueueReader:
             self._release(disconnect=True)
             raise
 
-    def read_drain(self) -> tuple[list[tuple[str, bytes]], int]:
+    def read_drain(self) -> tuple[list[Drained], int]:
         """The reply of the drain :meth:`send_drain` sent (as :meth:`drain` returns it)."""
         assert self._sent is not None, "no drain in flight"
         conn, max_messages, max_background = self._sent
@@ -181,6 +210,12 @@ class QueueReader:
         return tag.endswith(self._background_suffix)
 
 
-def _parsed(flat: list[Any]) -> tuple[list[tuple[str, bytes]], int]:
+def _parsed(flat: list[Any]) -> tuple[list[Drained], int]:
     left = int(flat.pop())
-    return [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)], left
+    out = []
+    for i in range(0, len(flat), 3):
+        pairs = flat[i + 2]
+        blobs = ({pairs[j].decode(): pairs[j + 1] for j in range(0, len(pairs), 2)}
+                 if pairs else _NO_BLOBS)
+        out.append((flat[i].decode(), flat[i + 1], blobs))
+    return out, left
