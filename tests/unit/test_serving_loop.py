@@ -915,6 +915,16 @@ def test_the_drain_brings_the_blobs_a_message_names(world: World) -> None:
     world.run(server)
     assert world.ok(other)["y"].tolist() == want
     assert mgets == [[wire.blob_key(other, "x")]]
+    # The script reads only blob keys, whatever a header names.
+    world.results.set(wire.result_key("secret"), b"not yours")
+    client.submit(MODEL, {"x": big})
+    raw = world.broker.rpop(QUEUE)
+    assert raw is not None
+    world.broker.lpush(QUEUE, raw.replace(
+        f'"{wire.HEADER_BLOBS}":["'.encode(),
+        f'"{wire.HEADER_BLOBS}":["{wire.result_key("secret")}","'.encode()))
+    [(_, _, brought)], _ = server.reader.drain(8)
+    assert list(brought) == [k.decode() for k in world.broker.keys(wire.BLOB_KEY_PREFIX + "*")]
 
 
 def test_a_look_sent_ahead_is_read_back_even_after_redis_lost_its_scripts(
