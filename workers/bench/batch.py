@@ -8,6 +8,7 @@ worker, the same run), and checks a sample of the output against ONNX Runtime ru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -140,10 +141,33 @@ def online_probe(client: InferenceClient, inputs: Sequence[dict[str, Any]],
     return probe
 
 
+def _isolated(stack: contextlib.ExitStack, url: str, model_dir: Path,
+              gpus: Sequence[int] | None, logs: Path, redis_pid: int) -> list[int]:
+    """Start the worker pinned to core(s) of its own (one ONNX Runtime thread each), move
+    Redis and this process (and so the batch command it starts) to the others; the
+    worker's cores."""
+    from workers.bench.isolate import intra_op_threads, pin_process, pinned, split_cores
+
+    every = sorted(os.sched_getaffinity(0))
+    worker_cores, other_cores = split_cores(every)
+    with pinned(worker_cores), intra_op_threads(len(worker_cores)):
+        stack.enter_context(inferq_workers(url, model_dir, MODEL, 1, gpus,
+                                           logs / "batch-isolated.log"))
+    pin_process(redis_pid, other_cores)
+    stack.callback(pin_process, redis_pid, every)
+    stack.enter_context(pinned(other_cores))
+    return worker_cores
+
+
 def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None,
                 logs: Path, saturation_rows_per_s: float | None,
-                say: Callable[[str], None], options: Sequence[str] = ()) -> dict[str, Any]:
-    """Every figure of the batch phase (``options``: more ``inferq batch run`` options)."""
+                say: Callable[[str], None], options: Sequence[str] = (),
+                isolate_redis_pid: int | None = None) -> dict[str, Any]:
+    """Every figure of the batch phase (``options``: more ``inferq batch run`` options).
+
+    With ``isolate_redis_pid``, as a fleet runs it: the worker on core(s) of its own, and
+    Redis (that pid), the batch command and the online probe on the others.
+    """
     manifest = load_manifest(model_dir / MODEL)
     width = int(manifest.inputs[0].shape[1])
     data, output = logs / "batch-input.parquet", logs / "batch-output.parquet"
@@ -156,8 +180,14 @@ def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None
     argv = [sys.executable, "-m", "workers.launch.cli", "batch", "run", MODEL, "--input",
             str(data), "--output", str(output), "--columns", "x=x", "--id-column", "id",
             "--json", *options]
-    with inferq_workers(url, model_dir, MODEL, 1, gpus, logs / "batch.log"), \
-            InferenceClient(url) as client:
+    with contextlib.ExitStack() as stack:
+        cores: list[int] | None = None
+        if isolate_redis_pid is not None:
+            cores = _isolated(stack, url, model_dir, gpus, logs, isolate_redis_pid)
+        else:
+            stack.enter_context(inferq_workers(url, model_dir, MODEL, 1, gpus,
+                                               logs / "batch.log"))
+        client = stack.enter_context(InferenceClient(url))
         client.results([h.id for h in client.submit_many(MODEL, inputs)], timeout=120)
         say(f"  online probe: {ONLINE_RATE:.0f} jobs/s, {QUIET_S:.0f} s before and after the "
             "batch (quiet) and during it")
@@ -204,8 +234,10 @@ def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None
         "online_p99_ratio": round(busy["p99"] / calm["p99"], 2)
         if "p99" in busy and "p99" in calm else None,
         "sample": sample, "command": " ".join(["inferq", *argv[3:]]),
+        "worker_cores": cores,
     }
-    say(f"  batch: {result['rows']:,} rows in {result['seconds']} s "
+    where = " (worker isolated)" if cores else ""
+    say(f"  batch{where}: {result['rows']:,} rows in {result['seconds']} s "
         f"({result['rows_per_s']:,.0f} rows/s, {result['ratio_to_saturation']} of saturation), "
         f"RSS max {result['rss_max_mb']} MB; sample {sample}")
     say(f"  online at {ONLINE_RATE:.0f}/s: p50 / p99 {calm.get('p50', 0):.2f} / "

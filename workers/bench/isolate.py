@@ -54,7 +54,8 @@ def pinned(cores: Sequence[int]) -> Iterator[None]:
 
 
 @contextmanager
-def _intra_op_threads(threads: int) -> Iterator[None]:
+def intra_op_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``INFERQ_INTRA_OP_THREADS`` set (workers it starts read it)."""
     before = os.environ.get("INFERQ_INTRA_OP_THREADS")
     os.environ["INFERQ_INTRA_OP_THREADS"] = str(threads)
     try:
@@ -81,7 +82,7 @@ def isolate_phase(url: str, redis_pid: int, model_dir: Path, name: str, jobs: in
         direct = measure.direct(manifest, threads)
     pin_process(redis_pid, other_cores)
     with contextlib.ExitStack() as stack:
-        with pinned(worker_cores), _intra_op_threads(threads):
+        with pinned(worker_cores), intra_op_threads(threads):
             pids = stack.enter_context(
                 inferq_workers(url, model_dir, name, 1, None, logs / "isolate.log"))
         with pinned(other_cores), InferenceClient(url) as client:

@@ -190,6 +190,13 @@ def run(models: Sequence[str], *, workers: int = 1, gpus: Sequence[int] | None =
                 report["batch"] = batch_phase(
                     server.url, root, batch_rows, gpus, logs,
                     report.get("mlp", {}).get("inferq_jobs_per_s"), say)
+                if isolate and not gpus:
+                    # Again as a fleet runs it; saturation is then the isolated worker's.
+                    isolated = report.get("isolated", {}).get("mlp", {})
+                    report["batch_isolated"] = batch_phase(
+                        server.url, root, batch_rows, gpus, logs,
+                        isolated.get("inferq_jobs_per_s"), say,
+                        isolate_redis_pid=server.pid)
             if gateway:
                 from workers.bench.gateway import format_gateway, gateway_phase
 

@@ -167,7 +167,8 @@ def demo(keep: bool, log_path: Path | None) -> None:
               help="Also measure mlp and cnn with drift histograms on against off.")
 @click.option("--isolate", is_flag=True,
               help="Also measure each model's worker on core(s) of its own (the producer and "
-                   "Redis on the others) against ONNX Runtime alone on those core(s).")
+                   "Redis on the others) against ONNX Runtime alone on those core(s); "
+                   "with --batch, the batch phase too.")
 @click.option("--profile", "profile_s", type=float, default=0.0,
               help="With --isolate: profile the worker for this many seconds (py-spy) and "
                    "report its CPU per job by stage.")
