@@ -459,7 +459,7 @@ class AsyncInferenceClient:
                  if self.validate and items else {})
         blobs: submission.Blobs = {}
         prepared = [
-            # Inline in the entries (one raw blob already): one MGET for the worker.
+            # Inline in the entries (one raw blob already), not a key each.
             submission.prepare(infos.get(v), item, job_id, blobs, text=False,
                                blob_threshold=None)
             for job_id, item, v in zip(ids, items, versions, strict=True)

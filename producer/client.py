@@ -252,8 +252,8 @@ class InferenceClient:
         versions, route = self._pin(model, version, [route_key or i for i in ids])
         blobs: submission.Blobs = {}
         prepared = [
-            # Inline in the entries (one raw blob already): the worker reads a message's
-            # tensors with the entries, in one MGET, not a second round trip for them.
+            # Inline in the entries (one raw blob already): the worker gets a message's
+            # tensors with its entries, which its drain brings, not a key each.
             self._prepare(model, item, v, job_id, blobs, text=False, blob_threshold=None)
             for job_id, item, v in zip(ids, items, versions, strict=True)
         ]

@@ -132,3 +132,23 @@ def test_a_sweep_scans_a_bounded_part_of_a_large_keyspace(r: Any) -> None:
     calls.clear()
     assert sweep.sweep() == 1, "found once, it is answered after its grace"
     assert wire.read_result("j1", r.get(wire.result_key("j1"))) is not None
+
+
+def test_a_bulk_message_is_answered_job_by_job_and_its_entries_deleted(r: Any) -> None:
+    from producer import submission
+
+    clock = Clock()
+    env = submission.envelope("digitz", "c1", "msgpack", None, None, 0)
+    blobs: submission.Blobs = {}
+    x = {"x": wire.encode_tensor(np.zeros((1, 4), np.float32), text=False)}
+    [raw] = submission.bulk_messages(env, ["b1", "b2"], [x, x], blobs)
+    [(key, entries)] = blobs.items()
+    r.set(key, entries)
+    r.lpush(wire.queue_name("digitz"), raw)
+    sweep = sweeper(r, clock)
+    sweep.sweep()
+    clock.now += 31
+    assert sweep.sweep() == 2
+    assert all(isinstance(wire.read_result(i, r.get(wire.result_key(i))), ModelNotFound)
+               for i in ("b1", "b2"))
+    assert not r.exists(key), "the entries go with the message"

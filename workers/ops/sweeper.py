@@ -106,7 +106,7 @@ class UnknownQueueSweeper:
         while True:
             drained, left = reader.drain(_BATCH)
             docs, tags, blobs = [], [], []
-            for tag, raw, _ in drained:
+            for tag, raw, brought in drained:
                 try:
                     delivery = wire.parse_message(raw, key)
                 except Exception as exc:
@@ -118,7 +118,8 @@ class UnknownQueueSweeper:
                     "worker's repository (inferq models add)", model=model)
                 if delivery.entries_ref is not None:
                     # Read the entries too, so their by-reference tensors are deleted with it.
-                    entries: Any = self.broker.get(delivery.entries_ref)
+                    ref = delivery.entries_ref
+                    entries: Any = brought[ref] if ref in brought else self.broker.get(ref)
                     wire.attach_entries(delivery, entries)
                 ids = delivery.ids
                 docs += [(i, wire.failure_document(i, error, model), delivery.notify)
