@@ -459,9 +459,10 @@ class AsyncInferenceClient:
                  if self.validate and items else {})
         blobs: submission.Blobs = {}
         prepared = [
-            # Inline in the entries (one raw blob already), not a key each.
+            # Inline in the entries (one raw blob already) up to BULK_INLINE_MAX.
             submission.prepare(infos.get(v), item, job_id, blobs, text=False,
-                               blob_threshold=None)
+                               blob_threshold=max(self.blob_threshold,
+                                                  submission.BULK_INLINE_MAX))
             for job_id, item, v in zip(ids, items, versions, strict=True)
         ]
         env = submission.envelope(model, self.client_id, self.serializer,

@@ -131,7 +131,7 @@ class InferenceClient:
 
     def _prepare(
         self, model: str, inputs: Mapping[str, Any], version: int | None, job_id: str,
-        blobs: submission.Blobs, text: bool, blob_threshold: int | None,
+        blobs: submission.Blobs, text: bool, blob_threshold: int,
     ) -> dict[str, wire.Tensor]:
         info = self._model_info(model, version) if self.validate else None
         return submission.prepare(info, inputs, job_id, blobs, text=text,
@@ -252,9 +252,10 @@ class InferenceClient:
         versions, route = self._pin(model, version, [route_key or i for i in ids])
         blobs: submission.Blobs = {}
         prepared = [
-            # Inline in the entries (one raw blob already): the worker gets a message's
-            # tensors with its entries, which its drain brings, not a key each.
-            self._prepare(model, item, v, job_id, blobs, text=False, blob_threshold=None)
+            # Inline in the entries (one raw blob already) up to BULK_INLINE_MAX: the
+            # worker gets a message's tensors with its entries, not a key each.
+            self._prepare(model, item, v, job_id, blobs, text=False,
+                          blob_threshold=max(self.blob_threshold, submission.BULK_INLINE_MAX))
             for job_id, item, v in zip(ids, items, versions, strict=True)
         ]
         env = self._envelope(model, versions[0] if len(set(versions)) == 1 else None,

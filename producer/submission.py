@@ -159,11 +159,15 @@ def _as_array(value: Any, dtype: str | None) -> np.ndarray[Any, Any]:
     return arr
 
 
+#: Tensors of a bulk message below this size travel inside its entries (one raw blob
+#: already); larger ones keep a key each, so a message's entries stay a few MB at most.
+BULK_INLINE_MAX = 256 * 1024
+
+
 def prepare(info: ModelInfo | None, inputs: Mapping[str, Any], job_id: str, blobs: Blobs, *,
-            text: bool, blob_threshold: int | None) -> dict[str, wire.Tensor]:
+            text: bool, blob_threshold: int) -> dict[str, wire.Tensor]:
     """Check one job's inputs against ``info`` (when known) and encode them; tensors of at
-    least ``blob_threshold`` bytes go into ``blobs`` and travel by reference (None: every
-    tensor inline, for bulk entries, which travel as one raw blob already)."""
+    least ``blob_threshold`` bytes go into ``blobs`` and travel by reference."""
     if not isinstance(inputs, Mapping) or not inputs:
         raise InvalidInput("inputs must be a non-empty mapping of input name to array")
     dtypes = {s.name: s.dtype for s in info.inputs} if info is not None else {}
@@ -177,7 +181,7 @@ def prepare(info: ModelInfo | None, inputs: Mapping[str, Any], job_id: str, blob
         wire.check_inputs(info.inputs, arrays)
     tensors = {}
     for name, arr in arrays.items():
-        if blob_threshold is not None and arr.nbytes >= blob_threshold:
+        if arr.nbytes >= blob_threshold:
             key = wire.blob_key(job_id, name)
             blobs[key] = wire.tensor_buffer(arr)
             tensors[name] = wire.tensor_ref(arr, key)

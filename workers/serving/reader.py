@@ -20,11 +20,14 @@ from producer.wire import UNACKED, UNACKED_INDEX, now, priority_queues
 
 # KEYS: unacked, unacked_index, queue lists in priority order.
 # ARGV: max messages, now, tag prefix, queue name, max messages from the last (lowest
-# priority) list. A tag ends with '@' and the index of the list its message came from.
-# Returns tag, message and [key, value, ...] of the blobs the message's inferq_blobs header
-# names (at most 64, only keys under inferq:blob:; the header is JSON in kombu's envelope,
-# which a quote inside a string value cannot fake), for each message; then how many wait.
+# priority) list, bytes of blobs the reply may carry. A tag ends with '@' and the index of
+# the list its message came from. Returns tag, message and [key, value, ...] of the blobs
+# the message's inferq_blobs header names (at most 64, only keys under inferq:blob:; the
+# header is JSON in kombu's envelope, which a quote inside a string value cannot fake) that
+# fit in what is left of the bytes (large blobs would block Redis while the script copies
+# them: the worker reads those with MGET), for each message; then how many wait.
 _DRAIN = """
+local budget = tonumber(ARGV[6])
 local function blobs(m)
   local out = {}
   local list = string.match(m, '"inferq_blobs":%[([^%]]*)%]')
@@ -32,7 +35,11 @@ local function blobs(m)
   local names = {}
   for key in string.gmatch(list, '"(inferq:blob:[^"]*)"') do
     if #names == 64 then break end
-    names[#names + 1] = key
+    local size = redis.call('STRLEN', key)
+    if size > 0 and size <= budget then
+      budget = budget - size
+      names[#names + 1] = key
+    end
   end
   if #names == 0 then return out end
   local got = redis.call('MGET', unpack(names))
@@ -76,6 +83,9 @@ Drained = tuple[str, bytes, dict[str, bytes | None]]
 
 _NO_BLOBS: dict[str, bytes | None] = {}
 
+
+#: Bytes of blobs one drain brings with its messages; larger ones are read with MGET.
+DRAIN_BLOB_BYTES = 256 * 1024
 
 #: A delivery tag ends with ``@<n>``: the message came from the queue's n-th priority list.
 LEVEL_SEP = "@"
@@ -202,7 +212,7 @@ class QueueReader:
         prefix = f"{self._prefix}{next(self._calls)}-"
         most = max(1, max_messages)
         return [most, now(), prefix, self.queue,
-                most if max_background is None else max_background]
+                most if max_background is None else max_background, DRAIN_BLOB_BYTES]
 
     def background(self, tag: str) -> bool:
         """Whether the message drained under ``tag`` came from the lowest-priority list
