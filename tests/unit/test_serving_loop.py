@@ -927,6 +927,27 @@ def test_the_drain_brings_the_blobs_a_message_names(world: World) -> None:
     assert list(brought) == [k.decode() for k in world.broker.keys(wire.BLOB_KEY_PREFIX + "*")]
 
 
+def test_blobs_over_the_drain_budget_are_read_with_mget(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import workers.serving.reader as reader_module
+
+    monkeypatch.setattr(reader_module, "DRAIN_BLOB_BYTES", 150)  # one 96-byte blob fits
+    client = world.client(blob_threshold=64)
+    big = rows_of(8, 2)
+    ids = [client.submit(MODEL, {"x": big}).id for _ in range(2)]
+    server = world.server(max_rows=64)
+    drained, _ = server.reader.drain(8)
+    assert [len(brought) for _, _, brought in drained] == [1, 0]
+    mgets: list[list[Any]] = []
+    plain = world.broker.mget
+    world.broker.mget = (  # type: ignore[method-assign]
+        lambda keys, *more: mgets.append(list(keys)) or plain(keys, *more))
+    pending, failures = server.intake.take(drained, wire.now())
+    assert failures == [] and [p.job.id for p in pending] == ids
+    assert mgets == [[wire.blob_key(ids[1], "x")]]
+
+
 def test_a_look_sent_ahead_is_read_back_even_after_redis_lost_its_scripts(
     world: World
 ) -> None:
