@@ -459,10 +459,9 @@ class AsyncInferenceClient:
                  if self.validate and items else {})
         blobs: submission.Blobs = {}
         prepared = [
-            # Inline in the entries (one raw blob already) up to BULK_INLINE_MAX.
             submission.prepare(infos.get(v), item, job_id, blobs, text=False,
-                               blob_threshold=max(self.blob_threshold,
-                                                  submission.BULK_INLINE_MAX))
+                               blob_threshold=submission.bulk_blob_threshold(
+                                   self.blob_threshold))
             for job_id, item, v in zip(ids, items, versions, strict=True)
         ]
         env = submission.envelope(model, self.client_id, self.serializer,

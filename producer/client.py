@@ -252,10 +252,8 @@ class InferenceClient:
         versions, route = self._pin(model, version, [route_key or i for i in ids])
         blobs: submission.Blobs = {}
         prepared = [
-            # Inline in the entries (one raw blob already) up to BULK_INLINE_MAX: the
-            # worker gets a message's tensors with its entries, not a key each.
             self._prepare(model, item, v, job_id, blobs, text=False,
-                          blob_threshold=max(self.blob_threshold, submission.BULK_INLINE_MAX))
+                          blob_threshold=submission.bulk_blob_threshold(self.blob_threshold))
             for job_id, item, v in zip(ids, items, versions, strict=True)
         ]
         env = self._envelope(model, versions[0] if len(set(versions)) == 1 else None,

@@ -164,6 +164,13 @@ def _as_array(value: Any, dtype: str | None) -> np.ndarray[Any, Any]:
 BULK_INLINE_MAX = 256 * 1024
 
 
+def bulk_blob_threshold(blob_threshold: int) -> int:
+    """The ``blob_threshold`` for the jobs of a bulk message: its entries travel as one
+    raw blob already, so tensors below :data:`BULK_INLINE_MAX` stay in them (the worker
+    gets them with the entries, not a key each)."""
+    return max(blob_threshold, BULK_INLINE_MAX)
+
+
 def prepare(info: ModelInfo | None, inputs: Mapping[str, Any], job_id: str, blobs: Blobs, *,
             text: bool, blob_threshold: int) -> dict[str, wire.Tensor]:
     """Check one job's inputs against ``info`` (when known) and encode them; tensors of at

@@ -127,10 +127,7 @@ class Intake:
         by_ref = [d for d in deliveries if d.entries_ref is not None]
         if not by_ref:
             return
-        missing = [str(d.entries_ref) for d in by_ref if d.entries_ref not in known]
-        if missing:
-            values: list[Any] = self.broker.mget(missing)
-            known = {**known, **dict(zip(missing, values, strict=True))}
+        known = self._read([str(d.entries_ref) for d in by_ref], known)
         for delivery in by_ref:
             wire.attach_entries(delivery, known[str(delivery.entries_ref)])
 
@@ -138,12 +135,17 @@ class Intake:
                      ) -> Mapping[str, bytes | None]:
         """Every by-reference tensor of these messages: those the drain brought
         (``known``), the others read in one round trip."""
-        keys = [key for d in deliveries if d.columns is None for job in d.jobs
-                for key in job.refs if key not in known]
-        if not keys:
+        return self._read([key for d in deliveries if d.columns is None for job in d.jobs
+                           for key in job.refs], known)
+
+    def _read(self, keys: list[str], known: Mapping[str, bytes | None]
+              ) -> Mapping[str, bytes | None]:
+        """``known`` with the values of ``keys`` it lacks, read in one round trip."""
+        missing = [key for key in keys if key not in known]
+        if not missing:
             return known
-        values: list[Any] = self.broker.mget(keys)
-        return {**known, **dict(zip(keys, values, strict=True))}
+        values: list[Any] = self.broker.mget(missing)
+        return {**known, **dict(zip(missing, values, strict=True))}
 
     def _accept(self, tag: str, delivery: Delivery, picked_at: float,
                 blobs: Mapping[str, bytes | None], pending: list[Pending],

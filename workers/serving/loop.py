@@ -170,7 +170,9 @@ class ModelServer:
             if p.message.background:
                 background += p.rows
         want = drain_size(self.policy.max_rows - waiting, self.intake.rows_per_message)
-        room = self._cap.rows(time.monotonic()) - background
+        now = time.monotonic()
+        cap = self._cap.rows(now)
+        room = cap - background
         online = background < waiting
         if online or (background and room <= 0):
             # The next batch is online jobs, or background jobs already fill it: take only
@@ -179,15 +181,14 @@ class ModelServer:
             if not want and online:
                 return False
             most = want or min(MAX_DRAIN, self.policy.max_rows)
-            if not online and self._cap.online_recent(time.monotonic()):
+            if not online and self._cap.online_recent(now):
                 # Background rows fill the next run, one of the short ones while online
                 # jobs are about: the look for online jobs is sent now and read once that
                 # run is over, so its round trip costs the run nothing (an online job
                 # waits at most the run under way and this one). When that run takes the
                 # last background rows waiting, the look brings the next ones too.
-                cap = room + background
-                left = background - (self._sliced.done if self._sliced is not None else 0)
-                more = drain_size(cap, self._background_job_rows) if left <= cap else 0
+                unrun = background - (self._sliced.done if self._sliced is not None else 0)
+                more = drain_size(cap, self._background_job_rows) if unrun <= cap else 0
                 self.reader.send_drain(most + more, max_background=more)
                 return True
             drained, left = self.reader.drain(most, max_background=0)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import redis
@@ -79,9 +81,9 @@ return out
 
 #: A drained message: its delivery tag, its bytes, and the blobs its header names (key:
 #: value, None for a key that is gone), read in the same round trip.
-Drained = tuple[str, bytes, dict[str, bytes | None]]
+Drained = tuple[str, bytes, Mapping[str, bytes | None]]
 
-_NO_BLOBS: dict[str, bytes | None] = {}
+_NO_BLOBS: Mapping[str, bytes | None] = MappingProxyType({})
 
 
 #: Bytes of blobs one drain brings with its messages; larger ones are read with MGET.
