@@ -30,6 +30,8 @@ def serve(settings: GatewaySettings) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn's graceful shutdown)."""
     import uvicorn
 
+    from workers.gateway.transport import CoalescingHttp
+
     settings.validate()
     logs.configure(settings.log_format)
     os.environ[SETTINGS_ENV] = settings.to_env()
@@ -39,6 +41,7 @@ def serve(settings: GatewaySettings) -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
         uvicorn.run("workers.gateway.serve:app_from_env", factory=True, host=settings.host,
+                    http=CoalescingHttp,
                     port=settings.port, workers=settings.workers,
                     ssl_certfile=settings.certfile, ssl_keyfile=settings.keyfile,
                     log_config=None, access_log=False, server_header=False,
