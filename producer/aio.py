@@ -237,12 +237,14 @@ class _Waiters:
                 continue
             if popped is None:
                 continue
-            first = popped[1].decode()  # type: ignore[union-attr]  # bytes (no decode_responses)
+            first, doc = wire.notify_entry(popped[1])  # type: ignore[arg-type]  # bytes
             if len(self.futures) == 1 and first in self.futures:
-                # The one job waited for: read its result here, as the sync client does
-                # (no hand-off to the resolver, no LPOP), then wait for the next.
+                # The one job waited for: its result came inline, or is read here, as the
+                # sync client does (no hand-off to the resolver, no LPOP); then wait for
+                # the next.
                 try:
-                    await self._client._read([first])
+                    if doc is None or not self._settled(first, doc):
+                        await self._client._read([first])
                 except Exception:  # the resolver reads it again, and tells the waiter
                     pass
                 else:
@@ -258,7 +260,7 @@ class _Waiters:
                 continue
             # The resolver reads the first ID while this task drains the rest.
             try:
-                rest = await results.lpop(key, 100_000)
+                rest = await results.lpop(key, waiting.NOTIFY_POP)
             except Exception:
                 await asyncio.sleep(waiting.FULL_RECHECK_S)
                 continue
@@ -266,17 +268,28 @@ class _Waiters:
                 self._arrived(rest)  # type: ignore[arg-type]  # a list (LPOP with a count)
 
     def _arrived(self, raws: Iterable[bytes]) -> None:
-        """Hand notified IDs to the resolver; keep the rest for a waiter that comes."""
+        """Settle waiters whose results came inline, hand the other notified IDs to the
+        resolver; keep the rest for a waiter that comes (it reads the result)."""
         now = time.monotonic()
         for raw in raws:
-            job_id = raw.decode()
-            if job_id in self.futures:
-                self._notified.add(job_id)
-            else:
+            job_id, doc = wire.notify_entry(raw)
+            if job_id not in self.futures:
                 self._unclaimed[job_id] = now
+            elif doc is None or not self._settled(job_id, doc):
+                self._notified.add(job_id)
         self._trim(now)
         if self._notified:
             self._poke()
+
+    def _settled(self, job_id: str, doc: bytes) -> bool:
+        """Settle ``job_id``'s waiters with its inline result; False when it does not read
+        (the resolver reads the stored one, and reports what is wrong with it)."""
+        try:
+            outcome = wire.read_result(job_id, doc)
+        except Exception:
+            return False
+        self.settle(job_id, outcome)
+        return True
 
     def _trim(self, now: float) -> None:
         while self._unclaimed and (len(self._unclaimed) > _UNCLAIMED_MAX

@@ -360,7 +360,15 @@ class InferenceClient:
             now = time.monotonic()
             if notified:
                 quiet_since = now
-                check = [i for i in notified if i in pending]
+                check = []
+                for job_id, doc in notified:
+                    if job_id not in pending:
+                        continue
+                    if doc is None:
+                        check.append(job_id)
+                    else:  # the result came with its notification: nothing to read
+                        pending.discard(job_id)
+                        yield job_id, wire.read_result(job_id, doc)
             elif now - quiet_since >= waiting.FULL_RECHECK_S:
                 # No notification for a while (another thread took them, or a worker that
                 # does not notify wrote the result): read every pending key once.
@@ -409,13 +417,15 @@ class InferenceClient:
                     pending.discard(job_id)
                     yield job_id, wire.read_result(job_id, raw)
 
-    def _wait_notified(self, timeout: float, drain: bool) -> list[str]:
+    def _wait_notified(self, timeout: float, drain: bool) -> list[tuple[str, bytes | None]]:
+        """Notified (job ID, inline result or None), after blocking up to ``timeout``."""
         popped = self._call(self._results.blpop, [self._notify_key], timeout=max(timeout, 0.001))
         if popped is None:
             return []
         # One job waited for: its own notification is enough, skip the extra round trip.
-        rest = self._call(self._results.lpop, self._notify_key, 100_000) if drain else None
-        return [popped[1].decode(), *(r.decode() for r in rest or ())]
+        rest = (self._call(self._results.lpop, self._notify_key, waiting.NOTIFY_POP)
+                if drain else None)
+        return [wire.notify_entry(popped[1]), *(wire.notify_entry(r) for r in rest or ())]
 
     # --- errors ----------------------------------------------------------------------
 

@@ -222,12 +222,15 @@ class Envelope:
         """The list this envelope's messages are pushed to."""
         return wire.priority_queue(wire.queue_name(self.model), self.priority)
 
-    def headers(self, blobs: Sequence[str] = ()) -> dict[str, Any]:
-        """A message's inferq headers; ``blobs``: the keys it reads first."""
+    def headers(self, blobs: Sequence[str] = (), inline: int = 0) -> dict[str, Any]:
+        """A message's inferq headers; ``blobs``: the keys it reads first; ``inline``: the
+        largest result to send in the notification itself."""
         out = {wire.HEADER_ENQUEUED_AT: wire.now(), wire.HEADER_NOTIFY: self.client_id,
                **self.extra_headers}
         if blobs:
             out[wire.HEADER_BLOBS] = list(blobs)
+        if inline:
+            out[wire.HEADER_NOTIFY_DOCS] = inline
         return out
 
 
@@ -240,7 +243,10 @@ def single_message(env: Envelope, job_id: str, tensors: dict[str, wire.Tensor]) 
         kwargs={"version": env.version},
         queue=wire.queue_name(env.model),
         serializer=env.serializer,
-        headers=env.headers([t["ref"] for t in tensors.values() if "ref" in t]),
+        # A lone job is the one whose result is most often awaited at once: it comes in the
+        # notification, not in a read after it.
+        headers=env.headers([t["ref"] for t in tensors.values() if "ref" in t],
+                            wire.NOTIFY_INLINE_MAX),
         reply_to=env.client_id,
         expires=expires(env.deadline),
         argsrepr=f"({env.model!r}, <{len(tensors)} tensors>)",

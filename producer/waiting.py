@@ -20,6 +20,9 @@ from producer.errors import InferqError, JobTimeout, ResourceExhausted, Unavaila
 FULL_RECHECK_S = 0.1
 #: Keys per MGET when reading many results.
 MGET_CHUNK = 1000
+#: Notifications taken per LPOP after a wake-up; an entry may carry its result (up to
+#: ``wire.NOTIFY_INLINE_MAX`` bytes), so this bounds one reply to about 20 MB.
+NOTIFY_POP = 10_000
 #: Environment variable that lets producers queue for a model no live worker serves.
 QUEUE_WITHOUT_WORKERS_ENV = "INFERQ_QUEUE_WITHOUT_WORKERS"
 

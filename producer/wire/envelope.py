@@ -27,8 +27,11 @@ from producer.wire.names import (
     HEADER_ENQUEUED_AT,
     HEADER_JOB_IDS,
     HEADER_NOTIFY,
+    HEADER_NOTIFY_DOCS,
     HEADER_ROUTE,
+    NOTIFY_INLINE_LIMIT,
     TASK_NAME,
+    Notify,
     owns_blob,
 )
 
@@ -131,6 +134,8 @@ class Delivery:
     jobs: list[JobRequest] = field(default_factory=list)
     failed: list[tuple[str, InferqError]] = field(default_factory=list)
     notify: str | None = None
+    #: The largest result the producer takes inline in its notification (0: IDs only).
+    notify_docs: int = 0
     redelivered: bool = False
     #: Blob key holding a bulk message's entries (msgpack); see :func:`attach_entries`.
     entries_ref: str | None = None
@@ -142,6 +147,11 @@ class Delivery:
     #: A bulk message of alike jobs: each input of all its jobs as one array (jobs along
     #: the first axis; see :func:`columns_entries`). None: each job has its own ``inputs``.
     columns: dict[str, Any] | None = None
+
+    @property
+    def notify_to(self) -> Notify | None:
+        """Whom to tell of this message's finished jobs, and how."""
+        return None if self.notify is None else Notify(self.notify, self.notify_docs)
 
     def owned_blobs(self) -> list[str]:
         """Blob keys to delete once this message is acked: its entries, and each job's own
@@ -203,10 +213,13 @@ def parse_message(raw: bytes | str, queue: str) -> Delivery:
     if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids):
         raise InvalidInput("message carries no usable job id")
     notify = headers.get(HEADER_NOTIFY)
+    docs = headers.get(HEADER_NOTIFY_DOCS)
     route = headers.get(HEADER_ROUTE)
     delivery = Delivery(
         queue=queue,
         notify=notify if isinstance(notify, str) and notify else None,
+        notify_docs=(min(docs, NOTIFY_INLINE_LIMIT) if isinstance(docs, int)
+                     and not isinstance(docs, bool) and docs > 0 else 0),
         redelivered=bool(headers.get("redelivered") or props.get("redelivered")),
         ids=ids,
         enqueued_at=headers.get(HEADER_ENQUEUED_AT),

@@ -8,6 +8,7 @@ to inferq.
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 #: Celery task name of a job: ``args=[model, inputs]``, ``kwargs={"version": int | None}``.
 TASK_NAME = "inferq.infer"
@@ -56,6 +57,20 @@ ATTEMPTS_PREFIX = "inferq:attempts:"
 #: Header stamps set by inferq producers (optional for other clients).
 HEADER_ENQUEUED_AT = "inferq_enqueued_at"
 HEADER_NOTIFY = "inferq_notify"
+#: The largest result document (bytes) the producer takes in its notification itself: the
+#: worker pushes ``\x00<job id>\x00<document>`` instead of the bare ID for a result it stored
+#: of at most this size (while the list is short: :data:`NOTIFY_INLINE_ENTRIES`), and the
+#: producer has the result without reading it (a round trip). Absent or 0: bare IDs only.
+HEADER_NOTIFY_DOCS = "inferq_notify_docs"
+#: What inferq producers ask for with :data:`HEADER_NOTIFY_DOCS` on single-job messages:
+#: a small model's result (a label and its scores) fits; a larger one is read as before.
+NOTIFY_INLINE_MAX = 2048
+#: The most a worker inlines whatever a message asks.
+NOTIFY_INLINE_LIMIT = 65536
+#: A worker inlines results only while the producer's list holds fewer entries than this:
+#: a producer that waits pops its list as it fills; one that never waits (it reads results
+#: by ID later) is left at most this many documents, not a copy of every result.
+NOTIFY_INLINE_ENTRIES = 64
 HEADER_JOB_IDS = "inferq_job_ids"
 #: Blob keys a message reads first (a bulk message's entries, a job's tensors by reference):
 #: the worker's drain script returns their values with the message, saving a round trip.
@@ -124,6 +139,22 @@ def accepted_key(job_id: str) -> str:
 def notify_key(client_id: str) -> str:
     """List a worker pushes a client's finished job IDs to."""
     return NOTIFY_KEY_PREFIX + client_id
+
+
+class Notify(NamedTuple):
+    """Whom a worker tells of a finished job: the producer's ID (its notification list) and
+    the largest result document it takes inline (0: the job ID only)."""
+
+    client: str
+    inline_max: int = 0
+
+
+def notify_entry(raw: bytes) -> tuple[str, bytes | None]:
+    """A notification list entry as (job ID, its result document when it came inline)."""
+    if raw[:1] == b"\x00":
+        job_id, _, doc = raw[1:].partition(b"\x00")
+        return job_id.decode(), doc
+    return raw.decode(), None
 
 
 def attempts_key(job_id: str) -> str:

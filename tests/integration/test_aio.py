@@ -331,6 +331,45 @@ def test_a_handle_awaited_after_its_notification_answers_at_once(url: str) -> No
     run(main)
 
 
+def test_results_that_come_in_their_notification_need_no_read(url: str, idle_url: str
+                                                              ) -> None:
+    """A lone job's message asks for its result inline; one waiter or many take it from
+    the notification (no result key is there to read), and an inline document that does
+    not parse sends the waiter to the stored result instead."""
+    register(idle_url, live=True)
+    with InferenceClient(url) as sync:
+        done = sync.submit("digits", {"pixels": PIXELS[4]}).result(timeout=30)
+    stored = redis.Redis.from_url(url).get(wire.result_key(done.id))
+    assert stored is not None
+    admin = redis.Redis.from_url(idle_url)
+
+    def doc(job_id: str) -> bytes:
+        return stored.replace(done.id.encode(), job_id.encode())
+
+    async def main() -> None:
+        async with AsyncInferenceClient(idle_url) as client:
+            handles = [await client.submit("digits", {"pixels": PIXELS[4]}) for _ in range(4)]
+            queue = wire.queue_name("digits")
+            to = {wire.parse_message(raw, queue).notify_to for raw in admin.lrange(queue, 0, -1)}
+            assert to == {wire.Notify(client.client_id, wire.NOTIFY_INLINE_MAX)}
+            key = wire.notify_key(client.client_id)
+            one = asyncio.create_task(handles[0].result(timeout=5))
+            await asyncio.sleep(0.05)
+            admin.rpush(key, b"\0%s\0%s" % (handles[0].id.encode(), doc(handles[0].id)))
+            assert (await one)["label"].tolist() == [DIGITS.target[4]]
+            many = asyncio.gather(*(h.result(timeout=5) for h in handles[1:]))
+            await asyncio.sleep(0.05)
+            admin.set(wire.result_key(handles[3].id), doc(handles[3].id))
+            admin.rpush(key, *(b"\0%s\0%s" % (h.id.encode(), doc(h.id)) for h in handles[1:3]),
+                        b"\0%s\0not a document" % handles[3].id.encode())
+            results = await many
+            assert [r.id for r in results] == [h.id for h in handles[1:]]
+            assert all(r["label"].tolist() == [DIGITS.target[4]] for r in results)
+            assert not any(admin.exists(wire.result_key(h.id)) for h in handles[:3])
+
+    run(main)
+
+
 def test_redis_restart_without_persistence_fails_the_waiters(tmp_path: Path) -> None:
     server = RedisServer(directory=tmp_path, appendonly=False).start()
     try:

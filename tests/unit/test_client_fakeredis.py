@@ -559,8 +559,9 @@ def test_result_store_notifies_each_client(r: fakeredis.FakeRedis) -> None:
     from workers.serving.writer import ResultStore
 
     store = ResultStore(r, 30)
-    docs = [("a", success("a", [1]), "c1"), ("b", success("b", [2]), "c2"),
-            ("c", success("c", [3]), "c1"), ("d", success("d", [4]), None)]
+    c1, c2 = wire.Notify("c1"), wire.Notify("c2")
+    docs = [("a", success("a", [1]), c1), ("b", success("b", [2]), c2),
+            ("c", success("c", [3]), c1), ("d", success("d", [4]), None)]
     assert store.store(docs) == 4
     assert r.lrange(wire.NOTIFY_KEY_PREFIX + "c1", 0, -1) == [b"a", b"c"]
     assert r.lrange(wire.NOTIFY_KEY_PREFIX + "c2", 0, -1) == [b"b"]
@@ -578,7 +579,7 @@ def test_result_store_acks_in_the_same_script(r: fakeredis.FakeRedis) -> None:
     r.set("inferq:blob:a:x", b"1")
     r.set("inferq:blob:b:x", b"2")
     store = ResultStore(r, 60)
-    assert store.store([("a", success("a", [1]), "c1")], ["t1", "t2"],
+    assert store.store([("a", success("a", [1]), wire.Notify("c1"))], ["t1", "t2"],
                        ["inferq:blob:a:x", "inferq:blob:b:x"]) == 1
     assert r.get(wire.result_key("a")) is not None
     assert r.lrange(wire.NOTIFY_KEY_PREFIX + "c1", 0, -1) == [b"a"]
@@ -595,9 +596,74 @@ def test_client_reads_what_the_result_store_wrote(
 ) -> None:
     from workers.serving.writer import ResultStore
 
-    ResultStore(r, 60).store([("j", success("j", [5]), client.client_id)])
+    ResultStore(r, 60).store([("j", success("j", [5]), wire.Notify(client.client_id))])
     [result] = client.results(["j"], timeout=1)
     assert result["label"].tolist() == [5]
+
+
+@needs_lua
+def test_a_lone_jobs_result_comes_in_its_notification(
+    client: InferenceClient, r: fakeredis.FakeRedis
+) -> None:
+    """submit() asks for its result inline; the client takes it from the notification and
+    reads no result key (one round trip fewer on a lone job's path)."""
+    from workers.serving.writer import ResultStore
+
+    advertise(r)
+    handle = client.submit("digits", {"pixels": np.ones((1, 64), np.float32)})
+    delivery = wire.parse_message(r.rpop(QUEUE), QUEUE)
+    assert delivery.notify_to == wire.Notify(client.client_id, wire.NOTIFY_INLINE_MAX)
+    ResultStore(r, 60).store([(handle.id, success(handle.id, [4]), delivery.notify_to)])
+    [entry] = r.lrange(wire.notify_key(client.client_id), 0, -1)
+    assert wire.notify_entry(entry) == (handle.id, r.get(wire.result_key(handle.id)))
+    r.delete(wire.result_key(handle.id))  # the client must not need it
+    assert handle.result(timeout=1)["label"].tolist() == [4]
+
+
+@needs_lua
+def test_inline_results_only_when_small_and_stored_here(r: fakeredis.FakeRedis) -> None:
+    from workers.serving.writer import ResultStore
+
+    r.set(wire.result_key("old"), success("old", [1]))  # stored before: not this document
+    small, big = success("small", [3]), success("big", [i % 10 for i in range(40)])
+    to = wire.Notify("c", len(small))
+    assert len(big) > len(small)
+    docs = [("old", success("old", [2]), to), ("small", small, to),
+            ("big", big, to), ("plain", success("plain", [4]), wire.Notify("c"))]
+    assert ResultStore(r, 60).store(docs) == 3
+    entries = [wire.notify_entry(e) for e in r.lrange(wire.notify_key("c"), 0, -1)]
+    assert entries == [("old", None), ("small", docs[1][1]), ("big", None), ("plain", None)]
+
+
+@needs_lua
+def test_a_list_nobody_pops_keeps_few_documents(r: fakeredis.FakeRedis) -> None:
+    """A producer that never waits (it reads results by ID) is not sent a copy of every
+    result: past NOTIFY_INLINE_ENTRIES entries in its list, notifications are bare IDs."""
+    from workers.serving.writer import ResultStore
+
+    key, room = wire.notify_key("c"), wire.NOTIFY_INLINE_ENTRIES
+    r.rpush(key, *(f"old{i}" for i in range(room - 2)))
+    to = wire.Notify("c", wire.NOTIFY_INLINE_MAX)
+    docs = [(f"j{i}", success(f"j{i}", [i]), to) for i in range(5)]
+    assert ResultStore(r, 60).store(docs) == 5
+    entries = [wire.notify_entry(e) for e in r.lrange(key, room - 2, -1)]
+    assert entries == [("j0", docs[0][1]), ("j1", docs[1][1]),
+                       ("j2", None), ("j3", None), ("j4", None)]
+
+
+def test_notify_docs_header_is_read_and_bounded() -> None:
+    def parsed(value: Any) -> int:
+        raw = wire.build_message(task=wire.TASK_NAME, task_id="j", args=["m", {}],
+                                 kwargs={}, queue="inferq.m",
+                                 headers={wire.HEADER_NOTIFY: "c",
+                                          wire.HEADER_NOTIFY_DOCS: value})
+        delivery = wire.parse_message(raw, "inferq.m")
+        assert delivery.notify == "c"
+        return delivery.notify_docs
+
+    assert parsed(512) == 512
+    assert parsed(10**9) == wire.NOTIFY_INLINE_LIMIT
+    assert parsed(-5) == parsed("512") == parsed(True) == parsed(None) == 0
 
 
 def test_nested_lists_take_the_model_dtype(client: InferenceClient, r: Any) -> None:

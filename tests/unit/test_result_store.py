@@ -23,7 +23,7 @@ def r() -> Any:
 
 def test_each_client_is_woken_with_its_own_jobs_in_order(r: Any) -> None:
     owners = ["a", "a", None, "b", "a", "b", "b"]
-    docs = [(f"j{i}", b'{"status":"SUCCESS","n":%d}' % i, owner)
+    docs = [(f"j{i}", b'{"status":"SUCCESS","n":%d}' % i, owner and wire.Notify(owner))
             for i, owner in enumerate(owners)]
     r.hset(wire.UNACKED, mapping={"t1": b"m1", "t2": b"m2"})
     r.zadd(wire.UNACKED_INDEX, {"t1": 1.0, "t2": 2.0})
@@ -46,6 +46,6 @@ def test_each_client_is_woken_with_its_own_jobs_in_order(r: Any) -> None:
 def test_a_long_run_of_one_client_is_pushed_in_parts(r: Any, monkeypatch: pytest.MonkeyPatch
                                                      ) -> None:
     monkeypatch.setattr(writer, "_NOTIFY_RUN", 3)
-    docs = [(f"j{i}", b"{}", "a") for i in range(8)]
+    docs = [(f"j{i}", b"{}", wire.Notify("a")) for i in range(8)]
     assert ResultStore(r, 600).store(docs) == 8
     assert r.lrange(wire.notify_key("a"), 0, -1) == [f"j{i}".encode() for i in range(8)]

@@ -122,7 +122,7 @@ class UnknownQueueSweeper:
                     entries: Any = brought[ref] if ref in brought else self.broker.get(ref)
                     wire.attach_entries(delivery, entries)
                 ids = delivery.ids
-                docs += [(i, wire.failure_document(i, error, model), delivery.notify)
+                docs += [(i, wire.failure_document(i, error, model), delivery.notify_to)
                          for i in ids]
                 tags.append(tag)
                 blobs += delivery.owned_blobs()

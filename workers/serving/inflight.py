@@ -9,13 +9,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from producer.wire import Notify
+
 
 @dataclass(slots=True)
 class Message:
     """One drained message: its delivery tag, whom to notify, and jobs still open."""
 
     tag: str
-    notify: str | None
+    notify: Notify | None
     open_jobs: int
     blobs: Sequence[str]
     #: From the lowest-priority list (batch runs): online jobs go ahead of its jobs.
@@ -28,7 +30,7 @@ class InFlight:
     def __init__(self) -> None:
         self._touched: list[Message] = []
 
-    def add(self, tag: str, notify: str | None, jobs: int, blobs: Sequence[str],
+    def add(self, tag: str, notify: Notify | None, jobs: int, blobs: Sequence[str],
             background: bool = False) -> Message:
         """Record a drained message carrying ``jobs`` jobs."""
         message = Message(tag, notify, jobs, blobs, background)

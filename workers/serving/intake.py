@@ -150,7 +150,7 @@ class Intake:
     def _accept(self, tag: str, delivery: Delivery, picked_at: float,
                 blobs: Mapping[str, bytes | None], pending: list[Pending],
                 failures: list[Failure]) -> None:
-        message = self.inflight.add(tag, delivery.notify,
+        message = self.inflight.add(tag, delivery.notify_to,
                                     len(delivery.jobs) + len(delivery.failed),
                                     delivery.owned_blobs(), self.background(tag))
         for job_id, error in delivery.failed:

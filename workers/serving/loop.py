@@ -41,7 +41,7 @@ from workers.serving.outage import Outage
 from workers.serving.poison import PoisonGuard
 from workers.serving.reader import Drained, QueueReader
 from workers.serving.runtime import LoadedModel
-from workers.serving.writer import Completed, ResultWriter
+from workers.serving.writer import Completed, Doc, ResultWriter
 
 log = structlog.get_logger(__name__)
 
@@ -82,7 +82,7 @@ class ModelServer:
         #: The last drain left messages in the queue: drain again without waiting (waiting
         #: would move the oldest message behind the others).
         self._backlog = False
-        self._docs: list[tuple[str, bytes, str | None]] = []
+        self._docs: list[Doc] = []
         self._runs: list[int] = []
         #: Background (lowest-priority) rows per run while online jobs are about.
         self._cap = BackgroundCap(policy)

@@ -20,38 +20,62 @@ import redis
 import structlog
 
 from producer import wire
-from producer.wire import UNACKED, UNACKED_INDEX
+from producer.wire import UNACKED, UNACKED_INDEX, Notify
 from workers.serving.outage import Outage
 
 log = structlog.get_logger(__name__)
 
 # KEYS: kombu's unacked hash and index, then blob keys to delete.
 # ARGV: ttl, n, t, markers, the n job IDs, their n documents, t delivery tags to ack, then
-# (notify list, first, last) triples: jobs first..last (1-based) go to that client's list.
+# (notify list, first, last, inline) quadruples: jobs first..last (1-based) go to that
+# client's list, each as its ID, or as NUL ID NUL document when the document was stored here,
+# is at most `inline` bytes (wire.HEADER_NOTIFY_DOCS) and the list holds fewer than
+# INLINE_ENTRIES entries: a client that waits pops its list as it fills, one that never
+# waits leaves at most that many documents in it (the rest are bare IDs).
 # A result that already exists is kept: the first result wins, so a job run twice after a
-# redelivery never shows two different outcomes. The acks come last and in the same script,
-# so a message is only forgotten once every result it carries is stored; a Redis at
-# maxmemory refuses the first SET and with it the whole script.
+# redelivery never shows two different outcomes (and its notification carries no document).
+# The acks come last and in the same script, so a message is only forgotten once every
+# result it carries is stored; a Redis at maxmemory refuses the first SET and with it the
+# whole script.
 _STORE = """
 local ttl = ARGV[1]
 local n = tonumber(ARGV[2])
 local t = tonumber(ARGV[3])
 local markers = ARGV[4] == '1'
 local stored = 0
+local fresh = {}
 for i = 5, 4 + n do
   local key = 'RESULT_PREFIX' .. ARGV[i]
   local doc = ARGV[i + n]
   if redis.call('SET', key, doc, 'EX', ttl, 'NX') then
     redis.call('PUBLISH', key, doc)
     stored = stored + 1
+    fresh[i] = true
   end
   if markers then
     redis.call('UNLINK', 'ACCEPTED_PREFIX' .. ARGV[i])
   end
 end
-for r = 5 + 2 * n + t, #ARGV, 3 do
+for r = 5 + 2 * n + t, #ARGV, 4 do
   local list = ARGV[r]
-  redis.call('RPUSH', list, unpack(ARGV, 4 + tonumber(ARGV[r + 1]), 4 + tonumber(ARGV[r + 2])))
+  local first, last = 4 + tonumber(ARGV[r + 1]), 4 + tonumber(ARGV[r + 2])
+  local inline = tonumber(ARGV[r + 3])
+  if inline > 0 then
+    local room = INLINE_ENTRIES - redis.call('LLEN', list)
+    local entries = {}
+    for i = first, last do
+      local doc = ARGV[i + n]
+      if fresh[i] and room > 0 and #doc <= inline then
+        room = room - 1
+        entries[#entries + 1] = '\0' .. ARGV[i] .. '\0' .. doc
+      else
+        entries[#entries + 1] = ARGV[i]
+      end
+    end
+    redis.call('RPUSH', list, unpack(entries))
+  else
+    redis.call('RPUSH', list, unpack(ARGV, first, last))
+  end
   redis.call('EXPIRE', list, ttl)
   redis.call('LTRIM', list, -100000, -1)
 end
@@ -64,7 +88,10 @@ for i = 3, #KEYS do
 end
 return stored
 """.replace("ACCEPTED_PREFIX", wire.ACCEPTED_KEY_PREFIX).replace(
-    "RESULT_PREFIX", wire.RESULT_KEY_PREFIX)
+    "RESULT_PREFIX", wire.RESULT_KEY_PREFIX).replace(
+    "INLINE_ENTRIES", str(wire.NOTIFY_INLINE_ENTRIES))
+#: A result to store: (job ID, document, whom to notify or None).
+Doc = tuple[str, bytes, Notify | None]
 #: Most jobs one RPUSH of the store script names (Lua's unpack has a stack limit).
 _NOTIFY_RUN = 1000
 
@@ -84,7 +111,7 @@ class ResultStore:
         self.broker = broker
         self._store = client.register_script(_STORE)
 
-    def commit(self, docs: Sequence[tuple[str, bytes, str | None]], acks: Sequence[str],
+    def commit(self, docs: Sequence[Doc], acks: Sequence[str],
                blobs: Sequence[str]) -> None:
         """Store ``docs``, then ack ``acks`` and delete ``blobs`` and the jobs' accepted
         markers; the acks only once the documents are stored."""
@@ -106,10 +133,10 @@ class ResultStore:
                 pipe.unlink(*blobs)
             pipe.execute()
 
-    def store(self, docs: Sequence[tuple[str, bytes, str | None]],
+    def store(self, docs: Sequence[Doc],
               acks: Sequence[str] = (), blobs: Sequence[str] = (), *,
               markers: bool = False) -> int:
-        """Store ``(job_id, document, notify client or None)``; return how many were new.
+        """Store ``(job_id, document, whom to notify or None)``; return how many were new.
 
         ``acks`` and ``blobs`` (when the broker is this same Redis) are acknowledged and
         deleted in the same round trip, after the documents; with ``markers``, so are the
@@ -121,11 +148,13 @@ class ResultStore:
                            *(job_id for job_id, _, _ in docs), *(doc for _, doc, _ in docs),
                            *acks]
         # Runs of jobs for the same waiting client (a batch's jobs mostly come from a few).
-        run_notify, run_start = None, 0
+        run_notify: Notify | None = None
+        run_start = 0
         for i, (_, _, notify) in enumerate([*docs, ("", b"", None)]):
             if notify != run_notify or i - run_start == _NOTIFY_RUN:
-                if run_notify:
-                    args += [wire.notify_key(run_notify), run_start + 1, i]
+                if run_notify is not None:
+                    args += [wire.notify_key(run_notify.client), run_start + 1, i,
+                             run_notify.inline_max]
                 run_notify, run_start = notify, i
         return int(self._store(keys=[UNACKED, UNACKED_INDEX, *blobs], args=args))
 
@@ -135,7 +164,7 @@ class Completed:
     """What one batch hands to the writer: documents, then acks, then what runs after
     they are stored (such as sending the batch's task events)."""
 
-    docs: list[tuple[str, bytes, str | None]]
+    docs: list[Doc]
     acks: list[str]
     blobs: list[str]
     after: list[Callable[[], None]] = field(default_factory=list)
