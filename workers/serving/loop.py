@@ -128,11 +128,19 @@ class ModelServer:
         finished. Online jobs go first, in batches of their own; a background job larger than
         the background cap (:class:`~workers.serving.batching.BackgroundCap`) runs one slice
         per cycle, so online jobs go between its slices."""
-        if not self._waiting and not self._backlog and not self.reader.wait(block_s):
-            return 0
-        # The look sent with the last run found online jobs and left none behind: they run
-        # now, without a second look first.
-        empty = True if self._looked else self._fill()
+        if not self._waiting and not self._backlog:
+            # Idle: the wait and the first drain are one round trip.
+            found = self.reader.wait_drain(block_s, *self._idle_drain())
+            if found is None:
+                return 0
+            drained, left = found
+            self._backlog = left > 0
+            self._take(drained)
+            empty = left == 0
+        else:
+            # The look sent with the last run found online jobs and left none behind: they
+            # run now, without a second look first.
+            empty = True if self._looked else self._fill()
         self._looked = False
         while self._waiting and not self.policy.should_flush(
             sum(p.rows for p in self._waiting), wire.now() - self._waiting[0].picked_at, empty
@@ -160,6 +168,12 @@ class ModelServer:
             drained, self._deferred = self._deferred, []
             self._take(drained)
         return done
+
+    def _idle_drain(self) -> tuple[int, int]:
+        """What :meth:`_fill` drains when nothing waits: (messages, background messages)."""
+        want = drain_size(self.policy.max_rows, self.intake.rows_per_message)
+        cap = self._cap.rows(time.monotonic())
+        return want, drain_size(cap, self._background_job_rows)
 
     def _fill(self) -> bool:
         """Drain messages into the waiting jobs; True when the queue had nothing more (or

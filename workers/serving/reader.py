@@ -153,6 +153,46 @@ class QueueReader:
             if moved is not None:
                 return True
 
+    def wait_drain(self, timeout: float, max_messages: int, max_background: int | None = None
+                   ) -> tuple[list[Drained], int] | None:
+        """:meth:`wait`, then :meth:`drain` when the queue has work; None when it stayed
+        empty for ``timeout``.
+
+        While priority lists are not in use, the block and the drain go in one round trip:
+        Redis runs a pipelined command once the blocking one before it returns, so the
+        drain pops the message that woke the block (or, after a timeout, looks at every
+        list). The drain's delivery time is then when the wait began (at most ``timeout``
+        early: kombu's sweep would put such a message back that much sooner).
+        """
+        if time.monotonic() - self._priority_seen < PRIORITY_ACTIVE_S:
+            return self.drain(max_messages, max_background) if self.wait(timeout) else None
+        pipe = self.client.pipeline(transaction=False)
+        # redis-py types the timeout as int; Redis >= 6 takes fractional seconds.
+        pipe.blmove(self.queue, self.queue, timeout, "RIGHT", "RIGHT")  # type: ignore[arg-type]
+        args = self._args(max_messages, max_background)
+        pipe.execute_command(  # type: ignore[no-untyped-call]
+            "EVALSHA", self._drain.sha, len(self._keys), *self._keys, *args)
+        moved, flat = pipe.execute(raise_on_error=False)
+        if isinstance(moved, Exception):
+            raise moved
+        if isinstance(flat, redis.exceptions.NoScriptError):
+            # Redis lost its scripts (a restart): nothing was drained; the plain call
+            # loads the script.
+            drained, left = self.drain(max_messages, max_background)
+        elif isinstance(flat, Exception):
+            raise flat
+        else:
+            drained, left = _parsed(flat)
+        if any(not self.level_zero(tag) for tag, _, _ in drained):
+            self._priority_seen = time.monotonic()
+        if moved is None and not drained:
+            return None
+        return drained, left
+
+    def level_zero(self, tag: str) -> bool:
+        """Whether the message drained under ``tag`` came from the queue's plain list."""
+        return tag.endswith(f"{LEVEL_SEP}0")
+
     def drain(self, max_messages: int, max_background: int | None = None
               ) -> tuple[list[Drained], int]:
         """Pop up to ``max_messages`` (oldest first, higher priorities first) and record
