@@ -138,10 +138,18 @@ def test_worker_exports_its_jobs_and_the_exporter_the_queues_and_redis(
         good = client.submit("digits", {"pixels": X[:1]})
         assert isinstance(client.outcomes([missing.id], timeout=30)[0], JobFailed)
         good.result(timeout=30)
-    after = _scrape(port)
 
     def grew(name: str, **labels: str) -> float:
         return count(after, name, **labels) - count(before, name, **labels)
+
+    # A lone job's metrics are recorded a moment after its result is stored.
+    deadline = time.monotonic() + 5
+    while True:
+        after = _scrape(port)
+        if (grew("inferq_job_latency_seconds_count", model="digits", code="OK") >= 1
+                or time.monotonic() > deadline):
+            break
+        time.sleep(0.01)
 
     # A failure before a version was resolved is labelled "none", never "".
     assert grew("inferq_jobs_total", model="digits", version="none", code="NOT_FOUND") == 1

@@ -754,6 +754,34 @@ def test_observers_see_each_step_and_hand_off_after_the_store(world: World) -> N
 
 
 
+def test_a_lone_batch_is_stored_before_its_observers_hear_of_it(world: World) -> None:
+    """Nothing else waiting: the results are written first, then the observers run (the
+    batch's log line and metrics cost its caller nothing), and what they hand off (Flower's
+    events) still follows the store."""
+    client = world.client()
+    seen: list[int] = []
+
+    class Looking(Recorder):
+        def batch_done(self, batch: Batch, outcomes: Sequence[Outcome]) -> None:
+            seen.append(sum(bool(world.results.exists(wire.result_key(p.job.id)))
+                            for p in batch.jobs))
+            super().batch_done(batch, outcomes)
+
+    recorder = Looking(world)
+    server = world.server(observer=recorder)
+    job = client.submit(MODEL, {"x": rows_of(1, 0)}).id
+    server.cycle(block_s=0.01)
+    assert seen == [1], "stored before the observers ran"
+    assert recorder.after_store == [([job], 1)]
+    # Jobs still waiting behind a batch: the observers hear of it first, as before.
+    ids = [h.id for h in client.submit_many(MODEL, [{"x": rows_of(1, i)} for i in range(6)])]
+    server = world.server(max_rows=2, observer=recorder)
+    server.intake.rows_per_message = 1.0
+    server.cycle(block_s=0.01)
+    settle(server.writer)
+    assert seen[1] == 0
+    assert sorted(j for done, _ in recorder.after_store[1:] for j in done) == sorted(ids[:2])
+
 # --- shapes ---------------------------------------------------------------------------------
 
 

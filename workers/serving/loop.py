@@ -83,6 +83,8 @@ class ModelServer:
         #: would move the oldest message behind the others).
         self._backlog = False
         self._docs: list[Doc] = []
+        #: Batches run whose observers have not heard of them yet (see :meth:`_observe`).
+        self._observed: list[tuple[Batch, list[Outcome]]] = []
         self._runs: list[int] = []
         #: Background (lowest-priority) rows per run while online jobs are about.
         self._cap = BackgroundCap(policy)
@@ -163,7 +165,16 @@ class ModelServer:
                 self._take(drained)
                 self._looked = bool(drained) and not left and self._online_waiting()
         # Nothing else waiting: write on this thread and save the hand-off to the writer.
-        self._hand_off(inline=empty and not self._waiting and not self._deferred)
+        inline = empty and not self._waiting and not self._deferred
+        if inline and self._observed and self._docs:
+            # A lone batch's results are stored before its observers hear of it (its log
+            # line, metrics, Flower's events): they cost its callers' latency nothing.
+            acks, blobs = self.inflight.take_done()
+            item = Completed(self._docs, acks, blobs)
+            self._docs = []
+            if not self.writer.write_if_idle(item):
+                self.writer.submit(item)
+        self._hand_off(inline=inline)
         if self._deferred:
             drained, self._deferred = self._deferred, []
             self._take(drained)
@@ -301,7 +312,7 @@ class ModelServer:
             self._fail(head.job.id, outcome, head.message, head.version)
         else:
             self._succeed(head, outcome, max(batch.runs), self._documents(batch))
-        self.observer.batch_done(batch, [outcome])
+        self._observed.append((batch, [outcome]))
         return 1
 
     def _run_batch(self) -> int:
@@ -343,7 +354,7 @@ class ModelServer:
                 self._fail(pending.job.id, outcome, pending.message, batch.version)
             else:
                 self._succeed(pending, outcome, rows, documents)
-        self.observer.batch_done(batch, [outcome for outcome, _ in ran])
+        self._observed.append((batch, [outcome for outcome, _ in ran]))
         return len(jobs)
 
     def _infer(self, model: LoadedModel, jobs: list[Pending]) -> list[tuple[Outcome, int]]:
@@ -390,9 +401,18 @@ class ModelServer:
                            message.notify))
         self.inflight.close(message)
 
+    def _observe(self) -> None:
+        """Tell the observers of the batches run since the last hand-off (what they hand
+        off, such as Flower's events, goes with the next write, after the results)."""
+        observed, self._observed = self._observed, []
+        for batch, outcomes in observed:
+            self.observer.batch_done(batch, outcomes)
+
     def _hand_off(self, inline: bool = False) -> None:
         """Hand finished documents, then the acks of messages with nothing left open, to the
-        writer (or write them here when ``inline`` and the writer has nothing pending)."""
+        writer (or write them here when ``inline`` and the writer has nothing pending),
+        once the observers heard of the batches run since the last hand-off."""
+        self._observe()
         acks, blobs = self.inflight.take_done()
         after = self.observer.handoff()
         if self._docs or acks or after is not None:
