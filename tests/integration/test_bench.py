@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -15,9 +16,11 @@ pytestmark = pytest.mark.integration
 
 def test_quick_bench_writes_the_figures(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
+    # The isolated phase (worker on a core of its own) where there are cores to split.
+    isolate = ["--isolate"] if len(os.sched_getaffinity(0)) >= 2 else []
     proc = subprocess.run(
-        [PY, "-m", "workers.launch.cli", "bench", "--quick", "--models", "mlp", "--json", str(out)],
-        cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=600)
+        [PY, "-m", "workers.launch.cli", "bench", "--quick", "--models", "mlp", "--json", str(out),
+         *isolate], cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     mlp = report["mlp"]
@@ -29,3 +32,7 @@ def test_quick_bench_writes_the_figures(tmp_path: Path) -> None:
     assert {"producer", "redis", "worker0"} <= mlp["inferq"]["cpu_ms_per_job"].keys()
     assert report["machine"]["cpus"] >= 1
     assert "| mlp |" in proc.stdout  # the Markdown table the README shows
+    if isolate:
+        alone = report["isolated"]["mlp"]
+        assert alone["inferq_jobs_per_s"] > 0 and alone["worker_cpu_us_per_job"] > 0
+        assert alone["backlog"]["jobs"] == 3000 and alone["backlog"]["jobs_per_s"] > 0
