@@ -96,15 +96,24 @@ class Monitor:
         #: Models this worker stopped serving while running: out of their live sets.
         self._withdrawn: frozenset[str] = frozenset()
         self._changed = threading.Event()
+        #: Set once the first heartbeat was sent (or refused): model servers take jobs only
+        #: then, so the worker's own records are written before its results fill Redis.
+        self.first_beat = threading.Event()
         self.outage = Outage(log, "heartbeat", settings.broker_url, every_s=60.0)
 
     def run(self) -> None:
         next_beat = 0.0
-        while not self.stop.wait(_TICK_S):
+        first = True
+        # The first heartbeat at once, not a tick later: model servers wait for it.
+        while first or not self.stop.wait(_TICK_S):
+            first = False
             self._watch_batches()
             self._maybe_recycle()
             if time.monotonic() >= next_beat:
-                self._beat(ready=bool(self.servers))
+                try:
+                    self._beat(ready=bool(self.servers))
+                finally:
+                    self.first_beat.set()
                 if self.sweeper is not None and not self.outage.ongoing:
                     self.sweeper()
                 next_beat = time.monotonic() + HEARTBEAT_S

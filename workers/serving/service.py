@@ -114,6 +114,8 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
         self.stop_event = threading.Event()
         #: Set once Celery's consumer is connected and consuming (its queues declared).
         self.consumer_ready = threading.Event()
+        #: The monitor's first heartbeat was sent (see ``_run``).
+        self.first_beat = threading.Event()
         self.threads: list[threading.Thread] = []
         self.dispatchers: list[Dispatcher] = []
         self.vstats: list[VersionStats] = []
@@ -186,6 +188,7 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
 
         monitor = Monitor(settings, hostname, servers, control, self.stop_event, signatures,
                           failed, on_beat)
+        self.first_beat = monitor.first_beat
         self.threads.append(threading.Thread(target=self.routes.listen, args=(self.stop_event,),
                                              name="inferq-routes", daemon=True))
         self.threads.append(threading.Thread(target=monitor.run, name="inferq-monitor",
@@ -290,6 +293,8 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
         # Redis away, say): a consumer that fails at start-up, on a Redis at its memory
         # limit for one, must not find the jobs this worker took meanwhile filling it.
         self.consumer_ready.wait(CONSUMER_WAIT_S)
+        # Likewise the worker's heartbeat: written before the first job is taken.
+        self.first_beat.wait(CONSUMER_WAIT_S)
         try:
             server.serve(self.stop_event)
         except Exception:
