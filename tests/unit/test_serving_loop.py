@@ -251,22 +251,22 @@ def test_a_cycle_drains_only_what_its_batch_needs(world: World) -> None:
     assert len(world.unacked()) == expected == 1
     assert world.queued() == 99
 
-    # The rest of the cycle tops the batch up to exactly 8 rows and no further.
+    # The rest of the cycle tops the batch up to exactly 8 rows; with more in the queue, the
+    # next batch's messages are taken while it runs (the look ahead), and no more.
     assert server.cycle(block_s=0.01) == 8
     settle(server.writer)
     assert world.batch_rows == [8]
-    assert world.queued() == 92
-    assert world.unacked() == set(), "every message taken was in the batch and is acked"
+    ahead = len(server._waiting)
+    assert 0 < ahead <= 8
+    assert world.queued() == 92 - ahead
+    assert len(world.unacked()) == ahead, "every message of the batch that ran is acked"
     assert sum(world.result(i) is not None for i in ids) == 8
 
-    # Every later cycle takes one batch worth of messages, never more.
-    while world.queued():
-        before = world.queued()
+    # Every later cycle runs a batch and holds at most the next one.
+    while world.queued() or server._waiting:
         server.cycle(block_s=0.01)
         settle(server.writer)
-        assert before - world.queued() <= 8
-        assert world.unacked() == set()
-        assert not server._waiting
+        assert len(world.unacked()) == len(server._waiting) <= 8, "at most a batch ahead"
     assert max(world.batch_rows) <= 8
     assert sum(world.batch_rows) == 100
     assert all(isinstance(world.result(i), JobResult) for i in ids)
@@ -285,13 +285,14 @@ def test_bigger_messages_than_estimated_are_not_drained_past_a_full_batch(world:
     assert world.batch_rows == [8]
     assert world.queued() == 2
     assert len(world.unacked()) == 6 == len(server._waiting)
-    # With a full batch already waiting, the next cycles take nothing more from Redis.
-    for batches in (2, 3, 4):
+    # With more than the batch about to run already waiting, the next cycles take nothing
+    # more from Redis; once only that batch is left, the next one is taken while it runs.
+    for batches, queued, held in ((2, 2, 4), (3, 2, 2), (4, 0, 2)):
         server.cycle(block_s=0.01)
         settle(server.writer)
-        assert world.queued() == 2
+        assert world.queued() == queued
         assert world.batch_rows == [8] * batches
-        assert len(world.unacked()) == 8 - 2 * batches
+        assert len(world.unacked()) == held
     world.run(server)
     assert world.batch_rows == [8] * 5
     assert all(world.ok(i).batch_size == 8 for i in ids)

@@ -151,6 +151,7 @@ class ModelServer:
         done = 0
         try:
             if self._waiting:
+                self._look_ahead()
                 self._background_rows = 0
                 started = time.monotonic()
                 done = self._run_batch()
@@ -179,6 +180,25 @@ class ModelServer:
             drained, self._deferred = self._deferred, []
             self._take(drained)
         return done
+
+    def _look_ahead(self) -> None:
+        """With a full batch of online jobs about to run and more waiting in the queue, send
+        the drain for the next batch now and read it once the run is over: a deep queue's
+        drain (hundreds of messages recorded as unacknowledged, their bytes sent) then
+        overlaps the model run instead of leaving the worker idle. At most one batch is
+        taken ahead, so other workers on the queue still find work."""
+        if self.reader.drain_in_flight or not self._backlog:
+            return
+        rows = 0
+        for p in self._waiting:
+            if self._background(p):
+                return  # background runs have their own look (see _fill)
+            rows += p.rows
+        room = 2 * self.policy.max_rows - rows
+        if rows < self.policy.max_rows or room <= 0:
+            return
+        self.reader.send_drain(drain_size(room, self.intake.rows_per_message),
+                               max_background=0)
 
     def _idle_drain(self) -> tuple[int, int]:
         """What :meth:`_fill` drains when nothing waits: (messages, background messages)."""
