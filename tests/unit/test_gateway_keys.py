@@ -7,11 +7,13 @@ import asyncio
 import contextlib
 import json
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import fakeredis
 import pytest
 
+from workers.gateway import admission as admission_module
 from workers.gateway import keys, limits
 from workers.gateway.admission import Admission
 from workers.gateway.problems import Problem
@@ -110,6 +112,10 @@ def test_cached_keys_cost_no_round_trip_and_a_revocation_drops_them(
         return await real(*args, **kwargs)
 
     monkeypatch.setattr(limits, "admit", counted)
+    # Leases are per second: one clock second for the whole test, so a loaded machine
+    # crossing a second boundary between the admits does not take a third lease.
+    monkeypatch.setattr(admission_module, "time", SimpleNamespace(
+        time=lambda: 1_700_000_000.25, monotonic=time.monotonic))
 
     async def scenario() -> None:
         admission = Admission(fakeredis.FakeAsyncRedis(server=server), 1000)  # leases of 20
