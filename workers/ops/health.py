@@ -103,10 +103,8 @@ class Monitor:
 
     def run(self) -> None:
         next_beat = 0.0
-        first = True
         # The first heartbeat at once, not a tick later: model servers wait for it.
-        while first or not self.stop.wait(_TICK_S):
-            first = False
+        while True:
             self._watch_batches()
             self._maybe_recycle()
             if time.monotonic() >= next_beat:
@@ -119,6 +117,8 @@ class Monitor:
                 next_beat = time.monotonic() + HEARTBEAT_S
             elif self._changed.is_set():
                 self._beat(ready=bool(self.servers))  # what is advertised changed
+            if self.stop.wait(_TICK_S):
+                break
         self._beat(ready=False)
         with contextlib.suppress(redis.exceptions.RedisError):
             # Stop advertising at once: producers then refuse new jobs for these models

@@ -166,16 +166,7 @@ class ModelServer:
                 self._take(drained)
                 self._looked = bool(drained) and not left and self._online_waiting()
         # Nothing else waiting: write on this thread and save the hand-off to the writer.
-        inline = empty and not self._waiting and not self._deferred
-        if inline and self._observed and self._docs:
-            # A lone batch's results are stored before its observers hear of it (its log
-            # line, metrics, Flower's events): they cost its callers' latency nothing.
-            acks, blobs = self.inflight.take_done()
-            item = Completed(self._docs, acks, blobs)
-            self._docs = []
-            if not self.writer.write_if_idle(item):
-                self.writer.submit(item)
-        self._hand_off(inline=inline)
+        self._hand_off(inline=empty and not self._waiting and not self._deferred)
         if self._deferred:
             drained, self._deferred = self._deferred, []
             self._take(drained)
@@ -432,11 +423,19 @@ class ModelServer:
         """Hand finished documents, then the acks of messages with nothing left open, to the
         writer (or write them here when ``inline`` and the writer has nothing pending),
         once the observers heard of the batches run since the last hand-off."""
+        if inline and self._observed and self._docs:
+            # A lone batch's results are stored before its observers hear of it (its log
+            # line, metrics, Flower's events): they cost its callers' latency nothing.
+            self._write(Completed(self._docs, *self.inflight.take_done()), inline)
+            self._docs = []
         self._observe()
         acks, blobs = self.inflight.take_done()
         after = self.observer.handoff()
         if self._docs or acks or after is not None:
-            item = Completed(self._docs, acks, blobs, [] if after is None else [after])
-            if not (inline and self.writer.write_if_idle(item)):
-                self.writer.submit(item)
+            self._write(Completed(self._docs, acks, blobs, [] if after is None else [after]),
+                        inline)
             self._docs = []
+
+    def _write(self, item: Completed, inline: bool) -> None:
+        if not (inline and self.writer.write_if_idle(item)):
+            self.writer.submit(item)

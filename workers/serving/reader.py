@@ -108,6 +108,7 @@ class QueueReader:
         self._keys = [UNACKED, UNACKED_INDEX, *priority_queues(queue)]
         self._lists = priority_queues(queue)
         self._background_suffix = f"{LEVEL_SEP}{len(self._lists) - 1}"
+        self._plain_suffix = f"{LEVEL_SEP}0"
         self._drain = client.register_script(_DRAIN)
         self._prefix = f"inferq-{uuid.uuid4().hex[:12]}-"
         self._priority_seen = -1e9
@@ -170,8 +171,7 @@ class QueueReader:
         # redis-py types the timeout as int; Redis >= 6 takes fractional seconds.
         pipe.blmove(self.queue, self.queue, timeout, "RIGHT", "RIGHT")  # type: ignore[arg-type]
         args = self._args(max_messages, max_background)
-        pipe.execute_command(  # type: ignore[no-untyped-call]
-            "EVALSHA", self._drain.sha, len(self._keys), *self._keys, *args)
+        pipe.execute_command(*self._evalsha(args))  # type: ignore[no-untyped-call]
         moved, flat = pipe.execute(raise_on_error=False)
         if isinstance(moved, Exception):
             raise moved
@@ -191,7 +191,7 @@ class QueueReader:
 
     def level_zero(self, tag: str) -> bool:
         """Whether the message drained under ``tag`` came from the queue's plain list."""
-        return tag.endswith(f"{LEVEL_SEP}0")
+        return tag.endswith(self._plain_suffix)
 
     def drain(self, max_messages: int, max_background: int | None = None
               ) -> tuple[list[Drained], int]:
@@ -215,8 +215,7 @@ class QueueReader:
         conn = self.client.connection_pool.get_connection()
         self._sent = (conn, max_messages, max_background)
         try:
-            conn.send_command(  # type: ignore[no-untyped-call]
-                "EVALSHA", self._drain.sha, len(self._keys), *self._keys, *args)
+            conn.send_command(*self._evalsha(args))  # type: ignore[no-untyped-call]
         except BaseException:
             self._release(disconnect=True)
             raise
@@ -249,6 +248,10 @@ class QueueReader:
                 # Its reply may still come: the connection is not reusable.
                 conn.disconnect()
             self.client.connection_pool.release(conn)
+
+    def _evalsha(self, args: list[Any]) -> list[Any]:
+        """The drain as an ``EVALSHA`` command, to send on a connection or a pipeline."""
+        return ["EVALSHA", self._drain.sha, len(self._keys), *self._keys, *args]
 
     def _args(self, max_messages: int, max_background: int | None) -> list[Any]:
         prefix = f"{self._prefix}{next(self._calls)}-"
