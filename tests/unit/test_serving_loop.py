@@ -977,6 +977,28 @@ def test_blobs_over_the_drain_budget_are_read_with_mget(
     assert mgets == [[wire.blob_key(ids[1], "x")]]
 
 
+def test_a_batch_jobs_blobs_are_read_with_mget_not_copied_through_the_script(
+    world: World
+) -> None:
+    """A batch job's rows (the lowest priority) never pass through Lua, where every byte
+    blocks Redis; an online job's blobs of the same size still come with the drain."""
+    client = world.client(blob_threshold=64)
+    big = rows_of(8, 2)
+    online = client.submit(MODEL, {"x": big}).id
+    batch = client.submit(MODEL, {"x": big}, priority=9).id
+    server = world.server(max_rows=64)
+    drained, left = server.reader.drain(8)
+    assert left == 0 and [len(brought) for _, _, brought in drained] == [1, 0]
+    mgets: list[list[Any]] = []
+    plain = world.broker.mget
+    world.broker.mget = (  # type: ignore[method-assign]
+        lambda keys, *more: mgets.append(list(keys)) or plain(keys, *more))
+    pending, failures = server.intake.take(drained, wire.now())
+    assert failures == [] and [p.job.id for p in pending] == [online, batch]
+    assert mgets == [[wire.blob_key(batch, "x")]]
+    assert all(p.inputs["x"].tolist() == big.tolist() for p in pending)
+
+
 def test_a_look_sent_ahead_is_read_back_even_after_redis_lost_its_scripts(
     world: World
 ) -> None:
