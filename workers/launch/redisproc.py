@@ -84,7 +84,10 @@ class RedisServer:
                       "--rdbcompression", "no",
                       # Tensor traffic grows the AOF by its own size; rewriting at every 64 MB
                       # (the default) re-wrote a deep queue's tensors again and again.
-                      "--auto-aof-rewrite-min-size", "1gb"]
+                      "--auto-aof-rewrite-min-size", "1gb",
+                      # Blocking timeouts fire on this clock: at the default 10 a worker's
+                      # 20 ms wait steps (reader.PRIORITY_POLL_S) took 100 ms on a quiet server.
+                      "--hz", "100"]
         self._args += ["--maxmemory-policy", maxmemory_policy, *memory, *extra_args]
         self._proc: Popen[bytes] | None = None
         # A forked child (e.g. a Celery pool process) inherits _LIVE; only the creator may reap.
