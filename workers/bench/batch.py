@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import redis
 
 from producer import InferenceClient, JobResult
 from workers.bench import measure
@@ -82,6 +83,40 @@ QUIET_S = 15.0
 BATCH_WARMUP_S = 1.5
 
 
+#: Seconds between the Redis probe's PINGs.
+PING_EVERY_S = 0.005
+
+
+class _Pings(threading.Thread):
+    """PINGs Redis from a connection of its own every ``PING_EVERY_S`` until stopped: the
+    round trip any client of this Redis pays meanwhile, the floor under an online job's
+    several (its push, the worker's take and store, its wake-up)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.client = redis.Redis.from_url(url)
+        self.stop, self.ms = threading.Event(), list[float]()
+
+    def run(self) -> None:
+        while not self.stop.wait(PING_EVERY_S):
+            start = time.perf_counter()
+            self.client.ping()
+            self.ms.append((time.perf_counter() - start) * 1000)
+
+    def done(self) -> list[float]:
+        """Stop; the round trips (ms)."""
+        self.stop.set()
+        if self.is_alive():
+            self.join()
+        self.client.close()
+        return self.ms
+
+
+def ping_figures(*runs: Sequence[float]) -> dict[str, Any]:
+    pooled = [ms for run in runs for ms in run]
+    return {**percentiles(pooled), "pings": len(pooled)} if pooled else {}
+
+
 class _Online(threading.Thread):
     """Online jobs (priority 0) offered at a steady ``rate`` (open loop) until stopped.
 
@@ -95,14 +130,18 @@ class _Online(threading.Thread):
         self.client, self.inputs, self.rate = client, inputs, rate
         self.stop, self.ids = threading.Event(), list[str]()
         self.seconds = 0.0
+        #: How long each submit() took: the job's own push, round trip to Redis included.
+        self.submit_ms = list[float]()
 
     def run(self) -> None:
         start, sent = time.perf_counter(), 0
         while not self.stop.is_set():
             due = int((time.perf_counter() - start) * self.rate) + 1 - sent
             for _ in range(max(0, due)):
+                pushed = time.perf_counter()
                 self.ids.append(self.client.submit(MODEL, self.inputs[sent % len(
                     self.inputs)]).id)
+                self.submit_ms.append((time.perf_counter() - pushed) * 1000)
                 sent += 1
             if due <= 0:
                 self.stop.wait(0.25 / self.rate)
@@ -123,6 +162,7 @@ def figures(probes: Sequence[_Online]) -> dict[str, Any]:
         values = [float(v) for r in done if (v := r.timings_ms.get(stage)) is not None]
         if values:
             out[f"{stage}_p99"] = percentiles(values)["p99"]
+    out["submit_ms"] = percentiles([x for p in probes for x in p.submit_ms])
     seconds = sum(p.seconds for p in probes)
     out.update(jobs=len(done), failed=len(outcomes) - len(done),
                jobs_per_s=round(len(done) / max(seconds, 1e-9), 1),
@@ -191,8 +231,12 @@ def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None
         client.results([h.id for h in client.submit_many(MODEL, inputs)], timeout=120)
         say(f"  online probe: {ONLINE_RATE:.0f} jobs/s, {QUIET_S:.0f} s before and after the "
             "batch (quiet) and during it")
+        pings = _Pings(url)
+        pings.start()
         before = online_probe(client, inputs, QUIET_S)
+        calm_pings = pings.done()
         probe = _Online(client, inputs)
+        busy_pings = _Pings(url)
         rss: list[int] = []
         with open(logs / "batch-command.log", "w") as err:
             proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=err)
@@ -200,6 +244,7 @@ def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None
             while proc.poll() is None:
                 if not probe.is_alive() and time.monotonic() - started >= BATCH_WARMUP_S:
                     probe.start()
+                    busy_pings.start()
                 try:
                     rss.append(measure.rss_bytes(proc.pid))
                 except (OSError, ValueError):
@@ -209,7 +254,11 @@ def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None
         probe.stop.set()
         if probe.is_alive():
             probe.join()
+        busy_ping = ping_figures(busy_pings.done())
+        pings = _Pings(url)
+        pings.start()
         after = online_probe(client, inputs, QUIET_S)
+        calm_ping = ping_figures(calm_pings, pings.done())
         busy = figures([probe])
         # Quiet before and after, pooled: the machine's own noise drifts over a run.
         calm = figures([before, after])
@@ -231,6 +280,7 @@ def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None
         "online_rate_per_s": ONLINE_RATE,
         "online_quiet_ms": calm, "online_quiet_p99_before_after_ms": calm_each,
         "online_during_batch_ms": busy,
+        "redis_ping_quiet_ms": calm_ping, "redis_ping_during_batch_ms": busy_ping,
         "online_p99_ratio": round(busy["p99"] / calm["p99"], 2)
         if "p99" in busy and "p99" in calm else None,
         "sample": sample, "command": " ".join(["inferq", *argv[3:]]),
@@ -245,4 +295,10 @@ def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None
         f"after), {busy.get('p50', 0):.2f} / "
         f"{busy.get('p99', 0):.2f} ms during the batch ({busy.get('jobs', 0)} jobs): "
         f"p99 ratio {result['online_p99_ratio']}")
+    say(f"  a Redis PING (own connection, every {PING_EVERY_S * 1000:.0f} ms) p50 / p99: "
+        f"{calm_ping.get('p50', 0):.2f} / {calm_ping.get('p99', 0):.2f} ms quiet, "
+        f"{busy_ping.get('p50', 0):.2f} / {busy_ping.get('p99', 0):.2f} ms during the batch; "
+        f"the online job's own submit() p99 "
+        f"{calm.get('submit_ms', {}).get('p99', 0):.2f} ms quiet, "
+        f"{busy.get('submit_ms', {}).get('p99', 0):.2f} ms during the batch")
     return result
