@@ -33,8 +33,8 @@ _DRAIN = """
 local budget = tonumber(ARGV[6])
 local function blobs(m)
   local out = {}
-  -- Plain finds, not a pattern: a pattern match walks a large message (a batch chunk
-  -- carries its rows) at about 4 ns a byte, with Redis blocked for everyone meanwhile.
+  -- Plain finds, not a pattern: a pattern match walks the whole message (tensors under
+  -- the blob threshold travel inside it) at about 4 ns a byte, Redis blocked meanwhile.
   local at = string.find(m, '"inferq_blobs":[', 1, true)
   if not at then return out end
   local close = string.find(m, ']', at + 16, true)
