@@ -208,3 +208,19 @@ def test_atexit_kills_leftover_servers(binary: str) -> None:
         if not _gone(pid):
             os.kill(pid, 9)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_servers_run_at_hz_100_and_a_worker_reports_a_slower_clock(binary: str) -> None:
+    """Redis times out blocking waits on its hz clock: RedisServer runs at 100, and a worker
+    warns about a Redis at the default 10 (its 20 ms wait steps would last 100 ms)."""
+    from structlog.testing import capture_logs
+
+    from workers.serving.service import check_redis_clock
+
+    with RedisServer() as server, capture_logs() as logs:
+        assert check_redis_clock(redis.Redis.from_url(server.url)) == 100
+    assert not [e for e in logs if e["event"] == "redis_hz_low"]
+    with RedisServer(extra_args=["--hz", "10"]) as server, capture_logs() as logs:
+        assert check_redis_clock(redis.Redis.from_url(server.url)) == 10
+    [warning] = [e for e in logs if e["event"] == "redis_hz_low"]
+    assert warning["hz"] == 10 and "hz 100" in warning["fix"]
