@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import redis
 
 from producer import InferenceClient, JobResult
+from producer.wire.connect import connect
 from workers.bench import measure
 from workers.bench.fleet import inferq_workers
 from workers.launch.demo import percentiles
@@ -94,7 +94,7 @@ class _Pings(threading.Thread):
 
     def __init__(self, url: str) -> None:
         super().__init__(daemon=True)
-        self.client = redis.Redis.from_url(url)
+        self.client = connect(url)
         self.stop, self.ms = threading.Event(), list[float]()
 
     def run(self) -> None:

@@ -35,11 +35,12 @@ local function blobs(m)
   local out = {}
   -- Plain finds, not a pattern: a pattern match walks the whole message (tensors under
   -- the blob threshold travel inside it) at about 4 ns a byte, Redis blocked meanwhile.
-  local at = string.find(m, '"inferq_blobs":[', 1, true)
+  local marker = '"inferq_blobs":['
+  local at = string.find(m, marker, 1, true)
   if not at then return out end
-  local close = string.find(m, ']', at + 16, true)
+  local close = string.find(m, ']', at + #marker, true)
   if not close then return out end
-  local list = string.sub(m, at + 16, close - 1)
+  local list = string.sub(m, at + #marker, close - 1)
   local names = {}
   for key in string.gmatch(list, '"(inferq:blob:[^"]*)"') do
     if #names == 64 then break end

@@ -40,7 +40,7 @@ from workers.serving.intake import Checks, Intake
 from workers.serving.loop import ModelServer
 from workers.serving.observers import BatchLog, Observer, Observers
 from workers.serving.poison import PoisonGuard
-from workers.serving.reader import QueueReader
+from workers.serving.reader import PRIORITY_POLL_S, QueueReader
 from workers.serving.routing import RouteBook
 from workers.serving.shadow import ShadowObserver
 from workers.serving.writer import ResultStore, ResultWriter
@@ -90,8 +90,8 @@ def check_redis_clock(client: Any) -> int | None:
     hz = int(info.get("configured_hz", info.get("hz", 0)) or 0)
     if hz and hz < MIN_REDIS_HZ:
         log.warning("redis_hz_low", hz=hz, effect=f"blocking waits end on a {1000 // hz} ms "
-                    "clock: 20 ms wait steps (while batch jobs flow) last that long",
-                    fix="run Redis with hz 100")
+                    f"clock: {PRIORITY_POLL_S * 1000:.0f} ms wait steps (while batch jobs "
+                    "flow) last that long", fix="run Redis with hz 100")
     return hz
 
 
