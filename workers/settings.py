@@ -20,6 +20,27 @@ def default_model_dir() -> Path:
     return here if here.is_dir() else Path.cwd() / "models"
 
 
+#: cgroup v2's CPU quota of this process's container ("max 100000" when unlimited).
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def usable_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """Cores this process may really use: its CPU affinity (``taskset``, a cpuset), capped by
+    its container's CPU quota (``docker run --cpus``), rounded up; ``os.cpu_count()`` counts
+    every core of the host, and threads beyond the usable ones only wait for each other."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max" and int(period) > 0:
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 here, or no quota
+    return max(1, cores)
+
+
 def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str:
     value = env.get(name) or allowed[0]
     if value not in allowed:
@@ -93,13 +114,13 @@ class Settings:
         """ONNX Runtime intra-op threads for one model served by ``instances`` instances.
 
         The process's threads (``intra_op_threads`` for each of ``self.instances``, or every
-        core when ONNX Runtime decides) are split between a model's instances, so a model
-        with more instances never oversubscribes the cores.
+        usable core when ONNX Runtime decides) are split between a model's instances, so a
+        model with more instances never oversubscribes the cores.
         """
         if instances == self.instances:
             return self.intra_op_threads
         budget = (self.intra_op_threads * self.instances if self.intra_op_threads
-                  else os.cpu_count() or 1)
+                  else usable_cores())
         return max(1, budget // instances)
 
     def __post_init__(self) -> None:

@@ -14,7 +14,7 @@ from producer.wire import CONTROL_QUEUE, DEFAULT_URL
 from workers.errors import SettingsError
 from workers.launch import launcher
 from workers.launch.launcher import LaunchError, Supervisor, WorkerSpec, parse_gpus, plan
-from workers.settings import Settings, default_model_dir
+from workers.settings import Settings, default_model_dir, usable_cores
 
 # --- settings --------------------------------------------------------------------------------
 
@@ -57,9 +57,42 @@ def test_session_threads_split_the_process_threads(
 def test_session_threads_without_a_count_split_the_cores(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("os.cpu_count", lambda: 6)
+    monkeypatch.setattr("workers.settings.usable_cores", lambda: 6)
     assert Settings.from_env({}).session_threads(2) == 3
     assert Settings.from_env({}).session_threads(12) == 1
+
+
+@pytest.mark.parametrize(
+    ("affinity", "cpu_max", "cores"),
+    [
+        # The affinity mask, not the host's core count, bounds the threads...
+        ({0, 1, 2, 3}, None, 4),
+        ({2}, None, 1),
+        # ...and the container's quota caps it, rounded up (1.5 CPUs: 2 threads).
+        ({0, 1, 2, 3}, "150000 100000", 2),
+        ({0, 1, 2, 3}, "50000 100000", 1),
+        ({0, 1}, "800000 100000", 2),
+        ({0, 1, 2, 3}, "max 100000", 4),
+        ({0, 1, 2, 3}, "garbage", 4),
+    ],
+)
+def test_usable_cores_follow_affinity_and_the_cgroup_quota(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, affinity: set[int], cpu_max: str | None,
+    cores: int,
+) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: affinity)
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max + "\n")
+    assert usable_cores(path) == cores
+
+
+def test_the_launcher_splits_the_usable_cores_between_cpu_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("workers.launch.launcher.usable_cores", lambda: 4)
+    specs = plan(None, 2, host="h", base_env={})
+    assert [s.env["INFERQ_INTRA_OP_THREADS"] for s in specs] == ["2", "2"]
 
 
 def test_default_model_dir_is_the_shipped_repository() -> None:

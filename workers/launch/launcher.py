@@ -26,7 +26,7 @@ from producer.wire import CONTROL_QUEUE
 from workers.errors import EXIT_NOTHING_TO_SERVE, LaunchError
 from workers.ops.metrics import DEFAULT_PORT, metrics_port
 from workers.repository import scan
-from workers.settings import Settings
+from workers.settings import Settings, usable_cores
 
 log = structlog.get_logger(__name__)
 
@@ -152,7 +152,7 @@ def plan(
             }))
         return specs
     instances = int(env.get("INFERQ_INSTANCES", "1") or 1)
-    threads = max(1, (cores or os.cpu_count() or 1) // max(1, cpu_workers * instances))
+    threads = max(1, (cores or usable_cores()) // max(1, cpu_workers * instances))
     for index in range(cpu_workers):
         name = f"cpu{index}@{host}"
         specs.append(WorkerSpec(name, celery_argv(name), {
