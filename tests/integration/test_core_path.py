@@ -427,6 +427,12 @@ def test_worker_metrics_count_the_jobs_sent(
     assert count("inferq_batch_rows_count", model="digits") >= 1
     assert count("inferq_worker_ready") == 1
     assert count("inferq_model_info", model="digits", version="2") == 1
+    # Collector pauses by generation, and the heap loaded before serving kept out of them.
+    scraped = _scrape(port)
+    assert {dict(ls).get("generation") for (n, ls) in scraped
+            if n == "inferq_worker_gc_pause_seconds_count"} == {"0", "1", "2"}
+    ready = [r for r in shared_worker.log_records() if r.get("event") == "worker_ready"]
+    assert ready and int(ready[-1]["gc_frozen"]) > 10_000  # type: ignore[call-overload]
 
 
 def test_logs_are_json_lines_per_batch_and_per_failed_job(

@@ -268,6 +268,10 @@ def test_a_removed_version_stays_while_a_route_names_it_then_is_unloaded(
         return any(rec.get("event") == "model_unloaded" and rec.get("version") == 1
                    for rec in worker.log_records())
     wait_for("v1 unloaded", unloaded, timeout=10)
+    # v1 was loaded at start, frozen with the startup heap: given back to the collector.
+    wait_for("heap refrozen", lambda: any(
+        rec.get("event") == "gc_refrozen" and int(rec["objects"]) > 10_000  # type: ignore[call-overload]
+        for rec in worker.log_records()), timeout=10)
     gone = outcome(r, plain_job(r, 1))
     assert isinstance(gone, ModelNotFound) and "no version 1" in str(gone), gone
     assert isinstance(outcome(r, plain_job(r)), wire.JobResult)

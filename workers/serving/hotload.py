@@ -33,6 +33,7 @@ import structlog
 from producer import wire
 from producer.wire.names import MODELS_CHANNEL
 from workers.errors import WorkerError
+from workers.ops.gcpause import refreeze
 from workers.ops.health import Monitor
 from workers.ops.metrics import WorkerMetrics
 from workers.repository import Manifest, ModelVersion, scan_all
@@ -364,6 +365,7 @@ class HotVersions:
         """Unload removed versions that no route (split, alias, shadow) names and no job came
         for within the grace."""
         now = wire.now()
+        unloaded = 0
         for name, state in list(self.served.items()):
             if not state.removed:
                 continue
@@ -375,13 +377,17 @@ class HotVersions:
             idle = [v for v, since in state.removed.items() if v not in named
                     and now - max(since, state.last_seen(v)) >= self.settings.unload_grace_s]
             for v in idle:
-                model = state.loaded.pop(v)
+                provider = state.loaded.pop(v).provider
                 del state.removed[v]
-                self.metrics.model_unloaded(name, v, model.provider)
+                self.metrics.model_unloaded(name, v, provider)
                 log.info("model_unloaded", model=name, version=v,
                          serving=sorted(state.loaded))
+                unloaded += 1
             if idle:
                 self._publish(state)
+        if unloaded:
+            # A version loaded at start was frozen with the startup heap: let its cycles go.
+            log.info("gc_refrozen", objects=refreeze())
 
     # --- telling the others ---------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from producer.wire import TensorSpec
 from producer.wire.connect import connect, masked
 from workers.errors import EXIT_NOTHING_TO_SERVE, DeviceUnavailable, RedisRefused
 from workers.ops import metrics as metrics_module
+from workers.ops.gcpause import GcPauses, freeze_startup_heap
 from workers.ops.health import Monitor
 from workers.ops.metrics import MetricsObserver, WorkerMetrics
 from workers.ops.sweeper import UnknownQueueSweeper
@@ -142,6 +143,7 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
         self.threads: list[threading.Thread] = []
         self.dispatchers: list[Dispatcher] = []
         self.vstats: list[VersionStats] = []
+        self.gc_pauses: GcPauses | None = None
 
     def start(self, worker: Any) -> None:
         settings, metrics = self.settings, self.metrics
@@ -224,6 +226,9 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
                                                         servers))
         self.threads.append(threading.Thread(target=hot.run, args=(self.stop_event,),
                                              name="inferq-hot-versions", daemon=True))
+        # What is loaded by now lives as long as the process: out of the collector's walks.
+        frozen = freeze_startup_heap()
+        self.gc_pauses = GcPauses(metrics.registry)
         for thread in self.threads:
             thread.start()
         metrics.set_ready(True)
@@ -231,7 +236,7 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
         try:
             control.ping()
             log.info("worker_ready", worker=hostname, models=sorted(served),
-                     device=settings.device, not_served=sorted(failed))
+                     device=settings.device, not_served=sorted(failed), gc_frozen=frozen)
         except redis.exceptions.RedisError as exc:
             # Not "ready": every loop retries with backoff and says so once.
             log.warning("worker_waiting_for_redis", worker=hostname, error=str(exc),
@@ -334,4 +339,6 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
             thread.join(timeout=60)
         for dispatcher in self.dispatchers:
             dispatcher.close()
+        if self.gc_pauses is not None:
+            self.gc_pauses.close()
         self.metrics.close()
