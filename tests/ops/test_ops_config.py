@@ -374,6 +374,7 @@ def test_every_specified_metric_is_exposed(exposed: dict[str, set[str]]) -> None
         "inferq_drift_psi", "inferq_drift_psi_max",
         "inferq_shadow_jobs", "inferq_shadow_labels", "inferq_shadow_abs_diff",
         "inferq_shadow_latency_seconds", "inferq_route_rollbacks",
+        "inferq_worker_gc_pause_seconds",
     }
     assert exposed["inferq_jobs"] == {"inferq_jobs_total"}
     assert exposed["inferq_batch_rows"] == {"inferq_batch_rows_bucket", "inferq_batch_rows_sum",

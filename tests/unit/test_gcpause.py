@@ -32,6 +32,9 @@ def _count(registry: CollectorRegistry, generation: str) -> float:
 
 def test_every_collection_is_timed_by_generation(registry: CollectorRegistry) -> None:
     pauses = GcPauses(registry)
+    gc.collect(2)
+    assert _count(registry, "2") == 0  # exposed, not timing until started
+    pauses.start()
     try:
         before = [_count(registry, g) for g in "012"]
         gc.collect(0)

@@ -11,12 +11,15 @@ is observed in ``inferq_worker_gc_pause_seconds`` by generation.
 
 from __future__ import annotations
 
+import bisect
 import gc
-import threading
+import itertools
 import time
+from collections.abc import Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import HistogramMetricFamily, Metric
 
 #: Up to the pauses a full collection of a large heap takes.
 BUCKETS = (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
@@ -40,35 +43,53 @@ def refreeze() -> int:
 
 
 class GcPauses:
-    """Times every collection through ``gc.callbacks`` into a histogram of ``registry``."""
+    """The collector's pauses as a histogram of ``registry``: :meth:`start` times every
+    collection of this process (``gc.callbacks``), :meth:`close` stops.
+
+    No lock: a callback runs under the GIL and collections never overlap, and one taken in
+    a scrape that a collection interrupted (a collection can start in any thread, the
+    scraper's included) would deadlock it. A scrape may see a pause counted and its
+    seconds not yet added: the next one adds up.
+    """
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.histogram = Histogram(
-            "inferq_worker_gc_pause_seconds",
-            "Garbage-collector pauses of the worker process (every thread stops), by "
-            "generation (2: a full collection).", ("generation",), buckets=BUCKETS,
-            registry=registry)
-        self._children = [self.histogram.labels(str(g)) for g in range(3)]
-        # Collections run one at a time under the GIL, but on whichever thread allocated.
-        self._started = threading.local()
+        self._counts = [[0] * (len(BUCKETS) + 1) for _ in range(3)]
+        self._sums = [0.0, 0.0, 0.0]
+        self._started: float | None = None
         #: The longest pause seen, by generation (seconds).
         self.longest = [0.0, 0.0, 0.0]
-        gc.callbacks.append(self._callback)
+        registry.register(self)
 
-    def _callback(self, phase: str, info: dict[str, Any]) -> None:
-        if phase == "start":
-            self._started.at = time.perf_counter()
-            return
-        started = getattr(self._started, "at", None)
-        if started is None:
-            return
-        paused = time.perf_counter() - started
-        generation = min(2, int(info.get("generation", 2)))
-        self._children[generation].observe(paused)
-        if paused > self.longest[generation]:
-            self.longest[generation] = paused
+    def start(self) -> None:
+        if self._callback not in gc.callbacks:
+            gc.callbacks.append(self._callback)
 
     def close(self) -> None:
         """Stop timing (the histogram keeps what it has)."""
         if self._callback in gc.callbacks:
             gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        if self._started is None:
+            return
+        paused, self._started = time.perf_counter() - self._started, None
+        generation = min(2, int(info.get("generation", 2)))
+        self._counts[generation][bisect.bisect_left(BUCKETS, paused)] += 1
+        self._sums[generation] += paused
+        if paused > self.longest[generation]:
+            self.longest[generation] = paused
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(
+            "inferq_worker_gc_pause_seconds",
+            "Garbage-collector pauses of the worker process (every thread stops), by "
+            "generation (2: a full collection).", labels=("generation",))
+        bounds = [repr(float(b)) for b in BUCKETS] + ["+Inf"]
+        for generation in range(3):
+            cumulative = list(itertools.accumulate(list(self._counts[generation])))
+            family.add_metric([str(generation)], list(zip(bounds, cumulative, strict=True)),
+                              self._sums[generation])
+        return [family]

@@ -41,6 +41,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from producer.errors import CODES as ERROR_CODES
 from producer.errors import JobFailed
+from workers.ops.gcpause import GcPauses
 from workers.ops.gpu import Nvml
 from workers.serving.observers import Batch, Observer, Outcome
 
@@ -281,6 +282,8 @@ class WorkerMetrics:
                                   "0 when that failed (the worker log says why).",
                                   ("model", "version"), registry=self.registry)
         self.lifecycle = LifecycleMetrics(self.registry)
+        #: The process's collector pauses (timed once :meth:`GcPauses.start` is called).
+        self.gc = GcPauses(self.registry)
         self._server: Any = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -415,7 +418,8 @@ class WorkerMetrics:
         return thread
 
     def close(self) -> None:
-        """Stop the sampler and the HTTP server."""
+        """Stop the sampler, the collector's timing and the HTTP server."""
+        self.gc.close()
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=10)

@@ -26,7 +26,7 @@ from producer.wire import TensorSpec
 from producer.wire.connect import connect, masked
 from workers.errors import EXIT_NOTHING_TO_SERVE, DeviceUnavailable, RedisRefused
 from workers.ops import metrics as metrics_module
-from workers.ops.gcpause import GcPauses, freeze_startup_heap
+from workers.ops.gcpause import freeze_startup_heap
 from workers.ops.health import Monitor
 from workers.ops.metrics import MetricsObserver, WorkerMetrics
 from workers.ops.sweeper import UnknownQueueSweeper
@@ -143,7 +143,6 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
         self.threads: list[threading.Thread] = []
         self.dispatchers: list[Dispatcher] = []
         self.vstats: list[VersionStats] = []
-        self.gc_pauses: GcPauses | None = None
 
     def start(self, worker: Any) -> None:
         settings, metrics = self.settings, self.metrics
@@ -228,7 +227,7 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
                                              name="inferq-hot-versions", daemon=True))
         # What is loaded by now lives as long as the process: out of the collector's walks.
         frozen = freeze_startup_heap()
-        self.gc_pauses = GcPauses(metrics.registry)
+        metrics.gc.start()
         for thread in self.threads:
             thread.start()
         metrics.set_ready(True)
@@ -339,6 +338,4 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
             thread.join(timeout=60)
         for dispatcher in self.dispatchers:
             dispatcher.close()
-        if self.gc_pauses is not None:
-            self.gc_pauses.close()
         self.metrics.close()
