@@ -21,7 +21,7 @@ from workers.bench.refmodels import write_repository
 from workers.launch.demo import percentiles
 from workers.launch.redisproc import RedisServer
 from workers.repository import load_manifest
-from workers.settings import default_model_dir
+from workers.settings import default_model_dir, usable_cores
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def bench_model(name: str, model_dir: Path, url: str, redis_pid: int, load: Load
                 say: Callable[[str], None]) -> dict[str, Any]:
     """Every figure for one model."""
     manifest = load_manifest(model_dir / name)
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, usable_cores() // workers)  # as the launcher gives each worker
     inputs = measure.make_inputs(manifest, 256)
     device = "cuda" if gpus else "cpu"
     say(f"{name}: direct ONNX Runtime ({device}, {threads} threads)")

@@ -3,11 +3,11 @@
 A full collection walks every tracked object of the process: a worker that imported Celery,
 ONNX Runtime, numpy and its models holds about 90,000, a 50 ms stop of every thread (the
 model's included) each time enough objects were promoted (every 1.3 s of one-row `mlp`
-jobs at saturation). What the worker set up
-before serving lives as long as the process, so :func:`freeze_startup_heap` moves it out of
-the collector's reach (``gc.freeze``): later full collections walk only what serving
-allocated (and :func:`refreeze` gives it back once when a version is unloaded). Every pause
-is observed in ``inferq_worker_gc_pause_seconds`` by generation.
+jobs at saturation). What the worker set up before serving lives as long as the process,
+so :func:`freeze_startup_heap` moves it out of the collector's reach (``gc.freeze``): later
+full collections walk only what serving allocated (and :func:`refreeze` gives it back once
+when a version is unloaded). Every pause is observed in ``inferq_worker_gc_pause_seconds``
+by generation.
 """
 
 from __future__ import annotations
