@@ -77,6 +77,9 @@ class ModelInfo:
         #: The serving workers' visibility timeout: how long a redelivery can take.
         self.visibility_timeout = int(doc.get("visibility_timeout")
                                       or wire.DEFAULT_VISIBILITY_TIMEOUT_S)
+        #: Names, dtypes and shapes of inputs already checked against this signature: the
+        #: check depends on nothing else, and a producer sends the same few again and again.
+        self.checked: set[tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...]] = set()
 
 
 def lookup(live: Mapping[str, ModelInfo], known: Mapping[str, ModelInfo], model: str,
@@ -159,6 +162,10 @@ def _as_array(value: Any, dtype: str | None) -> np.ndarray[Any, Any]:
     return arr
 
 
+#: Input kinds (names, dtypes, shapes) a signature remembers as checked: variable-length
+#: inputs could otherwise grow the set without bound.
+CHECKED_KINDS = 256
+
 #: Tensors of a bulk message below this size travel inside its entries (one raw blob
 #: already); larger ones keep a key each, so a message's entries stay a few MB at most.
 BULK_INLINE_MAX = 256 * 1024
@@ -185,7 +192,11 @@ def prepare(info: ModelInfo | None, inputs: Mapping[str, Any], job_id: str, blob
             # A single example without the batch axis gets one.
             if arr is not None and spec.shape[:1] == (-1,) and arr.ndim == len(spec.shape) - 1:
                 arrays[spec.name] = arr[np.newaxis]
-        wire.check_inputs(info.inputs, arrays)
+        seen = tuple((name, arr.dtype, arr.shape) for name, arr in arrays.items())
+        if seen not in info.checked:
+            wire.check_inputs(info.inputs, arrays)
+            if len(info.checked) < CHECKED_KINDS:
+                info.checked.add(seen)
     tensors = {}
     for name, arr in arrays.items():
         if arr.nbytes >= blob_threshold:

@@ -283,6 +283,25 @@ def test_invalid_input_is_refused_at_submit(
     assert r.llen(QUEUE) == 0
 
 
+def test_input_kinds_checked_once_still_refuse_others(client: InferenceClient, r: Any
+                                                      ) -> None:
+    """The client remembers input kinds (names, dtypes, shapes) it checked: a kind that
+    passed is not checked again, one that failed is refused every time."""
+    advertise(r)
+    good = {"pixels": np.zeros((2, 64), np.float32)}
+    client.submit_many("digits", [good, good])
+    [info] = client._catalog.live.values()
+    assert len(info.checked) == 1
+    for _ in range(2):
+        with pytest.raises(InvalidInput, match="dimension 1 must be 64, got 63"):
+            client.submit("digits", {"pixels": np.zeros((2, 63), np.float32)})
+        with pytest.raises(InvalidInput, match="expected float32, got float64"):
+            client.submit("digits", {"pixels": np.zeros((2, 64), np.float64)})
+    assert len(info.checked) == 1
+    client.submit("digits", good)
+    assert r.llen(QUEUE) == 2
+
+
 def test_unsupported_dtype_is_refused_even_without_signatures(make_client: Any) -> None:
     client = make_client(queue_without_workers=True)
     with pytest.raises(InvalidInput, match="not supported"):
