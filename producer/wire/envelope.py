@@ -201,7 +201,12 @@ def parse_message(raw: bytes | str, queue: str) -> Delivery:
     Raises :class:`InvalidInput` only when not even a job ID can be recovered.
     """
     try:
-        envelope = orjson.loads(raw)
+        try:
+            envelope = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            # What orjson refuses and json takes (a lone surrogate escaped in a header, NaN)
+            # still parses as before: a message readable then stays readable.
+            envelope = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise InvalidInput(f"message is not a JSON envelope: {exc}") from None
     if not isinstance(envelope, dict):

@@ -442,6 +442,23 @@ def test_minimal_message_parses() -> None:
     assert wire.decode_tensor(job.inputs["pixels"]).shape == (1, 4)
 
 
+def test_envelope_json_accepts_but_orjson_refuses_still_parses() -> None:
+    """A lone surrogate in a header (json.dumps escapes it; orjson refuses it) or a NaN does
+    not make a readable message unreadable."""
+    raw = json.dumps({
+        "body": base64.b64encode(json_body(["digits", {"pixels": pixels()}])).decode(),
+        "content-type": "application/json",
+        "headers": {"task": wire.TASK_NAME, "id": "odd-1", "argsrepr": "('\ud800',)",
+                    "x-score": float("nan")},
+        "properties": {"body_encoding": "base64"},
+    })
+    assert "\\ud800" in raw and "NaN" in raw
+    delivery = wire.parse_message(raw, QUEUE)
+    assert delivery.failed == []
+    [job] = delivery.jobs
+    assert (job.id, job.model) == ("odd-1", "digits")
+
+
 def test_plain_text_body_without_body_encoding_parses() -> None:
     raw = json.dumps({
         "body": json_body(["digits", {"pixels": pixels()}]).decode(),
