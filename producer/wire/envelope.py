@@ -99,7 +99,11 @@ def build_message(
     }
     # orjson: about 12 us less a message than json.dumps; the same bytes for ASCII text,
     # UTF-8 instead of \u escapes otherwise (the same JSON to every reader).
-    return orjson.dumps(envelope)
+    try:
+        return orjson.dumps(envelope)
+    except orjson.JSONEncodeError:
+        # A lone surrogate in a name: json escapes it, as every message did before.
+        return json.dumps(envelope, separators=(",", ":")).encode()
 
 
 @dataclass(slots=True)

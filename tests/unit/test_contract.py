@@ -459,6 +459,14 @@ def test_envelope_json_accepts_but_orjson_refuses_still_parses() -> None:
     assert (job.id, job.model) == ("odd-1", "digits")
 
 
+def test_envelope_with_a_lone_surrogate_is_built_and_parsed() -> None:
+    raw = wire.build_message(task=wire.TASK_NAME, task_id="odd-2", args=["digits", {}],
+                             kwargs={"version": None}, queue=QUEUE, serializer="json",
+                             argsrepr="('\ud800',)")
+    assert b"\\ud800" in raw
+    assert wire.parse_message(raw, QUEUE).ids == ["odd-2"]
+
+
 def test_plain_text_body_without_body_encoding_parses() -> None:
     raw = json.dumps({
         "body": json_body(["digits", {"pixels": pixels()}]).decode(),
