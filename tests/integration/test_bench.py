@@ -28,6 +28,12 @@ def test_quick_bench_writes_the_figures(tmp_path: Path) -> None:
                 "inferq_low_load_p50_ms", "inferq_low_load_p99_ms", "inferq_sat_p99_ms",
                 "mean_batch_rows"):
         assert mlp[key] > 0, key
+    stages = mlp["inferq_low_load_stages_ms"]
+    assert {"round_trip", "submit", "result", "queued", "batch_wait", "inference", "total",
+            "redis_ping"} <= stages.keys()
+    assert all(v > 0 for v in stages.values()), stages
+    # The job's own stamps lie inside the caller's round trip.
+    assert stages["inference"] < stages["total"] < stages["round_trip"], stages
     assert mlp["inferq"]["jobs"] == 3000 and sum(mlp["inferq"]["batch_rows_hist"].values()) > 0
     assert {"producer", "redis", "worker0"} <= mlp["inferq"]["cpu_ms_per_job"].keys()
     assert report["machine"]["cpus"] >= 1

@@ -160,6 +160,43 @@ def inferq_one_at_a_time(client: InferenceClient, model: str,
     return out
 
 
+#: Every how many one-at-a-time jobs :func:`one_at_a_time_stages` times a Redis PING.
+PING_EVERY = 4
+
+
+def one_at_a_time_stages(client: InferenceClient, model: str,
+                         inputs: Sequence[dict[str, Any]], jobs: int, ping: Callable[[], Any]
+                         ) -> tuple[list[float], dict[str, float]]:
+    """Round-trip milliseconds of ``jobs`` jobs sent one after another, and where the time
+    went (medians, ms): the client's ``submit()`` and ``result()`` calls, the job's own
+    stages as the worker stamped them (``queued``: enqueued until taken; ``batch_wait``;
+    ``inference``; ``total``: enqueued until stored), and ``ping`` (a Redis ``PING``; one
+    every :data:`PING_EVERY` jobs, between them): the round trip each of the job's hops
+    through Redis costs at least."""
+    out, submit, result, pings = [], [], [], []
+    stages: dict[str, list[float]] = {"queued": [], "batch_wait": [], "inference": [],
+                                      "total": []}
+    for i in range(jobs):
+        start = time.perf_counter()
+        handle = client.submit(model, inputs[i % len(inputs)])
+        pushed = time.perf_counter()
+        done = handle.result(timeout=60)
+        end = time.perf_counter()
+        out.append((end - start) * 1000)
+        submit.append((pushed - start) * 1000)
+        result.append((end - pushed) * 1000)
+        for stage, values in stages.items():
+            if (v := done.timings_ms.get(stage)) is not None:
+                values.append(float(v))
+        if i % PING_EVERY == 0:
+            start = time.perf_counter()
+            ping()
+            pings.append((time.perf_counter() - start) * 1000)
+    medians = {"round_trip": out, "submit": submit, "result": result, **stages,
+               "redis_ping": pings}
+    return out, {k: round(float(np.median(v)), 3) for k, v in medians.items() if v}
+
+
 def _naive_args(model: str, item: dict[str, np.ndarray[Any, Any]]) -> list[Any]:
     return [model, {k: wire.encode_tensor(v) for k, v in item.items()}]
 

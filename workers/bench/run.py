@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from producer import InferenceClient
+from producer.wire.connect import connect
 from workers.bench import growth, measure
 from workers.bench.fleet import INSTANCES, inferq_workers, naive_worker
 from workers.bench.refmodels import write_repository
@@ -119,14 +120,20 @@ def bench_model(name: str, model_dir: Path, url: str, redis_pid: int, load: Load
                                   **{f"worker{i}": p for i, p in enumerate(pids)}})
         fast = measure.inferq_saturation(client, name, inputs, load.inferq, meter,
                                          Bar(f"{name} inferq", load.inferq))
-        fast_low = measure.inferq_one_at_a_time(client, name, inputs, load.one_at_a_time)
+        pinger = connect(url)
+        fast_low, stages = measure.one_at_a_time_stages(client, name, inputs,
+                                                        load.one_at_a_time, pinger.ping)
+        pinger.close()
     low, naive_low_p = percentiles(fast_low), percentiles(naive_low)
+    say(f"  {name} one at a time, medians (ms): " + ", ".join(
+        f"{k} {v:.3f}" for k, v in stages.items()))
     out.update({
         "naive_jobs_per_s": round(naive.jobs_per_s, 1),
         "inferq_jobs_per_s": round(fast.jobs_per_s, 1),
         "inferq_low_load_p50_ms": low["p50"],
         "inferq_low_load_p95_ms": low["p95"],
         "inferq_low_load_p99_ms": low["p99"],
+        "inferq_low_load_stages_ms": stages,
         "naive_low_load_p50_ms": naive_low_p["p50"],
         "naive_low_load_p99_ms": naive_low_p["p99"],
         "inferq_sat_p50_ms": fast.summary()["latency_ms"]["p50"],
