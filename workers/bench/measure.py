@@ -152,12 +152,7 @@ def inferq_saturation(client: InferenceClient, model: str, inputs: Sequence[dict
 def inferq_one_at_a_time(client: InferenceClient, model: str,
                          inputs: Sequence[dict[str, Any]], jobs: int) -> list[float]:
     """Round-trip milliseconds of ``jobs`` jobs sent one after another."""
-    out = []
-    for i in range(jobs):
-        start = time.perf_counter()
-        client.submit(model, inputs[i % len(inputs)]).result(timeout=60)
-        out.append((time.perf_counter() - start) * 1000)
-    return out
+    return one_at_a_time_stages(client, model, inputs, jobs)[0]
 
 
 #: Every how many one-at-a-time jobs :func:`one_at_a_time_stages` times a Redis PING.
@@ -165,14 +160,15 @@ PING_EVERY = 4
 
 
 def one_at_a_time_stages(client: InferenceClient, model: str,
-                         inputs: Sequence[dict[str, Any]], jobs: int, ping: Callable[[], Any]
+                         inputs: Sequence[dict[str, Any]], jobs: int,
+                         ping: Callable[[], Any] | None = None
                          ) -> tuple[list[float], dict[str, float]]:
     """Round-trip milliseconds of ``jobs`` jobs sent one after another, and where the time
     went (medians, ms): the client's ``submit()`` and ``result()`` calls, the job's own
     stages as the worker stamped them (``queued``: enqueued until taken; ``batch_wait``;
-    ``inference``; ``total``: enqueued until stored), and ``ping`` (a Redis ``PING``; one
-    every :data:`PING_EVERY` jobs, between them): the round trip each of the job's hops
-    through Redis costs at least."""
+    ``inference``; ``total``: enqueued until stored), and, given ``ping`` (a Redis
+    ``PING``; one every :data:`PING_EVERY` jobs, between them), the round trip each of the
+    job's hops through Redis costs at least."""
     out, submit, result, pings = [], [], [], []
     stages: dict[str, list[float]] = {"queued": [], "batch_wait": [], "inference": [],
                                       "total": []}
@@ -188,7 +184,7 @@ def one_at_a_time_stages(client: InferenceClient, model: str,
         for stage, values in stages.items():
             if (v := done.timings_ms.get(stage)) is not None:
                 values.append(float(v))
-        if i % PING_EVERY == 0:
+        if ping is not None and i % PING_EVERY == 0:
             start = time.perf_counter()
             ping()
             pings.append((time.perf_counter() - start) * 1000)

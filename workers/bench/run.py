@@ -120,10 +120,9 @@ def bench_model(name: str, model_dir: Path, url: str, redis_pid: int, load: Load
                                   **{f"worker{i}": p for i, p in enumerate(pids)}})
         fast = measure.inferq_saturation(client, name, inputs, load.inferq, meter,
                                          Bar(f"{name} inferq", load.inferq))
-        pinger = connect(url)
-        fast_low, stages = measure.one_at_a_time_stages(client, name, inputs,
-                                                        load.one_at_a_time, pinger.ping)
-        pinger.close()
+        with connect(url) as pinger:
+            fast_low, stages = measure.one_at_a_time_stages(client, name, inputs,
+                                                            load.one_at_a_time, pinger.ping)
     low, naive_low_p = percentiles(fast_low), percentiles(naive_low)
     say(f"  {name} one at a time, medians (ms): " + ", ".join(
         f"{k} {v:.3f}" for k, v in stages.items()))
