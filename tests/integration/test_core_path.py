@@ -101,7 +101,9 @@ def test_a_worker_takes_only_what_its_next_batch_needs(
     start_worker(redis_server.url, model_dir=models, INFERQ_MODELS="digits").start()
     broker = redis.Redis.from_url(redis_server.url)
     queue = wire.queue_name("digits")
-    with InferenceClient(redis_server.url) as client:
+
+    def observe(client: InferenceClient) -> tuple[list[int], list[int]]:
+        """Jobs in flight per reader and messages waiting, sampled while the queue drains."""
         handles = client.submit_many("digits", [{"pixels": X[i % 300]} for i in range(3200)])
         in_flight, waiting = [], []
         while client.status(handles[-1].id) is JobStatus.PENDING:
@@ -112,8 +114,17 @@ def test_a_worker_takes_only_what_its_next_batch_needs(
             waiting.append(broker.llen(queue))
             time.sleep(0.01)
         results = client.results([h.id for h in handles], timeout=60)
-    assert len(results) == 3200
-    assert max(waiting) > 20  # the queue really was deep while we looked
+        assert len(results) == 3200
+        return in_flight, waiting
+
+    with InferenceClient(redis_server.url) as client:
+        # The queue drains in about half a second: a loaded machine that keeps this process
+        # off the CPU that long after the push misses it, and the measurement runs again.
+        for _ in range(3):
+            in_flight, waiting = observe(client)
+            if max(waiting, default=0) > 20:
+                break
+    assert max(waiting, default=0) > 20  # the queue really was deep while we looked
     # The messages of the batch being worked on and of the one taken ahead, plus those
     # whose results the writer has not acked yet (a hoarding reader would hold ~100). The
     # session's shared worker reads the same queue in batches of 64 (two messages each).
