@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from producer import InferenceClient, JobResult
+from producer.errors import InferqError
 from producer.wire.connect import connect
 from workers.bench import measure
 from workers.bench.fleet import inferq_workers
@@ -132,6 +133,8 @@ class _Online(threading.Thread):
         self.seconds = 0.0
         #: How long each submit() took: the job's own push, round trip to Redis included.
         self.submit_ms = list[float]()
+        #: Refused submits by error code: counted, and the probe goes on offering jobs.
+        self.refused: dict[str, int] = {}
 
     def run(self) -> None:
         start, sent = time.perf_counter(), 0
@@ -139,9 +142,12 @@ class _Online(threading.Thread):
             due = int((time.perf_counter() - start) * self.rate) + 1 - sent
             for _ in range(max(0, due)):
                 pushed = time.perf_counter()
-                self.ids.append(self.client.submit(MODEL, self.inputs[sent % len(
-                    self.inputs)]).id)
-                self.submit_ms.append((time.perf_counter() - pushed) * 1000)
+                try:
+                    self.ids.append(self.client.submit(MODEL, self.inputs[sent % len(
+                        self.inputs)]).id)
+                    self.submit_ms.append((time.perf_counter() - pushed) * 1000)
+                except InferqError as exc:
+                    self.refused[exc.code] = self.refused.get(exc.code, 0) + 1
                 sent += 1
             if due <= 0:
                 self.stop.wait(0.25 / self.rate)
@@ -151,8 +157,12 @@ class _Online(threading.Thread):
 def figures(probes: Sequence[_Online]) -> dict[str, Any]:
     """Latency percentiles (ms) of every job the ``probes`` offered, with stages' p99."""
     ids = [i for p in probes for i in p.ids]
+    refused: dict[str, int] = {}
+    for p in probes:
+        for code, n in p.refused.items():
+            refused[code] = refused.get(code, 0) + n
     if not ids:
-        return {"jobs": 0}
+        return {"jobs": 0, "refused": refused}
     outcomes = probes[0].client.outcomes(ids, timeout=600)
     done = [r for r in outcomes if isinstance(r, JobResult)]
     if not done:
@@ -164,7 +174,7 @@ def figures(probes: Sequence[_Online]) -> dict[str, Any]:
             out[f"{stage}_p99"] = percentiles(values)["p99"]
     out["submit_ms"] = percentiles([x for p in probes for x in p.submit_ms])
     seconds = sum(p.seconds for p in probes)
-    out.update(jobs=len(done), failed=len(outcomes) - len(done),
+    out.update(jobs=len(done), failed=len(outcomes) - len(done), refused=refused,
                jobs_per_s=round(len(done) / max(seconds, 1e-9), 1),
                mean_batch_rows=round(float(np.mean([r.batch_size for r in done])), 1))
     return out
@@ -242,7 +252,7 @@ def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None
             proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=err)
             started = time.monotonic()
             while proc.poll() is None:
-                if not probe.is_alive() and time.monotonic() - started >= BATCH_WARMUP_S:
+                if probe.ident is None and time.monotonic() - started >= BATCH_WARMUP_S:
                     probe.start()
                     busy_pings.start()
                 try:
@@ -295,6 +305,9 @@ def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None
         f"after), {busy.get('p50', 0):.2f} / "
         f"{busy.get('p99', 0):.2f} ms during the batch ({busy.get('jobs', 0)} jobs): "
         f"p99 ratio {result['online_p99_ratio']}")
+    if calm.get("refused") or busy.get("refused"):
+        say(f"  online submits refused, by code: {calm.get('refused')} quiet, "
+            f"{busy.get('refused')} during the batch")
     say(f"  a Redis PING (own connection, every {PING_EVERY_S * 1000:.0f} ms) p50 / p99: "
         f"{calm_ping.get('p50', 0):.2f} / {calm_ping.get('p99', 0):.2f} ms quiet, "
         f"{busy_ping.get('p50', 0):.2f} / {busy_ping.get('p99', 0):.2f} ms during the batch; "
