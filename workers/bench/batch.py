@@ -84,6 +84,12 @@ QUIET_S = 15.0
 BATCH_WARMUP_S = 1.5
 
 
+#: Seconds of the control probe: online jobs while plain CPU loops (one per core this
+#: process may use, at the batch command's default nice 10) keep the cores busy, no batch.
+HOG_S = 10.0
+_HOG = "import os\nos.nice(10)\nwhile True:\n    pass\n"
+
+
 #: Seconds between the Redis probe's PINGs.
 PING_EVERY_S = 0.005
 
@@ -191,6 +197,21 @@ def online_probe(client: InferenceClient, inputs: Sequence[dict[str, Any]],
     return probe
 
 
+def hog_probe(client: InferenceClient, inputs: Sequence[dict[str, Any]],
+              seconds: float = HOG_S) -> _Online:
+    """The online probe while busy loops hold every core this process may use: what any
+    CPU-saturating neighbour costs online jobs on this host, inferq's batch or not (the
+    floor under the batch's p99 ratio where the batch must share the worker's cores)."""
+    hogs = [subprocess.Popen([sys.executable, "-c", _HOG])
+            for _ in os.sched_getaffinity(0)]
+    try:
+        return online_probe(client, inputs, seconds)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
 def _isolated(stack: contextlib.ExitStack, url: str, model_dir: Path,
               gpus: Sequence[int] | None, logs: Path, redis_pid: int) -> list[int]:
     """Start the worker pinned to core(s) of its own (one ONNX Runtime thread each), move
@@ -269,6 +290,9 @@ def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None
         pings.start()
         after = online_probe(client, inputs, QUIET_S)
         calm_ping = ping_figures(calm_pings, pings.done())
+        say(f"  online probe with {len(os.sched_getaffinity(0))} busy loops at nice 10, "
+            f"no batch, {HOG_S:.0f} s")
+        hogged = figures([hog_probe(client, inputs)])
         busy = figures([probe])
         # Quiet before and after, pooled: the machine's own noise drifts over a run.
         calm = figures([before, after])
@@ -293,6 +317,9 @@ def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None
         "redis_ping_quiet_ms": calm_ping, "redis_ping_during_batch_ms": busy_ping,
         "online_p99_ratio": round(busy["p99"] / calm["p99"], 2)
         if "p99" in busy and "p99" in calm else None,
+        "online_with_busy_loops_ms": hogged,
+        "busy_loops_p99_ratio": round(hogged["p99"] / calm["p99"], 2)
+        if "p99" in hogged and "p99" in calm else None,
         "sample": sample, "command": " ".join(["inferq", *argv[3:]]),
         "worker_cores": cores,
     }
@@ -305,6 +332,9 @@ def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None
         f"after), {busy.get('p50', 0):.2f} / "
         f"{busy.get('p99', 0):.2f} ms during the batch ({busy.get('jobs', 0)} jobs): "
         f"p99 ratio {result['online_p99_ratio']}")
+    say(f"  control, busy loops instead of the batch: p99 {hogged.get('p99', 0):.2f} ms, "
+        f"ratio {result['busy_loops_p99_ratio']} (what any CPU-saturating neighbour costs "
+        "online jobs here)")
     if calm.get("refused") or busy.get("refused"):
         say(f"  online submits refused, by code: {calm.get('refused')} quiet, "
             f"{busy.get('refused')} during the batch")
