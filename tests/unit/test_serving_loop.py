@@ -1142,3 +1142,47 @@ def test_background_messages_drained_with_online_ones_are_read_after_the_online_
     assert world.queued() == 0 and [p.job.id for p in server._waiting] == [background]
     world.run(server)
     assert world.ok(background)["y"].shape == (8, 1) and world.ok(online).batch_size == 1
+
+
+def test_background_messages_a_look_brings_beside_online_ones_wait_for_the_online_batch(
+        world: World) -> None:
+    client = world.client()
+    first = client.submit(MODEL, {"x": rows_of(6, 3)}, priority=9).id
+    events: list[tuple[str, list[str]]] = []
+
+    class Order(Observer):
+        def received(self, job_ids: Sequence[str], redelivered: bool) -> None:
+            events.append(("received", list(job_ids)))
+
+        def batch_started(self, batch: Batch) -> None:
+            events.append(("batch", [p.job.id for p in batch.jobs]))
+
+    server = world.server(max_rows=8, observer=Order())
+    online_recently(server, 4)
+    server.cycle(block_s=0.01)  # the first slice
+    online = client.submit(MODEL, {"x": rows_of(1, 7)}).id
+    second = client.submit(MODEL, {"x": rows_of(2, 5)}, priority=9).id
+    server.cycle(block_s=0.01)  # the last slice, with the look that finds both
+    server.cycle(block_s=0.01)
+    assert events.index(("batch", [online])) < events.index(("received", [second])), \
+        "the second background message (its tensors one more round trip) was read first"
+    world.run(server)
+    assert world.ok(online).batch_size == 1
+    assert world.ok(first)["y"].shape == (6, 1) and world.ok(second)["y"].shape == (2, 1)
+
+
+def test_a_shutdown_finishes_background_messages_not_yet_read(world: World) -> None:
+    client = world.client()
+    first = client.submit(MODEL, {"x": rows_of(6, 3)}, priority=9).id
+    server = world.server(max_rows=8)
+    online_recently(server, 4)
+    server.cycle(block_s=0.01)
+    online = client.submit(MODEL, {"x": rows_of(1, 7)}).id
+    second = client.submit(MODEL, {"x": rows_of(2, 5)}, priority=9).id
+    server.cycle(block_s=0.01)  # the look takes both; the background one is not read yet
+    assert server._deferred
+    stop = threading.Event()
+    stop.set()
+    server.serve(stop)
+    assert world.ok(online).batch_size == 1 and world.ok(second)["y"].shape == (2, 1)
+    assert world.ok(first)["y"].shape == (6, 1) and world.unacked() == set()

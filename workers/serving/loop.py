@@ -118,6 +118,7 @@ class ModelServer:
                 self.outage.recovered()
         self.writer.give_up_after(grace_s)
         try:
+            self._take_deferred()
             while self._waiting:
                 self._run_batch()
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
@@ -167,10 +168,16 @@ class ModelServer:
                 self._looked = bool(drained) and not left and self._online_waiting()
         # Nothing else waiting: write on this thread and save the hand-off to the writer.
         self._hand_off(inline=empty and not self._waiting and not self._deferred)
+        if not self._online_waiting():
+            # Background messages drained beside online jobs are read (their tensors
+            # fetched: one more round trip) once no online job waits behind the read.
+            self._take_deferred()
+        return done
+
+    def _take_deferred(self) -> None:
         if self._deferred:
             drained, self._deferred = self._deferred, []
             self._take(drained)
-        return done
 
     def _look_ahead(self) -> None:
         """With a full batch of online jobs about to run and more waiting in the queue, send
