@@ -168,7 +168,7 @@ class ModelServer:
                 self._looked = bool(drained) and not left and self._online_waiting()
         # Nothing else waiting: write on this thread and save the hand-off to the writer.
         self._hand_off(inline=empty and not self._waiting and not self._deferred)
-        if not self._online_waiting():
+        if self._deferred and not self._online_waiting():
             # Background messages drained beside online jobs are read (their tensors
             # fetched: one more round trip) once no online job waits behind the read.
             self._take_deferred()
