@@ -1120,51 +1120,58 @@ def test_a_server_takes_no_more_background_jobs_than_its_next_run_needs(world: W
     assert all(world.ok(i)["y"].shape == (4, 1) for i in ids)
 
 
+class Order(Observer):
+    """Records when jobs are read (``received``) and when their batches start."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, list[str]]] = []
+
+    def received(self, job_ids: Sequence[str], redelivered: bool) -> None:
+        self.events.append(("received", list(job_ids)))
+
+    def batch_started(self, batch: Batch) -> None:
+        self.events.append(("batch", [p.job.id for p in batch.jobs]))
+
+
 def test_background_messages_drained_with_online_ones_are_read_after_the_online_batch(
         world: World) -> None:
     client = world.client()
     background = client.submit(MODEL, {"x": rows_of(8, 1)}, priority=9).id
     online = client.submit(MODEL, {"x": rows_of(1, 2)}).id
-    events: list[tuple[str, list[str]]] = []
-
-    class Order(Observer):
-        def received(self, job_ids: Sequence[str], redelivered: bool) -> None:
-            events.append(("received", list(job_ids)))
-
-        def batch_started(self, batch: Batch) -> None:
-            events.append(("batch", [p.job.id for p in batch.jobs]))
-
-    server = world.server(max_rows=8, observer=Order())
+    order = Order()
+    server = world.server(max_rows=8, observer=order)
     server.intake.rows_per_message = 1.0  # one drain takes both messages
     server._background_job_rows = 1.0
     server.cycle(block_s=0.01)
-    assert events == [("received", [online]), ("batch", [online]), ("received", [background])]
+    assert order.events == [("received", [online]), ("batch", [online]), ("received", [background])]
     assert world.queued() == 0 and [p.job.id for p in server._waiting] == [background]
     world.run(server)
     assert world.ok(background)["y"].shape == (8, 1) and world.ok(online).batch_size == 1
 
 
-def test_background_messages_a_look_brings_beside_online_ones_wait_for_the_online_batch(
-        world: World) -> None:
+def _look_finds_online_and_background(world: World, observer: Observer | None = None
+                                      ) -> tuple[ModelServer, str, str, str]:
+    """A background job sliced in two; between its slices an online job and a second
+    background job arrive, and the look sent with the last slice drains both. The server
+    and the IDs of the first background job, the online job and the second one."""
     client = world.client()
     first = client.submit(MODEL, {"x": rows_of(6, 3)}, priority=9).id
-    events: list[tuple[str, list[str]]] = []
-
-    class Order(Observer):
-        def received(self, job_ids: Sequence[str], redelivered: bool) -> None:
-            events.append(("received", list(job_ids)))
-
-        def batch_started(self, batch: Batch) -> None:
-            events.append(("batch", [p.job.id for p in batch.jobs]))
-
-    server = world.server(max_rows=8, observer=Order())
+    server = world.server(max_rows=8, observer=observer)
     online_recently(server, 4)
     server.cycle(block_s=0.01)  # the first slice
     online = client.submit(MODEL, {"x": rows_of(1, 7)}).id
     second = client.submit(MODEL, {"x": rows_of(2, 5)}, priority=9).id
     server.cycle(block_s=0.01)  # the last slice, with the look that finds both
+    return server, first, online, second
+
+
+def test_background_messages_a_look_brings_beside_online_ones_wait_for_the_online_batch(
+        world: World) -> None:
+    order = Order()
+    server, first, online, second = _look_finds_online_and_background(world, order)
     server.cycle(block_s=0.01)
-    assert events.index(("batch", [online])) < events.index(("received", [second])), \
+    assert order.events.index(("batch", [online])) < order.events.index(
+        ("received", [second])), \
         "the second background message (its tensors one more round trip) was read first"
     world.run(server)
     assert world.ok(online).batch_size == 1
@@ -1172,15 +1179,8 @@ def test_background_messages_a_look_brings_beside_online_ones_wait_for_the_onlin
 
 
 def test_a_shutdown_finishes_background_messages_not_yet_read(world: World) -> None:
-    client = world.client()
-    first = client.submit(MODEL, {"x": rows_of(6, 3)}, priority=9).id
-    server = world.server(max_rows=8)
-    online_recently(server, 4)
-    server.cycle(block_s=0.01)
-    online = client.submit(MODEL, {"x": rows_of(1, 7)}).id
-    second = client.submit(MODEL, {"x": rows_of(2, 5)}, priority=9).id
-    server.cycle(block_s=0.01)  # the look takes both; the background one is not read yet
-    assert server._deferred
+    server, first, online, second = _look_finds_online_and_background(world)
+    assert server._deferred, "the background message the look took is not read yet"
     stop = threading.Event()
     stop.set()
     server.serve(stop)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,7 @@ class _Online(threading.Thread):
         #: How long each submit() took: the job's own push, round trip to Redis included.
         self.submit_ms = list[float]()
         #: Refused submits by error code: counted, and the probe goes on offering jobs.
-        self.refused: dict[str, int] = {}
+        self.refused: Counter[str] = Counter()
 
     def run(self) -> None:
         start, sent = time.perf_counter(), 0
@@ -153,7 +154,7 @@ class _Online(threading.Thread):
                         self.inputs)]).id)
                     self.submit_ms.append((time.perf_counter() - pushed) * 1000)
                 except InferqError as exc:
-                    self.refused[exc.code] = self.refused.get(exc.code, 0) + 1
+                    self.refused[exc.code] += 1
                 sent += 1
             if due <= 0:
                 self.stop.wait(0.25 / self.rate)
@@ -163,10 +164,7 @@ class _Online(threading.Thread):
 def figures(probes: Sequence[_Online]) -> dict[str, Any]:
     """Latency percentiles (ms) of every job the ``probes`` offered, with stages' p99."""
     ids = [i for p in probes for i in p.ids]
-    refused: dict[str, int] = {}
-    for p in probes:
-        for code, n in p.refused.items():
-            refused[code] = refused.get(code, 0) + n
+    refused = dict(sum((p.refused for p in probes), Counter[str]()))
     if not ids:
         return {"jobs": 0, "refused": refused}
     outcomes = probes[0].client.outcomes(ids, timeout=600)
@@ -335,9 +333,10 @@ def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None
     say(f"  control, busy loops instead of the batch: p99 {hogged.get('p99', 0):.2f} ms, "
         f"ratio {result['busy_loops_p99_ratio']} (what any CPU-saturating neighbour costs "
         "online jobs here)")
-    if calm.get("refused") or busy.get("refused"):
+    if calm.get("refused") or busy.get("refused") or hogged.get("refused"):
         say(f"  online submits refused, by code: {calm.get('refused')} quiet, "
-            f"{busy.get('refused')} during the batch")
+            f"{busy.get('refused')} during the batch, {hogged.get('refused')} beside the "
+            "busy loops")
     say(f"  a Redis PING (own connection, every {PING_EVERY_S * 1000:.0f} ms) p50 / p99: "
         f"{calm_ping.get('p50', 0):.2f} / {calm_ping.get('p99', 0):.2f} ms quiet, "
         f"{busy_ping.get('p50', 0):.2f} / {busy_ping.get('p99', 0):.2f} ms during the batch; "
