@@ -73,12 +73,14 @@ def test_many_jobs_batch_together_and_match_labels(
 
 
 def test_model_instances_from_the_manifest_split_the_threads(
-    redis_server: RedisServer, start_worker: type, tmp_path: Path
+    fresh_redis: RedisServer, start_worker: type, tmp_path: Path
 ) -> None:
+    # A Redis of its own: the session's shared worker also serves digits and, started
+    # first, could take every job before either instance of this worker reads one.
     models = _digits_copy(tmp_path, lambda toml: "instances = 2\n" + toml)
-    worker = start_worker(redis_server.url, model_dir=models, INFERQ_INTRA_OP_THREADS="2",
+    worker = start_worker(fresh_redis.url, model_dir=models, INFERQ_INTRA_OP_THREADS="2",
                           INFERQ_MODELS="digits").start()
-    with InferenceClient(redis_server.url) as client:
+    with InferenceClient(fresh_redis.url) as client:
         handles = client.submit_many("digits", [{"pixels": x} for x in X[:1200]])
         results = client.results([h.id for h in handles], timeout=60)
     labels = np.array([int(r["label"][0]) for r in results])
