@@ -162,34 +162,6 @@ def test_background_runs_are_full_size_until_online_jobs_are_seen() -> None:
     assert cap.rows(now=101.0) == 256, "online traffic stopped a second ago"
 
 
-def test_the_background_cap_leaves_a_runs_fixed_cost_out() -> None:
-    cap = BackgroundCap(BatchPolicy(max_rows=256, max_wait_s=0.002, background_run_s=0.0005))
-    cap.saw_online(now=0.0)
-    cap.observe(rows=1, seconds=0.0003)  # a one-row online run: its cost is mostly fixed
-    assert cap.costs() == (0.0, 0.0003), "one size seen: all of a run's time is its rows'"
-    assert cap.rows(now=0.0) == 16, "0.3 ms a row: the smallest run, a sixteenth"
-    cap.observe(rows=256, seconds=0.0033)  # 0.288 ms a run + 11.8 us a row
-    costs = cap.costs()
-    assert costs is not None
-    assert costs[0] == pytest.approx(0.000288, rel=0.01)
-    assert costs[1] == pytest.approx(0.0000118, rel=0.01)
-    assert cap.rows(now=0.0) == 42, "0.5 ms of the rows' own model time"
-    # Runs of the size the cap picks, slower on a busy machine, do not move the line
-    # through the smallest and the largest runs seen.
-    for _ in range(50):
-        cap.observe(rows=42, seconds=0.002)
-    assert cap.costs() == costs
-    # A class's average follows its own runs: the model got slower a row.
-    for _ in range(50):
-        cap.observe(rows=256, seconds=0.0063)
-    assert cap.rows(now=0.0) == 21
-    # A larger run that costs no more than a one-row one says nothing of rows: charged whole.
-    flat = BackgroundCap(BatchPolicy(max_rows=8, max_wait_s=0.002, background_run_s=0.001))
-    flat.observe(rows=1, seconds=0.001)
-    flat.observe(rows=8, seconds=0.0008)
-    assert flat.costs() == (0.0, 0.0001)
-
-
 def test_the_background_cap_follows_the_model_and_stays_in_bounds() -> None:
     cap = BackgroundCap(BatchPolicy(max_rows=16, max_wait_s=0.002, background_run_s=0.001))
     cap.saw_online(now=0.0)

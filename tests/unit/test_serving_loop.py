@@ -870,9 +870,9 @@ def test_higher_priority_messages_are_served_first(world: World) -> None:
 def online_recently(server: ModelServer, rows: int) -> None:
     """As if online jobs were seen all test long and ``rows`` background rows filled the
     model time the policy gives a background run, whatever the fake model's real speed."""
-    per_row = server.policy.background_run_s / rows
-    server._cap.costs = lambda: (0.0, per_row)  # type: ignore[method-assign]
+    server._cap.seconds_per_row = server.policy.background_run_s / rows
     server._cap.saw_online(time.monotonic() + 3600)
+    server._cap.observe = lambda rows, seconds: None  # type: ignore[method-assign]
 
 
 def test_a_background_job_runs_in_slices_with_online_jobs_between(world: World) -> None:
@@ -1088,25 +1088,17 @@ def test_a_background_job_failing_in_a_slice_fails_once_and_alone(world: World) 
     assert world.unacked() == set()
 
 
-def test_the_cap_learns_from_every_model_run(world: World) -> None:
+def test_the_cap_learns_from_background_runs(world: World) -> None:
     client = world.client()
-    server = world.server(max_rows=8)
-    seen: list[int] = []
-    learn = server._cap.observe
-
-    def record(rows: int, seconds: float) -> None:
-        seen.append(rows)
-        learn(rows, seconds)
-
-    server._cap.observe = record  # type: ignore[method-assign]
-    assert server._cap.costs() is None
     client.submit(MODEL, {"x": rows_of(8, 1)}, priority=9)
+    server = world.server(max_rows=8)
+    assert server._cap.seconds_per_row is None
     world.run(server)
-    # An online run teaches it too: what a run with few rows costs.
-    client.submit(MODEL, {"x": rows_of(1, 2)})
+    assert server._cap.seconds_per_row is not None and server._cap.seconds_per_row > 0
+    client.submit(MODEL, {"x": rows_of(8, 1)})  # online runs teach it nothing
+    before = server._cap.seconds_per_row
     world.run(server)
-    assert seen == [8, 1]
-    assert server._cap.costs() is not None
+    assert server._cap.seconds_per_row == before
 
 
 def test_a_server_takes_no_more_background_jobs_than_its_next_run_needs(world: World) -> None:

@@ -22,10 +22,9 @@ class BatchPolicy:
 
     max_rows: int
     max_wait_s: float
-    #: While online (higher-priority) jobs have been seen within ``online_recent_s``, the
-    #: background (lowest-priority) rows of a model run take about this much model time
-    #: (beyond the run's fixed cost), so an online job arriving meanwhile waits about that
-    #: and one run's fixed cost at most; otherwise background runs are full size.
+    #: While online (higher-priority) jobs have been seen within ``online_recent_s``, a model
+    #: run of background (lowest-priority) rows lasts about this long, so an online job
+    #: arriving meanwhile waits at most that; otherwise background runs are full size.
     background_run_s: float = 0.0005
     online_recent_s: float = 1.0
 
@@ -152,21 +151,16 @@ BACKGROUND_MIN_PART = 16
 class BackgroundCap:
     """How many background rows one model run may take (see ``BatchPolicy.background_run_s``).
 
-    It learns from the model runs themselves, online and background, how long a run takes:
-    a fixed cost per run (the model call, the Python around it) and a cost per row. While
-    online jobs are about, a background run gets the rows whose own model time is about
-    ``background_run_s`` (at least ``max_rows / BACKGROUND_MIN_PART``, and one); the fixed
-    cost is left out, as fewer rows would not remove it from an online job's wait but would
-    pay it more often per row. ``max_rows`` when no online job is about.
+    It learns the model's seconds per row from the background runs themselves, so the cap
+    follows the model and the machine: about ``background_run_s`` of model time while online
+    jobs are about (at least ``max_rows / BACKGROUND_MIN_PART`` rows, and one), ``max_rows``
+    when they are not.
     """
-
-    #: Weight of a new run in its size class's running average.
-    ALPHA = 0.2
 
     def __init__(self, policy: BatchPolicy) -> None:
         self.policy = policy
-        #: Per size class (rows' bit length): running averages of (rows, seconds) of a run.
-        self._classes: dict[int, tuple[float, float]] = {}
+        #: Running average of seconds per background row; None before the first run.
+        self.seconds_per_row: float | None = None
         self.online_seen = -1e18
 
     def saw_online(self, now: float) -> None:
@@ -174,33 +168,12 @@ class BackgroundCap:
         self.online_seen = now
 
     def observe(self, rows: int, seconds: float) -> None:
-        """A model run of ``rows`` rows took ``seconds``."""
+        """A background run of ``rows`` rows took ``seconds``."""
         if rows <= 0 or seconds <= 0:
             return
-        key = rows.bit_length()
-        before = self._classes.get(key)
-        if before is None:
-            self._classes[key] = (float(rows), seconds)
-        else:
-            a = self.ALPHA
-            self._classes[key] = ((1 - a) * before[0] + a * rows, (1 - a) * before[1] + a * seconds)
-
-    def costs(self) -> tuple[float, float] | None:
-        """(seconds a run costs whatever its rows, seconds a row adds); None before any run.
-
-        A line through the smallest and the largest runs seen (each size class a running
-        average, so a class seen long ago is not forgotten by runs of another); with runs
-        of one size only, all of a run's time is charged to its rows."""
-        if not self._classes:
-            return None
-        small = self._classes[min(self._classes)]
-        large = self._classes[max(self._classes)]
-        if large[0] >= 2 * small[0]:
-            per_row = (large[1] - small[1]) / (large[0] - small[0])
-            if per_row > 0:
-                return max(0.0, small[1] - per_row * small[0]), per_row
-        rows, seconds = large
-        return 0.0, seconds / rows
+        per_row = seconds / rows
+        self.seconds_per_row = (per_row if self.seconds_per_row is None
+                                else 0.8 * self.seconds_per_row + 0.2 * per_row)
 
     def online_recent(self, now: float) -> bool:
         return now - self.online_seen < self.policy.online_recent_s
@@ -208,8 +181,7 @@ class BackgroundCap:
     def rows(self, now: float) -> int:
         """Rows the next background run may take at ``now`` (monotonic seconds)."""
         limit = self.policy.max_rows
-        costs = self.costs()
-        if costs is None or not self.online_recent(now):
+        if self.seconds_per_row is None or not self.online_recent(now):
             return limit
-        fitting = int(self.policy.background_run_s / costs[1])
+        fitting = int(self.policy.background_run_s / self.seconds_per_row)
         return max(limit // BACKGROUND_MIN_PART, 1, min(limit, fitting))

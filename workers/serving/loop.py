@@ -89,6 +89,8 @@ class ModelServer:
         #: Background (lowest-priority) rows per run while online jobs are about.
         self._cap = BackgroundCap(policy)
         self._sliced: _Slices | None = None
+        #: Background rows of the run under way, for the cap to learn how long a row takes.
+        self._background_rows = 0
         #: Running average of the rows of a background job (batch chunks are large): how
         #: many to drain for the room left in a background run. Starts at one per drain.
         self._background_job_rows = float(policy.max_rows)
@@ -151,7 +153,13 @@ class ModelServer:
         try:
             if self._waiting:
                 self._look_ahead()
+                self._background_rows = 0
+                started = time.monotonic()
                 done = self._run_batch()
+                if self._background_rows:
+                    # The whole step, outputs encoded included: what an online job waits
+                    # behind.
+                    self._cap.observe(self._background_rows, time.monotonic() - started)
         finally:
             if self.reader.drain_in_flight:
                 drained, left = self.reader.read_drain()
@@ -297,6 +305,7 @@ class ModelServer:
         rows = min(limit, head.rows - first)
         part = replace(head, rows=rows,
                        inputs={n: a[first:first + rows] for n, a in head.inputs.items()})
+        self._background_rows = rows
         self.batch_started = time.monotonic()
         try:
             [(outcome, _)] = self._infer(model, [part])
@@ -328,6 +337,8 @@ class ModelServer:
         if (finished := self._run_slice()) is not None:
             return finished
         jobs, self._waiting = self._pick()
+        if self._background(jobs[0]):
+            self._background_rows = sum(p.rows for p in jobs)
         head = jobs[0]
         if head.suspect and (error := self.poison.check(
                 head.job.id, self.name, head.version, head.inputs)) is not None:
@@ -375,10 +386,7 @@ class ModelServer:
                 outputs = join([model.run(part) for part in pieces])
                 self._runs = [len(next(iter(p.values()))) for p in pieces]
                 return [(outputs, limit)]
-            started = time.monotonic()
             outputs = model.run(collate([p.inputs for p in jobs], self.input_names))
-            # Every run, online or background, teaches the cap what a run and a row cost.
-            self._cap.observe(rows, time.monotonic() - started)
             return [(o, rows) for o in split(outputs, [p.rows for p in jobs])]
         except Exception as exc:
             if len(jobs) > 1:
