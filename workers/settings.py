@@ -87,6 +87,9 @@ class Settings:
     task_events: bool = True
     #: Jobs per second per model that get task events; above it a sample does (0: all).
     events_max_rate: float = 1000.0
+    #: While online jobs are about, how long (ms) a background run may take: the trade
+    #: between an online job's wait behind batch work and the batch's rows/s.
+    background_run_ms: float = 0.5
     #: Seconds a queue of a model no worker registered may hold jobs before they are
     #: answered NOT_FOUND.
     unknown_model_grace_s: float = 30.0
@@ -132,6 +135,8 @@ class Settings:
             raise SettingsError("INFERQ_INTRA_OP_THREADS must be >= 0 (0: ONNX Runtime decides)")
         if self.result_ttl_s <= 0:
             raise SettingsError("INFERQ_RESULT_TTL must be > 0 seconds")
+        if self.background_run_ms <= 0:
+            raise SettingsError("INFERQ_BACKGROUND_RUN_MS must be > 0 ms")
         if self.visibility_timeout_s <= 0 or self.restore_interval_s <= 0:
             raise SettingsError("visibility timeout and restore interval must be > 0")
         if self.batch_time_limit_s <= 0:
@@ -204,6 +209,7 @@ class Settings:
             profile=_choice(env, "INFERQ_PROFILE", ("development", "production")),
             task_events=env.get("INFERQ_TASK_EVENTS", "1") not in ("0", "false", "no"),
             events_max_rate=num("INFERQ_EVENTS_MAX_RATE", base.events_max_rate),
+            background_run_ms=num("INFERQ_BACKGROUND_RUN_MS", base.background_run_ms),
             unknown_model_grace_s=num("INFERQ_UNKNOWN_MODEL_GRACE", base.unknown_model_grace_s),
             rescan_s=num("INFERQ_RESCAN_S", base.rescan_s),
             unload_grace_s=num("INFERQ_UNLOAD_GRACE_S", base.unload_grace_s),

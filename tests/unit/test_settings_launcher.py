@@ -118,6 +118,7 @@ def test_from_env_parses_everything(tmp_path: Path) -> None:
         "INFERQ_MAX_EXECUTIONS": "5",
         "INFERQ_MAX_JOBS_PER_PROCESS": "1000",
         "INFERQ_PROFILE": "production",
+        "INFERQ_BACKGROUND_RUN_MS": "2",
     })
     assert s.broker_url == "redis://broker:6380/1"
     assert s.result_url == "rediss://results:6390/2"
@@ -134,6 +135,7 @@ def test_from_env_parses_everything(tmp_path: Path) -> None:
     assert s.batch_time_limit_s == 30 and s.reject_nonfinite is False
     assert s.max_executions == 5 and s.max_jobs_per_process == 1000
     assert s.profile == "production"
+    assert s.background_run_ms == 2
 
 
 @pytest.mark.parametrize(("env", "match"), [
@@ -184,6 +186,7 @@ def test_task_events_flag(value: str, enabled: bool) -> None:
         ({"INFERQ_VISIBILITY_TIMEOUT": "0"}, "must be > 0"),
         ({"INFERQ_RESTORE_INTERVAL": "-1"}, "must be > 0"),
         ({"INFERQ_MAX_TENSOR_BYTES": "0"}, "INFERQ_MAX_TENSOR_BYTES must be > 0"),
+        ({"INFERQ_BACKGROUND_RUN_MS": "0"}, "INFERQ_BACKGROUND_RUN_MS must be > 0"),
         ({"INFERQ_BROKER_URL": "amqp://guest@rabbit//"}, "only Redis URLs are supported"),
         ({"INFERQ_RESULT_URL": "memory://"}, "only Redis URLs are supported, got 'memory://'"),
         ({"INFERQ_BROKER_URL": "localhost:6379"}, "only Redis URLs are supported"),

@@ -290,8 +290,9 @@ class ServeModels(bootsteps.StartStopStep):  # type: ignore[misc]
         server = model_server(manifest.name, versions, manifest.inputs, broker=broker,
                               results=results, same_server=same_server,
                               observer=Observers(observers),
-                              policy=BatchPolicy(manifest.max_batch_rows,
-                                                 manifest.max_wait_ms / 1000.0),
+                              policy=BatchPolicy(
+                                  manifest.max_batch_rows, manifest.max_wait_ms / 1000.0,
+                                  background_run_s=settings.background_run_ms / 1000.0),
                               settings=settings, worker=hostname, instance=instance,
                               routes=self.routes)
         shadow.bind(lambda: server.versions)  # looked up per run: versions come and go
