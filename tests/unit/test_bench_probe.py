@@ -51,3 +51,17 @@ def test_busy_loop_control_runs_one_loop_per_core_and_reaps_them(
     assert probe.refused["UNAVAILABLE"] > 0
     assert len(started) == len(os.sched_getaffinity(0))
     assert all(p.returncode is not None for p in started)  # killed and reaped
+
+
+def test_the_batch_command_runs_to_its_end_with_its_memory_sampled(tmp_path: Any) -> None:
+    import sys
+
+    command = [sys.executable, "-c",
+               "import json, time; time.sleep(0.4); print(json.dumps({'rows_per_s': 5.0}))"]
+    out, rss = batch._score(command, dict(os.environ), tmp_path / "run.log")
+    assert out.strip() == b'{"rows_per_s": 5.0}'
+    assert len(rss) >= 2 and min(rss) > 0
+    failing = [sys.executable, "-c", "import sys; sys.stderr.write('no input'); sys.exit(3)"]
+    with pytest.raises(RuntimeError, match="exited 3"):
+        batch._score(failing, dict(os.environ), tmp_path / "fail.log")
+    assert (tmp_path / "fail.log").read_text() == "no input"

@@ -210,6 +210,31 @@ def hog_probe(client: InferenceClient, inputs: Sequence[dict[str, Any]],
             hog.wait()
 
 
+def _score(argv: Sequence[str], env: dict[str, str], log: Path, probe: _Online | None = None,
+           pings: _Pings | None = None) -> tuple[bytes, list[int]]:
+    """Run the batch command to its end: (its JSON summary, its RSS sampled every 0.1 s).
+    With ``probe`` (and ``pings``), those start once the batch is under way."""
+    rss: list[int] = []
+    with open(log, "w") as err:
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=err)
+        started = time.monotonic()
+        while proc.poll() is None:
+            if (probe is not None and probe.ident is None
+                    and time.monotonic() - started >= BATCH_WARMUP_S):
+                probe.start()
+                if pings is not None:
+                    pings.start()
+            try:
+                rss.append(measure.rss_bytes(proc.pid))
+            except (OSError, ValueError):
+                break
+            time.sleep(0.1)
+        out, _ = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"inferq batch run exited {proc.returncode}: see {log}")
+    return out, rss
+
+
 def _isolated(stack: contextlib.ExitStack, url: str, model_dir: Path,
               gpus: Sequence[int] | None, logs: Path, redis_pid: int) -> list[int]:
     """Start the worker pinned to core(s) of its own (one ONNX Runtime thread each), move
@@ -258,6 +283,11 @@ def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None
                                                logs / "batch.log"))
         client = stack.enter_context(InferenceClient(url))
         client.results([h.id for h in client.submit_many(MODEL, inputs)], timeout=120)
+        # The batch's own capacity first, no online job beside it: what online-first costs
+        # it is the difference with the run below.
+        say("  the batch alone, no online jobs")
+        alone_out, alone_rss = _score(argv, env, logs / "batch-alone.log")
+        alone = json.loads(alone_out)
         say(f"  online probe: {ONLINE_RATE:.0f} jobs/s, {QUIET_S:.0f} s before and after the "
             "batch (quiet) and during it")
         pings = _Pings(url)
@@ -266,20 +296,7 @@ def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None
         calm_pings = pings.done()
         probe = _Online(client, inputs)
         busy_pings = _Pings(url)
-        rss: list[int] = []
-        with open(logs / "batch-command.log", "w") as err:
-            proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=err)
-            started = time.monotonic()
-            while proc.poll() is None:
-                if probe.ident is None and time.monotonic() - started >= BATCH_WARMUP_S:
-                    probe.start()
-                    busy_pings.start()
-                try:
-                    rss.append(measure.rss_bytes(proc.pid))
-                except (OSError, ValueError):
-                    break
-                time.sleep(0.1)
-            out, _ = proc.communicate()
+        out, rss = _score(argv, env, logs / "batch-command.log", probe, busy_pings)
         probe.stop.set()
         if probe.is_alive():
             probe.join()
@@ -295,9 +312,6 @@ def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None
         # Quiet before and after, pooled: the machine's own noise drifts over a run.
         calm = figures([before, after])
         calm_each = [figures([before]).get("p99"), figures([after]).get("p99")]
-    if proc.returncode != 0:
-        raise RuntimeError(f"inferq batch run exited {proc.returncode}: see "
-                           f"{logs / 'batch-command.log'}")
     summary = json.loads(out)
     sample = _sample_check(model_dir, output, rows, width)
     result = {
@@ -306,7 +320,10 @@ def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None
         "saturation_rows_per_s": saturation_rows_per_s,
         "ratio_to_saturation": None if not saturation_rows_per_s
         else round(summary["rows_per_s"] / saturation_rows_per_s, 3),
-        "rss_max_mb": round(max(rss) / 1e6, 1) if rss else None,
+        "alone_rows_per_s": alone["rows_per_s"], "alone_seconds": round(alone["seconds"], 2),
+        "alone_ratio_to_saturation": None if not saturation_rows_per_s
+        else round(alone["rows_per_s"] / saturation_rows_per_s, 3),
+        "rss_max_mb": round(max(rss + alone_rss) / 1e6, 1) if rss or alone_rss else None,
         "rss_samples": len(rss),
         "input_mb": round(data.stat().st_size / 1e6, 1),
         "online_rate_per_s": ONLINE_RATE,
@@ -321,6 +338,8 @@ def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None
         "sample": sample, "command": " ".join(["inferq", *argv[3:]]),
         "worker_cores": cores,
     }
+    say(f"  batch alone: {result['alone_rows_per_s']:,.0f} rows/s "
+        f"({result['alone_ratio_to_saturation']} of saturation)")
     where = " (worker isolated)" if cores else ""
     say(f"  batch{where}: {result['rows']:,} rows in {result['seconds']} s "
         f"({result['rows_per_s']:,.0f} rows/s, {result['ratio_to_saturation']} of saturation), "
