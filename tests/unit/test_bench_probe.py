@@ -58,8 +58,8 @@ def test_the_batch_command_runs_to_its_end_with_its_memory_sampled(tmp_path: Any
 
     command = [sys.executable, "-c",
                "import json, time; time.sleep(0.4); print(json.dumps({'rows_per_s': 5.0}))"]
-    out, rss = batch._score(command, dict(os.environ), tmp_path / "run.log")
-    assert out.strip() == b'{"rows_per_s": 5.0}'
+    summary, rss = batch._score(command, dict(os.environ), tmp_path / "run.log")
+    assert summary == {"rows_per_s": 5.0}
     assert len(rss) >= 2 and min(rss) > 0
     failing = [sys.executable, "-c", "import sys; sys.stderr.write('no input'); sys.exit(3)"]
     with pytest.raises(RuntimeError, match="exited 3"):

@@ -211,7 +211,7 @@ def hog_probe(client: InferenceClient, inputs: Sequence[dict[str, Any]],
 
 
 def _score(argv: Sequence[str], env: dict[str, str], log: Path, probe: _Online | None = None,
-           pings: _Pings | None = None) -> tuple[bytes, list[int]]:
+           pings: _Pings | None = None) -> tuple[dict[str, Any], list[int]]:
     """Run the batch command to its end: (its JSON summary, its RSS sampled every 0.1 s).
     With ``probe`` (and ``pings``), those start once the batch is under way."""
     rss: list[int] = []
@@ -232,7 +232,7 @@ def _score(argv: Sequence[str], env: dict[str, str], log: Path, probe: _Online |
         out, _ = proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"inferq batch run exited {proc.returncode}: see {log}")
-    return out, rss
+    return json.loads(out), rss
 
 
 def _isolated(stack: contextlib.ExitStack, url: str, model_dir: Path,
@@ -286,8 +286,7 @@ def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None
         # The batch's own capacity first, no online job beside it: what online-first costs
         # it is the difference with the run below.
         say("  the batch alone, no online jobs")
-        alone_out, alone_rss = _score(argv, env, logs / "batch-alone.log")
-        alone = json.loads(alone_out)
+        alone, alone_rss = _score(argv, env, logs / "batch-alone.log")
         say(f"  online probe: {ONLINE_RATE:.0f} jobs/s, {QUIET_S:.0f} s before and after the "
             "batch (quiet) and during it")
         pings = _Pings(url)
@@ -296,7 +295,7 @@ def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None
         calm_pings = pings.done()
         probe = _Online(client, inputs)
         busy_pings = _Pings(url)
-        out, rss = _score(argv, env, logs / "batch-command.log", probe, busy_pings)
+        summary, rss = _score(argv, env, logs / "batch-command.log", probe, busy_pings)
         probe.stop.set()
         if probe.is_alive():
             probe.join()
@@ -312,17 +311,18 @@ def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None
         # Quiet before and after, pooled: the machine's own noise drifts over a run.
         calm = figures([before, after])
         calm_each = [figures([before]).get("p99"), figures([after]).get("p99")]
-    summary = json.loads(out)
     sample = _sample_check(model_dir, output, rows, width)
+
+    def of_saturation(rows_per_s: float) -> float | None:
+        return round(rows_per_s / saturation_rows_per_s, 3) if saturation_rows_per_s else None
+
     result = {
         "rows": summary["rows"], "seconds": round(summary["seconds"], 2),
         "rows_per_s": summary["rows_per_s"], "jobs": summary["jobs_submitted"],
         "saturation_rows_per_s": saturation_rows_per_s,
-        "ratio_to_saturation": None if not saturation_rows_per_s
-        else round(summary["rows_per_s"] / saturation_rows_per_s, 3),
+        "ratio_to_saturation": of_saturation(summary["rows_per_s"]),
         "alone_rows_per_s": alone["rows_per_s"], "alone_seconds": round(alone["seconds"], 2),
-        "alone_ratio_to_saturation": None if not saturation_rows_per_s
-        else round(alone["rows_per_s"] / saturation_rows_per_s, 3),
+        "alone_ratio_to_saturation": of_saturation(alone["rows_per_s"]),
         "rss_max_mb": round(max(rss + alone_rss) / 1e6, 1) if rss or alone_rss else None,
         "rss_samples": len(rss),
         "input_mb": round(data.stat().st_size / 1e6, 1),
