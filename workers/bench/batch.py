@@ -24,7 +24,6 @@ import numpy as np
 
 from producer import InferenceClient, JobResult
 from producer.errors import InferqError
-from producer.wire.connect import connect
 from workers.bench import measure
 from workers.bench.fleet import inferq_workers
 from workers.launch.demo import percentiles
@@ -94,30 +93,52 @@ _HOG = "import os\nos.nice(10)\nwhile True:\n    pass\n"
 #: Seconds between the Redis probe's PINGs.
 PING_EVERY_S = 0.005
 
+# The PING probe's own process: one thread, so no other thread of the bench (the online
+# probe, the RSS sampler) holds a GIL it waits for; SIGTERM ends it, and it prints its round
+# trips (ms) as one JSON list.
+_PINGER = """
+import json, signal, sys, time
+from producer.wire.connect import connect
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+client, every, ms = connect(sys.argv[1]), float(sys.argv[2]), []
+client.ping()
+print("ready", flush=True)
+while not stop:
+    start = time.perf_counter()
+    client.ping()
+    ms.append(round((time.perf_counter() - start) * 1000, 4))
+    time.sleep(every)
+print(json.dumps(ms), flush=True)
+"""
 
-class _Pings(threading.Thread):
-    """PINGs Redis from a connection of its own every ``PING_EVERY_S`` until stopped: the
+
+class _Pings:
+    """PINGs Redis from a process of its own every ``PING_EVERY_S`` until stopped: the
     round trip any client of this Redis pays meanwhile, the floor under an online job's
     several (its push, the worker's take and store, its wake-up)."""
 
     def __init__(self, url: str) -> None:
-        super().__init__(daemon=True)
-        self.client = connect(url)
-        self.stop, self.ms = threading.Event(), list[float]()
+        self.url = url
+        self.proc: subprocess.Popen[str] | None = None
 
-    def run(self) -> None:
-        while not self.stop.wait(PING_EVERY_S):
-            start = time.perf_counter()
-            self.client.ping()
-            self.ms.append((time.perf_counter() - start) * 1000)
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _PINGER, self.url, str(PING_EVERY_S)],
+            stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            self.proc.wait()
+            raise RuntimeError(f"the PING probe exited {self.proc.returncode}")
 
     def done(self) -> list[float]:
         """Stop; the round trips (ms)."""
-        self.stop.set()
-        if self.is_alive():
-            self.join()
-        self.client.close()
-        return self.ms
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return []
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+        return [float(ms) for ms in json.loads(out)] if proc.returncode == 0 else []
 
 
 def ping_figures(*runs: Sequence[float]) -> dict[str, Any]:
@@ -290,23 +311,30 @@ def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None
         say(f"  online probe: {ONLINE_RATE:.0f} jobs/s, {QUIET_S:.0f} s before and after the "
             "batch (quiet) and during it")
         pings = _Pings(url)
+        stack.callback(pings.done)
         pings.start()
         before = online_probe(client, inputs, QUIET_S)
         calm_pings = pings.done()
         probe = _Online(client, inputs)
         busy_pings = _Pings(url)
+        stack.callback(busy_pings.done)
         summary, rss = _score(argv, env, logs / "batch-command.log", probe, busy_pings)
         probe.stop.set()
         if probe.is_alive():
             probe.join()
         busy_ping = ping_figures(busy_pings.done())
         pings = _Pings(url)
+        stack.callback(pings.done)
         pings.start()
         after = online_probe(client, inputs, QUIET_S)
         calm_ping = ping_figures(calm_pings, pings.done())
         say(f"  online probe with {len(os.sched_getaffinity(0))} busy loops at nice 10, "
             f"no batch, {HOG_S:.0f} s")
+        pings = _Pings(url)
+        stack.callback(pings.done)
+        pings.start()
         hogged = figures([hog_probe(client, inputs)])
+        hog_ping = ping_figures(pings.done())
         busy = figures([probe])
         # Quiet before and after, pooled: the machine's own noise drifts over a run.
         calm = figures([before, after])
@@ -330,6 +358,7 @@ def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None
         "online_quiet_ms": calm, "online_quiet_p99_before_after_ms": calm_each,
         "online_during_batch_ms": busy,
         "redis_ping_quiet_ms": calm_ping, "redis_ping_during_batch_ms": busy_ping,
+        "redis_ping_busy_loops_ms": hog_ping,
         "online_p99_ratio": round(busy["p99"] / calm["p99"], 2)
         if "p99" in busy and "p99" in calm else None,
         "online_with_busy_loops_ms": hogged,
@@ -356,9 +385,10 @@ def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None
         say(f"  online submits refused, by code: {calm.get('refused')} quiet, "
             f"{busy.get('refused')} during the batch, {hogged.get('refused')} beside the "
             "busy loops")
-    say(f"  a Redis PING (own connection, every {PING_EVERY_S * 1000:.0f} ms) p50 / p99: "
+    say(f"  a Redis PING (a process of its own, every {PING_EVERY_S * 1000:.0f} ms) p50 / p99: "
         f"{calm_ping.get('p50', 0):.2f} / {calm_ping.get('p99', 0):.2f} ms quiet, "
-        f"{busy_ping.get('p50', 0):.2f} / {busy_ping.get('p99', 0):.2f} ms during the batch; "
+        f"{busy_ping.get('p50', 0):.2f} / {busy_ping.get('p99', 0):.2f} ms during the batch, "
+        f"{hog_ping.get('p50', 0):.2f} / {hog_ping.get('p99', 0):.2f} ms beside the busy loops; "
         f"the online job's own submit() p99 "
         f"{calm.get('submit_ms', {}).get('p99', 0):.2f} ms quiet, "
         f"{busy.get('submit_ms', {}).get('p99', 0):.2f} ms during the batch")
