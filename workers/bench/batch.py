@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -31,6 +31,7 @@ from workers.repository import load_manifest
 from workers.serving import runtime
 
 MODEL = "mlp"
+T = TypeVar("T")
 #: Rows per row group of the input file, and per generation step (bounded memory).
 GROUP_ROWS = 65_536
 SAMPLE_ROWS = 1000
@@ -139,6 +140,16 @@ class _Pings:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
         return [float(ms) for ms in json.loads(out)] if proc.returncode == 0 else []
+
+
+def _pinged(url: str, run: Callable[[], T]) -> tuple[T, list[float]]:
+    """``run()`` with the PING probe beside it: what it returns, and the round trips (ms)."""
+    pings = _Pings(url)
+    pings.start()
+    try:
+        return run(), pings.done()
+    finally:
+        pings.done()  # when run() raised: the probe's process does not outlive it
 
 
 def ping_figures(*runs: Sequence[float]) -> dict[str, Any]:
@@ -310,11 +321,7 @@ def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None
         alone, alone_rss = _score(argv, env, logs / "batch-alone.log")
         say(f"  online probe: {ONLINE_RATE:.0f} jobs/s, {QUIET_S:.0f} s before and after the "
             "batch (quiet) and during it")
-        pings = _Pings(url)
-        stack.callback(pings.done)
-        pings.start()
-        before = online_probe(client, inputs, QUIET_S)
-        calm_pings = pings.done()
+        before, calm_pings = _pinged(url, lambda: online_probe(client, inputs, QUIET_S))
         probe = _Online(client, inputs)
         busy_pings = _Pings(url)
         stack.callback(busy_pings.done)
@@ -323,18 +330,12 @@ def batch_phase(url: str, model_dir: Path, rows: int, gpus: Sequence[int] | None
         if probe.is_alive():
             probe.join()
         busy_ping = ping_figures(busy_pings.done())
-        pings = _Pings(url)
-        stack.callback(pings.done)
-        pings.start()
-        after = online_probe(client, inputs, QUIET_S)
-        calm_ping = ping_figures(calm_pings, pings.done())
+        after, after_pings = _pinged(url, lambda: online_probe(client, inputs, QUIET_S))
+        calm_ping = ping_figures(calm_pings, after_pings)
         say(f"  online probe with {len(os.sched_getaffinity(0))} busy loops at nice 10, "
             f"no batch, {HOG_S:.0f} s")
-        pings = _Pings(url)
-        stack.callback(pings.done)
-        pings.start()
-        hogged = figures([hog_probe(client, inputs)])
-        hog_ping = ping_figures(pings.done())
+        hog, hog_pings = _pinged(url, lambda: hog_probe(client, inputs))
+        hogged, hog_ping = figures([hog]), ping_figures(hog_pings)
         busy = figures([probe])
         # Quiet before and after, pooled: the machine's own noise drifts over a run.
         calm = figures([before, after])
